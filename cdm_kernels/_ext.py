@@ -1,0 +1,37 @@
+"""The compiled extension `cdm_kernels._C`, optional at import.
+
+Without it the package still works: the `reference` backend on any device and the `triton` backend
+on a GPU. `extension_status()` says whether it loaded and, if not, why.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch  # noqa: F401  (loads libc10 and libtorch, which _C links against)
+
+_C = None
+_ERROR: str | None = None
+
+try:  # The import registers the C++ ops under torch.ops.cdm_kernels_C.
+    _C = importlib.import_module("cdm_kernels._C")
+except ImportError as exc:  # not built, or built against another torch
+    _ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def has_cpu_kernels() -> bool:
+    """True when the fused C++ CPU kernels are built and loaded."""
+    return _C is not None
+
+
+def has_cuda_kernels() -> bool:
+    """True when the extension was built with its CUDA kernels (nvcc and a CUDA build of torch)."""
+    return _C is not None and bool(_C.built_with_cuda())
+
+
+def extension_status() -> str:
+    """One line: what the extension provides, or why it is absent."""
+    if _C is None:
+        return f"cdm_kernels._C not loaded ({_ERROR}); using the reference/triton backends"
+    cuda = f"CUDA kernels for {_C.cuda_archs()}" if _C.built_with_cuda() else "no CUDA kernels"
+    return f"cdm_kernels._C loaded: CPU kernels, {cuda}"

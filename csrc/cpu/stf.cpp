@@ -1,0 +1,253 @@
+// Stable target on the CPU (math.md section 1): forward and backward, fused over reference chunks.
+//
+// Per chunk of c references the two matrix products run through ATen's BLAS (both cores), and the
+// per-element work between them (logits, the online softmax update, the backward weights) is done
+// in one pass over the (B, c) tile, in place, by the shared functions of stf_math.h, parallel over
+// query rows. Extra memory: the (B, c) tile (2B x c in the backward) and the (B, D) accumulator;
+// never a B x n tensor.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "stf_math.h"
+
+namespace cdm {
+namespace stf {
+namespace {
+
+void check_inputs(const at::Tensor& x, const at::Tensor& sigma, const at::Tensor& ref,
+                  const at::Tensor& ref_sqnorm, int64_t chunk_size) {
+  TORCH_CHECK(x.dim() == 2 && ref.dim() == 2 && x.size(1) == ref.size(1),
+              "stf_cpu: x must be (B, D) and ref (n, D), got ", x.sizes(), " and ", ref.sizes());
+  TORCH_CHECK(sigma.dim() == 1 && sigma.size(0) == x.size(0), "stf_cpu: sigma must be (B,), got ",
+              sigma.sizes());
+  TORCH_CHECK(ref_sqnorm.dim() == 1 && ref_sqnorm.size(0) == ref.size(0),
+              "stf_cpu: ref_sqnorm must be (n,), got ", ref_sqnorm.sizes());
+  TORCH_CHECK(x.scalar_type() == ref.scalar_type() && x.scalar_type() == sigma.scalar_type() &&
+                  x.scalar_type() == ref_sqnorm.scalar_type(),
+              "stf_cpu: x, sigma, ref and ref_sqnorm must share one dtype");
+  TORCH_CHECK(x.is_contiguous() && ref.is_contiguous() && sigma.is_contiguous() && ref_sqnorm.is_contiguous(),
+              "stf_cpu: inputs must be contiguous");
+  TORCH_CHECK(chunk_size >= 1, "stf_cpu: chunk_size must be >= 1, got ", chunk_size);
+}
+
+// Rows per parallel task: enough elements per task to amortise the scheduling.
+int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)); }
+
+template <typename T>
+void forward_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Tensor& ref,
+                  const at::Tensor& ref_sqnorm, int64_t chunk_size, at::Tensor& mu, at::Tensor& lse,
+                  at::Tensor& aux) {
+  const int64_t B = x.size(0), D = x.size(1), n = ref.size(0);
+  const int64_t chunk = std::min(chunk_size, n);
+  const T* xp = x.data_ptr<T>();
+  const T* sp = sigma.data_ptr<T>();
+  const T* rnp = ref_sqnorm.data_ptr<T>();
+
+  std::vector<RowState<T>> state(B, state_empty<T>());
+  at::Tensor acc = at::zeros({B, D}, x.options());  // a_i = sum_j e_ij r_j
+  at::Tensor tile_buf = at::empty({B * chunk}, x.options());
+  T* accp = acc.data_ptr<T>();
+
+  for (int64_t start = 0; start < n; start += chunk) {
+    const int64_t c = std::min(chunk, n - start);
+    at::Tensor r = ref.narrow(0, start, c);
+    at::Tensor tile = tile_buf.narrow(0, 0, B * c).view({B, c});
+    at::mm_out(tile, x, r.t());  // x_i . r_j
+    T* tp = tile.data_ptr<T>();
+    at::parallel_for(0, B, row_grain(c), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const T inv_s2 = T(1) / (sp[i] * sp[i]);
+        T* row = tp + i * c;
+        T m_tile = neg_inf<T>();
+        for (int64_t j = 0; j < c; ++j) {
+          row[j] = logit(row[j], rnp[start + j], inv_s2);
+          m_tile = nan_max(m_tile, row[j]);
+        }
+        RowState<T>& s = state[i];
+        const T alpha = state_rebase(s, nan_max(s.m, m_tile));
+        for (int64_t j = 0; j < c; ++j) row[j] = state_add(s, row[j]);  // the tile now holds e_ij
+        if (alpha != T(1)) {
+          T* a = accp + i * D;
+          for (int64_t k = 0; k < D; ++k) a[k] *= alpha;
+        }
+      }
+    });
+    acc.addmm_(tile, r);  // a_i += sum_j e_ij r_j
+  }
+
+  T* mup = mu.data_ptr<T>();
+  T* lsep = lse.data_ptr<T>();
+  T* auxp = aux.data_ptr<T>();
+  at::parallel_for(0, B, row_grain(D), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const T* xi = xp + i * D;
+      T xn = T(0);
+      for (int64_t k = 0; k < D; ++k) xn += xi[k] * xi[k];
+      const RowResult<T> res = state_finalize(state[i], xn, sp[i] * sp[i]);
+      const T* a = accp + i * D;
+      T* out = mup + i * D;
+      for (int64_t k = 0; k < D; ++k) out[k] = a[k] * res.inv_l;
+      lsep[i] = res.lse;
+      T* ai = auxp + i * AUX_COLS;
+      ai[AUX_ZLSE] = res.zlse;
+      ai[AUX_DBAR] = res.dbar;
+      ai[AUX_NEFF] = res.neff;
+      ai[AUX_WMAX] = res.wmax;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> stf_forward_cpu(const at::Tensor& x, const at::Tensor& sigma,
+                                                               const at::Tensor& ref,
+                                                               const at::Tensor& ref_sqnorm,
+                                                               int64_t chunk_size) {
+  check_inputs(x, sigma, ref, ref_sqnorm, chunk_size);
+  const int64_t B = x.size(0);
+  at::Tensor mu = at::empty_like(x);
+  at::Tensor lse = at::empty({B}, x.options());
+  at::Tensor aux = at::empty({B, AUX_COLS}, x.options());
+  if (B == 0) return {mu, lse, aux};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "stf_forward_cpu", [&] {
+    forward_impl<scalar_t>(x, sigma, ref, ref_sqnorm, chunk_size, mu, lse, aux);
+  });
+  return {mu, lse, aux};
+}
+
+template <typename T>
+void backward_impl(const at::Tensor& grad_mu, const at::Tensor& grad_lse, const at::Tensor& x,
+                   const at::Tensor& sigma, const at::Tensor& ref, const at::Tensor& ref_sqnorm,
+                   const at::Tensor& mu, const at::Tensor& aux, int64_t chunk_size, bool ref_grad,
+                   at::Tensor& grad_x, at::Tensor& grad_sigma, at::Tensor& grad_ref) {
+  const int64_t B = x.size(0), D = x.size(1), n = ref.size(0);
+  const int64_t chunk = std::min(chunk_size, n);
+  const T* xp = x.data_ptr<T>();
+  const T* sp = sigma.data_ptr<T>();
+  const T* rnp = ref_sqnorm.data_ptr<T>();
+  const T* auxp = aux.data_ptr<T>();
+  const T* glp = grad_lse.data_ptr<T>();
+
+  // Per-row constants: ||x||^2 and mu . g.
+  std::vector<T> xn(B), mg(B), cov(B, T(0));
+  {
+    const T* mup = mu.data_ptr<T>();
+    const T* gp = grad_mu.data_ptr<T>();
+    at::parallel_for(0, B, row_grain(D), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        T a = T(0), b = T(0);
+        for (int64_t k = 0; k < D; ++k) {
+          a += xp[i * D + k] * xp[i * D + k];
+          b += mup[i * D + k] * gp[i * D + k];
+        }
+        xn[i] = a;
+        mg[i] = b;
+      }
+    });
+  }
+
+  // One product gives both x_i . r_j (rows 0..B-1) and g_i . r_j (rows B..2B-1).
+  at::Tensor xg = at::cat({x, grad_mu}, 0);
+  at::Tensor tile_buf = at::empty({2 * B * chunk}, x.options());
+  at::Tensor coef_buf = ref_grad ? at::empty({B * chunk}, x.options()) : at::Tensor();
+  at::Tensor px = at::zeros({B, D}, x.options());
+
+  for (int64_t start = 0; start < n; start += chunk) {
+    const int64_t c = std::min(chunk, n - start);
+    at::Tensor r = ref.narrow(0, start, c);
+    at::Tensor tile = tile_buf.narrow(0, 0, 2 * B * c).view({2 * B, c});
+    at::mm_out(tile, xg, r.t());
+    T* zp = tile.data_ptr<T>();  // logits in, x-coefficients out
+    T* cp = zp + B * c;          // c_ij = g_i . r_j in, weights w_ij out (used by the ref gradient)
+    T* ap = ref_grad ? coef_buf.data_ptr<T>() : nullptr;
+    at::parallel_for(0, B, row_grain(c), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const T s2 = sp[i] * sp[i], inv_s2 = T(1) / s2;
+        const T zlse = auxp[i * AUX_COLS + AUX_ZLSE], dbar = auxp[i * AUX_COLS + AUX_DBAR];
+        T cov_i = T(0);
+        for (int64_t j = 0; j < c; ++j) {
+          const int64_t ij = i * c + j;
+          const T z = logit(zp[ij], rnp[start + j], inv_s2);
+          const T w = backward_weight(z, zlse);
+          const T cij = cp[ij];
+          const T d = sqdist_from_logit(z, xn[i], s2);
+          zp[ij] = backward_x_coef(w, cij, mg[i]);
+          cov_i += backward_sigma_term(w, d, dbar, cij, mg[i]);
+          if (ap != nullptr) {
+            ap[ij] = backward_ref_coef(w, cij, mg[i], glp[i], inv_s2);
+            cp[ij] = w;
+          }
+        }
+        cov[i] += cov_i;
+      }
+    });
+    px.addmm_(tile.narrow(0, 0, B), r);
+    if (ref_grad) {
+      at::Tensor w = tile.narrow(0, B, B);
+      at::Tensor a = coef_buf.narrow(0, 0, B * c).view({B, c});
+      at::Tensor g = grad_ref.narrow(0, start, c);
+      at::mm_out(g, w.t(), grad_mu);         // sum_i w_ij g_i
+      g.addmm_(a.t(), x);                    // + sum_i a_ij x_i
+      g.sub_(a.sum(0).unsqueeze(1) * r);     // - (sum_i a_ij) r_j
+    }
+  }
+
+  const T* mup = mu.data_ptr<T>();
+  const T* pxp = px.data_ptr<T>();
+  T* gxp = grad_x.data_ptr<T>();
+  T* gsp = grad_sigma.data_ptr<T>();
+  at::parallel_for(0, B, row_grain(D), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const T inv_s2 = T(1) / (sp[i] * sp[i]);
+      for (int64_t k = 0; k < D; ++k) {
+        const int64_t ik = i * D + k;
+        gxp[ik] = stf::grad_x(pxp[ik], mup[ik], xp[ik], glp[i], inv_s2);
+      }
+      gsp[i] = stf::grad_sigma(cov[i], auxp[i * AUX_COLS + AUX_DBAR], glp[i], sp[i]);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> stf_backward_cpu(
+    const at::Tensor& grad_mu, const at::Tensor& grad_lse, const at::Tensor& x, const at::Tensor& sigma,
+    const at::Tensor& ref, const at::Tensor& ref_sqnorm, const at::Tensor& mu, const at::Tensor& aux,
+    int64_t chunk_size, bool ref_grad) {
+  check_inputs(x, sigma, ref, ref_sqnorm, chunk_size);
+  TORCH_CHECK(grad_mu.sizes() == x.sizes() && mu.sizes() == x.sizes(), "stf_backward_cpu: grad_mu and mu must be ",
+              x.sizes());
+  TORCH_CHECK(grad_lse.dim() == 1 && grad_lse.size(0) == x.size(0), "stf_backward_cpu: grad_lse must be (B,)");
+  TORCH_CHECK(aux.dim() == 2 && aux.size(0) == x.size(0) && aux.size(1) == AUX_COLS,
+              "stf_backward_cpu: aux must be (B, 4)");
+  at::Tensor g = grad_mu.contiguous(), gl = grad_lse.contiguous(), m = mu.contiguous(), a = aux.contiguous();
+  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_sigma = at::empty_like(sigma);
+  at::Tensor grad_ref = ref_grad ? at::empty_like(ref) : at::empty({0}, ref.options());
+  if (x.size(0) == 0) {
+    if (ref_grad) grad_ref.zero_();
+    return {grad_x, grad_sigma, grad_ref};
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "stf_backward_cpu", [&] {
+    backward_impl<scalar_t>(g, gl, x, sigma, ref, ref_sqnorm, m, a, chunk_size, ref_grad, grad_x, grad_sigma,
+                            grad_ref);
+  });
+  return {grad_x, grad_sigma, grad_ref};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(cdm_kernels_C, m) {
+  m.def("stf_forward_cpu(Tensor x, Tensor sigma, Tensor ref, Tensor ref_sqnorm, int chunk_size) "
+        "-> (Tensor mu, Tensor lse, Tensor aux)");
+  m.def("stf_backward_cpu(Tensor grad_mu, Tensor grad_lse, Tensor x, Tensor sigma, Tensor ref, "
+        "Tensor ref_sqnorm, Tensor mu, Tensor aux, int chunk_size, bool ref_grad) "
+        "-> (Tensor grad_x, Tensor grad_sigma, Tensor grad_ref)");
+}
+
+TORCH_LIBRARY_IMPL(cdm_kernels_C, CPU, m) {
+  m.impl("stf_forward_cpu", &stf_forward_cpu);
+  m.impl("stf_backward_cpu", &stf_backward_cpu);
+}
+
+}  // namespace stf
+}  // namespace cdm

@@ -1,0 +1,20 @@
+// The Python module `cdm_kernels._C`. Importing it loads the library, whose static initialisers
+// register every op of csrc/cpu and csrc/cuda under torch.ops.cdm_kernels_C (TORCH_LIBRARY_FRAGMENT
+// in each op's file, so no central list of ops exists to keep in sync).
+#include <torch/extension.h>
+
+#ifndef CDM_CUDA_ARCHS
+#define CDM_CUDA_ARCHS ""
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "cdm_kernels compiled kernels (ops live in torch.ops.cdm_kernels_C)";
+  m.def("built_with_cuda", []() {
+#ifdef CDM_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  });
+  m.def("cuda_archs", []() { return std::string(CDM_CUDA_ARCHS); });
+}
