@@ -120,27 +120,40 @@ def stf_backward(
         dL/dx_i     = (sum_j w_ij (c_ij - mg_i) r_j + g_lse,i (mu_i - x_i)) / sigma_i^2
         dL/dsigma_i = (sum_j w_ij (d_ij - d_bar_i)(c_ij - mg_i) + g_lse,i d_bar_i) / sigma_i^3
         dL/dr_j     = sum_i w_ij g_i + a_ij (x_i - r_j),  a_ij = w_ij (c_ij - mg_i + g_lse,i) / sigma_i^2
-    with c_ij = r_j . g_i and mg_i = mu_i . g_i. Returns grad_ref empty (0,) unless ref_grad.
+    with c_ij = r_j . g_i and mg_i = mu_i . g_i. In floating point, mg (one dot product) and the c
+    of the reference holding the weight (another) round differently, and their difference is
+    divided by sigma^2: the streamed s_i = sum_j w_ij (c_ij - mg_i), zero in exact arithmetic,
+    corrects that to first order (- s mu for x, - s sum_j w (d - d_bar) for sigma; for ref a
+    first sweep computes s and moves mg by it). Returns grad_ref empty (0,) unless ref_grad.
     """
     s2 = sigma * sigma
     inv_s2 = 1.0 / s2
     xn = (x * x).sum(1)
     zlse, dbar = aux[:, AUX_ZLSE], aux[:, AUX_DBAR]
     mg = (mu * grad_mu).sum(1)
+
+    def chunks():
+        for start in range(0, ref.shape[0], chunk_size):
+            r = ref[start : start + chunk_size]
+            z = logits(x, inv_s2, r, ref_sqnorm[start : start + chunk_size])
+            yield start, r, z, torch.exp(z - zlse[:, None]), grad_mu @ r.T
+
+    if ref_grad:
+        mg = mg + sum((w * (c - mg[:, None])).sum(1) for _, _, _, w, c in chunks())
     px = torch.zeros_like(x)
-    cov_dc = torch.zeros_like(sigma)
+    s_sum, cov_dc, dev_d = (torch.zeros_like(sigma) for _ in range(3))
     grad_ref = torch.zeros_like(ref) if ref_grad else ref.new_zeros(0)
-    for start in range(0, ref.shape[0], chunk_size):
-        r = ref[start : start + chunk_size]
-        z = logits(x, inv_s2, r, ref_sqnorm[start : start + chunk_size])
-        w = torch.exp(z - zlse[:, None])
-        c = grad_mu @ r.T
+    for start, r, z, w, c in chunks():
         d = (xn[:, None] - 2 * s2[:, None] * z).clamp_min(0)
-        px += (w * (c - mg[:, None])) @ r
-        cov_dc += (w * (d - dbar[:, None]) * (c - mg[:, None])).sum(1)
+        xc = w * (c - mg[:, None])
+        wd = w * (d - dbar[:, None])
+        px += xc @ r
+        s_sum += xc.sum(1)
+        cov_dc += (wd * (c - mg[:, None])).sum(1)
+        dev_d += wd.sum(1)
         if ref_grad:
-            a = w * (c - mg[:, None] + grad_lse[:, None]) * inv_s2[:, None]
+            a = (xc + w * grad_lse[:, None]) * inv_s2[:, None]
             grad_ref[start : start + chunk_size] = w.T @ grad_mu + a.T @ x - a.sum(0)[:, None] * r
-    grad_x = (px + grad_lse[:, None] * (mu - x)) * inv_s2[:, None]
-    grad_sigma = (cov_dc + grad_lse * dbar) / (s2 * sigma)
+    grad_x = (px - s_sum[:, None] * mu + grad_lse[:, None] * (mu - x)) * inv_s2[:, None]
+    grad_sigma = (cov_dc - s_sum * dev_d + grad_lse * dbar) / (s2 * sigma)
     return grad_x, grad_sigma, grad_ref

@@ -394,3 +394,32 @@ def test_bad_options_errors():
         stf_target(x, s, r, ref_sqnorm=torch.ones(9))
     with pytest.raises(ValueError, match=r"stf_score does not take return_lse"):
         stf_score(x, s, r, return_lse=True)
+
+
+# ---- regressions: float32 cancellations found in review ----
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_float32_weights_of_nearly_one_hot_rows(backend):
+    # At sigma ~ 8 on image data one reference holds ~0.9999 of the weight; a float32 running sum
+    # that starts at its e = 1 rounded every later e at 1's ulp (15% off, 10x eager's mu error).
+    x, ref = peaked_case(130, 1000, 3072)
+    _check_float32(x, 8.0, ref, backend, chunk_size=256)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("sigma", [0.002, 0.2, 8.0])
+def test_float32_x_gradient_when_one_reference_holds_the_weight(backend, sigma):
+    # dL/dx = sum_j w (c - mg) r / sigma^2 with c = g . r_j (a product) and mg = g . mu (another):
+    # for a one-hot row their rounding difference, divided by sigma^2 = 4e-6, was the whole result.
+    x, ref = peaked_case(40, 500, 3 * 16 * 16)
+    g = torch.randn_like(x)
+    x64 = x.clone().requires_grad_()
+    d = ((x64[:, None] - ref[None]) ** 2).sum(-1)
+    mu = torch.softmax(-d / (2 * sigma**2), 1) @ ref
+    (gx_j,) = torch.autograd.grad((mu * g).sum(), x64)
+    x32 = x.float().requires_grad_()
+    mu32 = stf_target(x32, sigma, ref.float(), backend=backend, chunk_size=128)
+    (gx,) = torch.autograd.grad((mu32 * g.float()).sum(), x32)
+    scale = g.abs().max().item() * ref.abs().max().item() * x.shape[1] ** 0.5 / sigma**2
+    assert _err(gx, gx_j) <= 1e-9 * scale + 1e-5 * gx_j.abs().max().item()

@@ -46,7 +46,8 @@ void forward_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Tensor
   const T* sp = sigma.data_ptr<T>();
   const T* rnp = ref_sqnorm.data_ptr<T>();
 
-  std::vector<RowState<T>> state(B, state_empty<T>());
+  // Row states in double whatever T is (see state_add): a few scalars a row, next to GEMM work.
+  std::vector<RowState<double>> state(B, state_empty<double>());
   at::Tensor acc = at::zeros({B, D}, x.options());  // a_i = sum_j e_ij r_j
   at::Tensor tile_buf = at::empty({B * chunk}, x.options());
   T* accp = acc.data_ptr<T>();
@@ -66,12 +67,13 @@ void forward_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Tensor
           row[j] = logit(row[j], rnp[start + j], inv_s2);
           m_tile = nan_max(m_tile, row[j]);
         }
-        RowState<T>& s = state[i];
-        const T alpha = state_rebase(s, nan_max(s.m, m_tile));
+        RowState<double>& s = state[i];
+        const double alpha = state_rebase(s, nan_max(s.m, double(m_tile)));
         for (int64_t j = 0; j < c; ++j) row[j] = state_add(s, row[j]);  // the tile now holds e_ij
-        if (alpha != T(1)) {
+        if (alpha != 1.0) {
+          const T alpha_t = T(alpha);
           T* a = accp + i * D;
-          for (int64_t k = 0; k < D; ++k) a[k] *= alpha;
+          for (int64_t k = 0; k < D; ++k) a[k] *= alpha_t;
         }
       }
     });
@@ -84,18 +86,19 @@ void forward_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Tensor
   at::parallel_for(0, B, row_grain(D), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const T* xi = xp + i * D;
-      T xn = T(0);
-      for (int64_t k = 0; k < D; ++k) xn += xi[k] * xi[k];
-      const RowResult<T> res = state_finalize(state[i], xn, sp[i] * sp[i]);
+      double xn = 0.0;
+      for (int64_t k = 0; k < D; ++k) xn += double(xi[k]) * double(xi[k]);
+      const RowResult<double> res = state_finalize(state[i], xn, double(sp[i]) * double(sp[i]));
+      const T inv_l = T(res.inv_l);
       const T* a = accp + i * D;
       T* out = mup + i * D;
-      for (int64_t k = 0; k < D; ++k) out[k] = a[k] * res.inv_l;
-      lsep[i] = res.lse;
+      for (int64_t k = 0; k < D; ++k) out[k] = a[k] * inv_l;
+      lsep[i] = T(res.lse);
       T* ai = auxp + i * AUX_COLS;
-      ai[AUX_ZLSE] = res.zlse;
-      ai[AUX_DBAR] = res.dbar;
-      ai[AUX_NEFF] = res.neff;
-      ai[AUX_WMAX] = res.wmax;
+      ai[AUX_ZLSE] = T(res.zlse);
+      ai[AUX_DBAR] = T(res.dbar);
+      ai[AUX_NEFF] = T(res.neff);
+      ai[AUX_WMAX] = T(res.wmax);
     }
   });
 }
@@ -128,18 +131,19 @@ void backward_impl(const at::Tensor& grad_mu, const at::Tensor& grad_lse, const 
   const T* rnp = ref_sqnorm.data_ptr<T>();
   const T* auxp = aux.data_ptr<T>();
   const T* glp = grad_lse.data_ptr<T>();
+  const T* mup = mu.data_ptr<T>();
 
-  // Per-row constants: ||x||^2 and mu . g.
-  std::vector<T> xn(B), mg(B), cov(B, T(0));
+  // Per-row scalars, in double: ||x||^2, mg = mu . g, and the streamed sums
+  // s = sum_j w (c - mg), cov = sum_j w (d - d_bar)(c - mg), dev = sum_j w (d - d_bar).
+  std::vector<double> xn(B), mg(B), s_sum(B, 0.0), cov(B, 0.0), dev(B, 0.0);
   {
-    const T* mup = mu.data_ptr<T>();
     const T* gp = grad_mu.data_ptr<T>();
     at::parallel_for(0, B, row_grain(D), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
-        T a = T(0), b = T(0);
+        double a = 0.0, b = 0.0;
         for (int64_t k = 0; k < D; ++k) {
-          a += xp[i * D + k] * xp[i * D + k];
-          b += mup[i * D + k] * gp[i * D + k];
+          a += double(xp[i * D + k]) * double(xp[i * D + k]);
+          b += double(mup[i * D + k]) * double(gp[i * D + k]);
         }
         xn[i] = a;
         mg[i] = b;
@@ -153,58 +157,81 @@ void backward_impl(const at::Tensor& grad_mu, const at::Tensor& grad_lse, const 
   at::Tensor coef_buf = ref_grad ? at::empty({B * chunk}, x.options()) : at::Tensor();
   at::Tensor px = at::zeros({B, D}, x.options());
 
-  for (int64_t start = 0; start < n; start += chunk) {
-    const int64_t c = std::min(chunk, n - start);
-    at::Tensor r = ref.narrow(0, start, c);
-    at::Tensor tile = tile_buf.narrow(0, 0, 2 * B * c).view({2 * B, c});
-    at::mm_out(tile, xg, r.t());
-    T* zp = tile.data_ptr<T>();  // logits in, x-coefficients out
-    T* cp = zp + B * c;          // c_ij = g_i . r_j in, weights w_ij out (used by the ref gradient)
-    T* ap = ref_grad ? coef_buf.data_ptr<T>() : nullptr;
-    at::parallel_for(0, B, row_grain(c), [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const T s2 = sp[i] * sp[i], inv_s2 = T(1) / s2;
-        const T zlse = auxp[i * AUX_COLS + AUX_ZLSE], dbar = auxp[i * AUX_COLS + AUX_DBAR];
-        T cov_i = T(0);
-        for (int64_t j = 0; j < c; ++j) {
-          const int64_t ij = i * c + j;
-          const T z = logit(zp[ij], rnp[start + j], inv_s2);
-          const T w = backward_weight(z, zlse);
-          const T cij = cp[ij];
-          const T d = sqdist_from_logit(z, xn[i], s2);
-          zp[ij] = backward_x_coef(w, cij, mg[i]);
-          cov_i += backward_sigma_term(w, d, dbar, cij, mg[i]);
-          if (ap != nullptr) {
-            ap[ij] = backward_ref_coef(w, cij, mg[i], glp[i], inv_s2);
-            cp[ij] = w;
+  // final = false: only s (the ref gradient's coefficients need the consistent mg before use).
+  auto sweep = [&](bool final) {
+    for (int64_t start = 0; start < n; start += chunk) {
+      const int64_t c = std::min(chunk, n - start);
+      at::Tensor r = ref.narrow(0, start, c);
+      at::Tensor tile = tile_buf.narrow(0, 0, 2 * B * c).view({2 * B, c});
+      at::mm_out(tile, xg, r.t());
+      T* zp = tile.data_ptr<T>();  // logits in, x-coefficients out
+      T* cp = zp + B * c;          // c_ij = g_i . r_j in, weights w_ij out (used by the ref gradient)
+      T* ap = (final && ref_grad) ? coef_buf.data_ptr<T>() : nullptr;
+      at::parallel_for(0, B, row_grain(c), [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const T s2 = sp[i] * sp[i], inv_s2 = T(1) / s2;
+          const T zlse = auxp[i * AUX_COLS + AUX_ZLSE];
+          const double dbar = auxp[i * AUX_COLS + AUX_DBAR];
+          const T xn_i = T(xn[i]);
+          double s_i = 0.0, cov_i = 0.0, dev_i = 0.0;
+          for (int64_t j = 0; j < c; ++j) {
+            const int64_t ij = i * c + j;
+            const T z = logit(zp[ij], rnp[start + j], inv_s2);
+            const double w = backward_weight(z, zlse);
+            const double cij = cp[ij];
+            const double xc = backward_x_coef(w, cij, mg[i]);
+            s_i += xc;
+            if (!final) continue;
+            const double d = sqdist_from_logit(z, xn_i, s2);
+            zp[ij] = T(xc);
+            cov_i += backward_sigma_term(w, d, dbar, cij, mg[i]);
+            dev_i += w * (d - dbar);
+            if (ap != nullptr) {
+              ap[ij] = T(backward_ref_coef(w, cij, mg[i], double(glp[i]), double(inv_s2)));
+              cp[ij] = T(w);
+            }
           }
+          s_sum[i] += s_i;
+          cov[i] += cov_i;
+          dev[i] += dev_i;
         }
-        cov[i] += cov_i;
+      });
+      if (!final) continue;
+      px.addmm_(tile.narrow(0, 0, B), r);
+      if (ref_grad) {
+        at::Tensor w = tile.narrow(0, B, B);
+        at::Tensor a = coef_buf.narrow(0, 0, B * c).view({B, c});
+        at::Tensor g = grad_ref.narrow(0, start, c);
+        at::mm_out(g, w.t(), grad_mu);      // sum_i w_ij g_i
+        g.addmm_(a.t(), x);                 // + sum_i a_ij (x_i
+        g.sub_(a.sum(0).unsqueeze(1) * r);  //                  - r_j)
       }
-    });
-    px.addmm_(tile.narrow(0, 0, B), r);
-    if (ref_grad) {
-      at::Tensor w = tile.narrow(0, B, B);
-      at::Tensor a = coef_buf.narrow(0, 0, B * c).view({B, c});
-      at::Tensor g = grad_ref.narrow(0, start, c);
-      at::mm_out(g, w.t(), grad_mu);         // sum_i w_ij g_i
-      g.addmm_(a.t(), x);                    // + sum_i a_ij x_i
-      g.sub_(a.sum(0).unsqueeze(1) * r);     // - (sum_i a_ij) r_j
+    }
+  };
+  if (ref_grad) {
+    // The ref gradient's a_ij = w (c - mg + g_lse) / sigma^2 cannot be corrected afterwards like
+    // dL/dx: a first sweep makes mg consistent with the products' rounding (mg + s), at the price
+    // of one more product per chunk, paid only when ref requires grad.
+    sweep(false);
+    for (int64_t i = 0; i < B; ++i) {
+      mg[i] += s_sum[i];
+      s_sum[i] = 0.0;
     }
   }
+  sweep(true);
 
-  const T* mup = mu.data_ptr<T>();
   const T* pxp = px.data_ptr<T>();
   T* gxp = grad_x.data_ptr<T>();
   T* gsp = grad_sigma.data_ptr<T>();
   at::parallel_for(0, B, row_grain(D), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const T inv_s2 = T(1) / (sp[i] * sp[i]);
+      const double inv_s2 = 1.0 / (double(sp[i]) * double(sp[i]));
       for (int64_t k = 0; k < D; ++k) {
         const int64_t ik = i * D + k;
-        gxp[ik] = stf::grad_x(pxp[ik], mup[ik], xp[ik], glp[i], inv_s2);
+        gxp[ik] = T(grad_x_corrected<double>(pxp[ik], s_sum[i], mup[ik], xp[ik], glp[i], inv_s2));
       }
-      gsp[i] = stf::grad_sigma(cov[i], auxp[i * AUX_COLS + AUX_DBAR], glp[i], sp[i]);
+      const double dbar = auxp[i * AUX_COLS + AUX_DBAR];
+      gsp[i] = T(stf::grad_sigma<double>(cov_corrected(cov[i], s_sum[i], dev[i]), dbar, glp[i], sp[i]));
     }
   });
 }
