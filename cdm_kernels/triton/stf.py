@@ -18,11 +18,12 @@ The row constant -||x||^2 / (2 sigma^2) never enters the streamed logits (it is 
 as in stf_reference.py: it is what keeps small sigma exact in float32.
 
 Precision modes ("ieee", "tf32", "bf16"): the operands of every product are rounded to the mode's
-input format inside the kernel (tf32: 10 mantissa bits, round half away from zero; bf16: round to
-nearest even), and ||r_j||^2 and ||x_i||^2 are recomputed from the same rounded values. The logits
-are then exactly those of the rounded inputs up to float32 accumulation, so the cancellation of the
-matmul form (math.md, "The matmul form and its numerics") costs float32 rounding, not TF32/bf16
-rounding of |x| |r|. The explicit rounding also makes the Triton interpreter, which computes every
+input format inside the kernel by integer operations on the bits (tf32: 10 mantissa bits, round half
+away from zero as cvt.rna does; bf16: 7 mantissa bits, round to nearest even as the GPU's cast
+does), and ||r_j||^2 and ||x_i||^2 are recomputed from the same rounded values. The logits are then
+exactly those of the rounded inputs up to float32 accumulation, so the cancellation of the matmul form
+(math.md, "The matmul form and its numerics") costs float32 rounding, not TF32/bf16 rounding of
+|x| |r|. The explicit rounding also makes the Triton interpreter, which computes every
 tl.dot in float32 whatever input_precision says, reproduce the GPU's input rounding.
 """
 
@@ -59,7 +60,11 @@ def _round(t, PREC: tl.constexpr):
         bits = t.to(tl.uint32, bitcast=True)
         t = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
     elif PREC == 2:
-        t = t.to(tl.bfloat16).to(tl.float32)
+        # bfloat16 keeps 7 mantissa bits; round to nearest even on the bits (the interpreter's own
+        # float32 -> bfloat16 cast truncates, a GPU's rounds: this is the GPU's rounding everywhere).
+        bits = t.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        t = (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
     return t
 
 
@@ -550,9 +555,18 @@ def _check_inputs(fn: str, x: Tensor, sigma: Tensor, ref: Tensor, ref_sqnorm: Te
             raise ValueError(f"{fn}: {name} must be contiguous")
 
 
-def _plan(fn: str, B: int, D: int, n: int, chunk_size: int, device_type: str):
+def _plan(fn: str, B: int, D: int, n: int, chunk_size: int, device_type: str, blocks: dict | None):
     """Block sizes and the chunk width; refuses grids CUDA cannot launch (all offsets are int64)."""
     bs = block_sizes(device_type)
+    if blocks:
+        unknown = set(blocks) - set(bs)
+        if unknown:
+            raise ValueError(f"{fn}: blocks has unknown keys {sorted(unknown)}; known: {sorted(bs)}")
+        bs.update(blocks)
+        for k, v in bs.items():
+            # tl.dot needs every tile dimension >= 16; tl.arange needs powers of two.
+            if not isinstance(v, int) or v < 16 or v & (v - 1):
+                raise ValueError(f"{fn}: blocks[{k!r}] must be a power of two >= 16, got {v!r}")
     # Axis 1 of the logits grid counts the chunk's column blocks: cap the chunk, not the problem.
     chunk = max(1, min(chunk_size, n, _MAX_GRID_YZ * bs["block_n"]))
     if triton.cdiv(D, bs["block_d_acc"]) > _MAX_GRID_YZ:
@@ -567,7 +581,16 @@ def _native_bf16(x: Tensor) -> bool:
     return x.device.type == "cuda" and not _INTERPRET
 
 
-def stf_forward(x: Tensor, sigma: Tensor, ref: Tensor, ref_sqnorm: Tensor, chunk_size: int, precision: str = "ieee"):
+def stf_forward(
+    x: Tensor,
+    sigma: Tensor,
+    ref: Tensor,
+    ref_sqnorm: Tensor,
+    chunk_size: int,
+    precision: str = "ieee",
+    *,
+    blocks: dict | None = None,
+):
     """Triton forward: (mu, lse, aux) like `stf_reference.stf_forward`.
 
     x (B, D), sigma (B,), ref (n, D), ref_sqnorm (n,): contiguous, one dtype (float32 or float64),
@@ -576,11 +599,12 @@ def stf_forward(x: Tensor, sigma: Tensor, ref: Tensor, ref_sqnorm: Tensor, chunk
         zlse_i = log sum_j exp(z_ij),  lse_i = zlse_i - ||x_i||^2 / (2 sigma_i^2).
     Memory beyond the outputs: a (B, chunk) logit workspace and O(B chunk / BLOCK_N) partial states.
     In "tf32"/"bf16" ref_sqnorm is not read: the norms come from the rounded references.
+    blocks overrides `block_sizes` (keys block_b, block_n, block_d, block_d_acc).
     """
     _check_inputs("stf_forward (triton)", x, sigma, ref, ref_sqnorm, chunk_size, precision)
     B, D = x.shape
     n = ref.shape[0]
-    bs, chunk = _plan("stf_forward (triton)", B, D, n, chunk_size, x.device.type)
+    bs, chunk = _plan("stf_forward (triton)", B, D, n, chunk_size, x.device.type, blocks)
     BB, BN, BD, BDA = bs["block_b"], bs["block_n"], bs["block_d"], bs["block_d_acc"]
     prec = _PREC_CODE[precision]
     native = _native_bf16(x)
@@ -629,6 +653,8 @@ def stf_backward(
     chunk_size: int,
     precision: str = "ieee",
     ref_grad: bool = False,
+    *,
+    blocks: dict | None = None,
 ):
     """Triton backward: (grad_x (B, D), grad_sigma (B,), grad_ref (n, D) or (0,)), the centred forms
     of `stf_reference.stf_backward` with w_ij = exp(z_ij - zlse_i) from the forward's aux:
@@ -650,7 +676,7 @@ def stf_backward(
                 f"{fn}: {name} must be a contiguous {x.dtype} tensor of shape {shape} on {x.device}; "
                 f"got {t.dtype} {tuple(t.shape)} on {t.device}"
             )
-    bs, chunk = _plan(fn, B, D, n, chunk_size, x.device.type)
+    bs, chunk = _plan(fn, B, D, n, chunk_size, x.device.type, blocks)
     BB, BN, BD, BDA = bs["block_b"], bs["block_n"], bs["block_d"], bs["block_d_acc"]
     prec = _PREC_CODE[precision]
     native = _native_bf16(x)
