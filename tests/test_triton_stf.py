@@ -377,6 +377,24 @@ def test_public_errors_reach_the_triton_backend_unchanged(no_launch):
         stf_target(x, sigma, ref, backend="triton", precision="fp16")
 
 
+def test_kernels_compile_for_sm90_without_spills():
+    """Triton -> PTX -> ptxas for sm_90 without a GPU (python -m cdm_kernels.triton.compile_check
+    runs every variant for sm_80 and sm_90; this runs the bf16 forward/backward ones)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run(
+        [sys.executable, "-m", "cdm_kernels.triton.compile_check", "--arch", "90", "--quick"],
+        capture_output=True, text=True, env=env, cwd=root, timeout=600,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| _")]
+    assert len(rows) == 4 and all("| 0/0 |" in r and "wgmma" in r for r in rows), res.stdout
+
+
 # ----------------------------------------------------------------------------------------------
 # On a real GPU (skipped here, visibly)
 # ----------------------------------------------------------------------------------------------

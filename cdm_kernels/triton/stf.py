@@ -514,12 +514,30 @@ def _bwd_ref_kernel(
 # ------------------------------------------------------------------------------------------------
 
 
-def block_sizes(device_type: str) -> dict[str, int]:
-    """Tile sizes per device: tensor-core sized on a GPU; small under the interpreter, where they
-    make the D loop, the chunk loop and the masked edges run on test-sized problems."""
+# Warps per program on a GPU; compile_check.py compiles every kernel with it and checks for spills.
+NUM_WARPS = 8
+# Two stages: the operands pass through registers (rounding) before the products, so every extra
+# stage of software pipelining costs registers; three spilled on sm_80.
+NUM_STAGES = 2
+_LAUNCH = {"num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
+
+
+def block_sizes(device_type: str, float64: bool = False, precision: str = "ieee") -> dict[str, int]:
+    """Tile sizes. On a GPU: (block_b x block_n) logit tiles over block_d slices; (block_b x
+    block_d_acc) accumulator tiles over block_n_acc references; for the ref gradient
+    (block_n_ref x block_d_acc) tiles over block_b_ref rows. The largest that compile without
+    register spills on sm_80 and sm_90 (compile_check.py): "ieee" float32 has no tensor-core path
+    and its FMA products need a short reduction (block_n_acc = 16); float64 halves the tiles.
+    Under the interpreter: small, so the D loop, the chunk loop and the masked edges all run on
+    test-sized problems."""
     if device_type == "cuda" and not _INTERPRET:
-        return {"block_b": 64, "block_n": 64, "block_d": 64, "block_d_acc": 128}
-    return {"block_b": 16, "block_n": 16, "block_d": 32, "block_d_acc": 32}
+        if float64:
+            return {"block_b": 32, "block_n": 32, "block_d": 16, "block_n_acc": 16, "block_d_acc": 32,
+                    "block_b_ref": 16, "block_n_ref": 32}
+        return {"block_b": 64, "block_n": 32, "block_d": 32, "block_n_acc": 16 if precision == "ieee" else 64,
+                "block_d_acc": 64, "block_b_ref": 16, "block_n_ref": 64}
+    return {"block_b": 16, "block_n": 16, "block_d": 32, "block_n_acc": 16, "block_d_acc": 32,
+            "block_b_ref": 16, "block_n_ref": 16}
 
 
 def _check_inputs(fn: str, x: Tensor, sigma: Tensor, ref: Tensor, ref_sqnorm: Tensor, chunk_size, precision):
@@ -555,9 +573,10 @@ def _check_inputs(fn: str, x: Tensor, sigma: Tensor, ref: Tensor, ref_sqnorm: Te
             raise ValueError(f"{fn}: {name} must be contiguous")
 
 
-def _plan(fn: str, B: int, D: int, n: int, chunk_size: int, device_type: str, blocks: dict | None):
+def _plan(fn: str, x: Tensor, n: int, chunk_size: int, precision: str, blocks: dict | None):
     """Block sizes and the chunk width; refuses grids CUDA cannot launch (all offsets are int64)."""
-    bs = block_sizes(device_type)
+    D = x.shape[1]
+    bs = block_sizes(x.device.type, x.dtype == torch.float64, precision)
     if blocks:
         unknown = set(blocks) - set(bs)
         if unknown:
@@ -599,13 +618,13 @@ def stf_forward(
         zlse_i = log sum_j exp(z_ij),  lse_i = zlse_i - ||x_i||^2 / (2 sigma_i^2).
     Memory beyond the outputs: a (B, chunk) logit workspace and O(B chunk / BLOCK_N) partial states.
     In "tf32"/"bf16" ref_sqnorm is not read: the norms come from the rounded references.
-    blocks overrides `block_sizes` (keys block_b, block_n, block_d, block_d_acc).
+    blocks overrides entries of `block_sizes`.
     """
     _check_inputs("stf_forward (triton)", x, sigma, ref, ref_sqnorm, chunk_size, precision)
     B, D = x.shape
     n = ref.shape[0]
-    bs, chunk = _plan("stf_forward (triton)", B, D, n, chunk_size, x.device.type, blocks)
-    BB, BN, BD, BDA = bs["block_b"], bs["block_n"], bs["block_d"], bs["block_d_acc"]
+    bs, chunk = _plan("stf_forward (triton)", x, n, chunk_size, precision, blocks)
+    BB, BN, BD, BNA, BDA = bs["block_b"], bs["block_n"], bs["block_d"], bs["block_n_acc"], bs["block_d_acc"]
     prec = _PREC_CODE[precision]
     native = _native_bf16(x)
     nblk = triton.cdiv(chunk, BN)
@@ -620,7 +639,7 @@ def stf_forward(
     if B == 0:
         return mu, lse, aux
     grid_b = triton.cdiv(B, BB)
-    _row_stats_kernel[(grid_b,)](x, x, x, xn, xn, B, D, PREC=prec, HAS_G=False, BLOCK_B=BB, BLOCK_D=BDA)
+    _row_stats_kernel[(grid_b,)](x, x, x, xn, xn, B, D, PREC=prec, HAS_G=False, BLOCK_B=BB, BLOCK_D=BDA, **_LAUNCH)
     starts = list(range(0, n, chunk))
     for k, n0 in enumerate(starts):
         c = min(chunk, n - n0)
@@ -629,14 +648,16 @@ def stf_forward(
         _fwd_logits_kernel[(grid_b, nb)](
             x, ref, ref_sqnorm, sigma, z_ws, part, B, D, n0, c, chunk, nblk,
             PREC=prec, NATIVE_BF16=native, USE_RN=prec == 0, BLOCK_B=BB, BLOCK_N=BN, BLOCK_D=BD,
+            **_LAUNCH,
         )
         _fwd_merge_kernel[(grid_b,)](
             part, state, alpha, xn, sigma, lse, aux, B, nb, nblk,
-            IS_FIRST=first, IS_LAST=last, BLOCK_B=BB, BLOCK_K=32,
+            IS_FIRST=first, IS_LAST=last, BLOCK_B=BB, BLOCK_K=32, **_LAUNCH,
         )
         _fwd_acc_kernel[(grid_b, triton.cdiv(D, BDA))](
             z_ws, ref, state, alpha, mu, B, D, n0, c, chunk,
-            IS_FIRST=first, IS_LAST=last, PREC=prec, NATIVE_BF16=native, BLOCK_B=BB, BLOCK_N=BN, BLOCK_D=BDA,
+            IS_FIRST=first, IS_LAST=last, PREC=prec, NATIVE_BF16=native, BLOCK_B=BB, BLOCK_N=BNA, BLOCK_D=BDA,
+            **_LAUNCH,
         )
     return mu, lse, aux
 
@@ -676,19 +697,20 @@ def stf_backward(
                 f"{fn}: {name} must be a contiguous {x.dtype} tensor of shape {shape} on {x.device}; "
                 f"got {t.dtype} {tuple(t.shape)} on {t.device}"
             )
-    bs, chunk = _plan(fn, B, D, n, chunk_size, x.device.type, blocks)
-    BB, BN, BD, BDA = bs["block_b"], bs["block_n"], bs["block_d"], bs["block_d_acc"]
+    bs, chunk = _plan(fn, x, n, chunk_size, precision, blocks)
+    BB, BN, BD, BNA, BDA = bs["block_b"], bs["block_n"], bs["block_d"], bs["block_n_acc"], bs["block_d_acc"]
     prec = _PREC_CODE[precision]
     native = _native_bf16(x)
     grad_x = x.new_empty(B, D)
     grad_ref = torch.zeros_like(ref) if ref_grad else ref.new_zeros(0)
     if B == 0:
         return grad_x, x.new_empty(0), grad_ref
-    grad_mu = grad_mu.to(x.dtype)
     xn = x.new_empty(B)
     mg = x.new_empty(B)
     grid_b = triton.cdiv(B, BB)
-    _row_stats_kernel[(grid_b,)](x, mu, grad_mu, xn, mg, B, D, PREC=prec, HAS_G=True, BLOCK_B=BB, BLOCK_D=BDA)
+    _row_stats_kernel[(grid_b,)](
+        x, mu, grad_mu, xn, mg, B, D, PREC=prec, HAS_G=True, BLOCK_B=BB, BLOCK_D=BDA, **_LAUNCH
+    )
     p_ws = x.new_empty(B, chunk)
     w_ws = x.new_empty(B, chunk) if ref_grad else p_ws
     a_ws = x.new_empty(B, chunk) if ref_grad else p_ws
@@ -703,18 +725,18 @@ def stf_backward(
             x, grad_mu, ref, ref_sqnorm, sigma, xn, mg, aux, grad_lse, p_ws, w_ws, a_ws, cov,
             B, D, n0, c, chunk, ncov, col0,
             PREC=prec, NATIVE_BF16=native, USE_RN=prec == 0, REF_GRAD=ref_grad,
-            BLOCK_B=BB, BLOCK_N=BN, BLOCK_D=BD,
+            BLOCK_B=BB, BLOCK_N=BN, BLOCK_D=BD, **_LAUNCH,
         )
         col0 += nb
         _bwd_acc_kernel[(grid_b, triton.cdiv(D, BDA))](
             p_ws, ref, x, mu, sigma, grad_lse, grad_x, B, D, n0, c, chunk,
             IS_FIRST=k == 0, IS_LAST=k == len(starts) - 1, PREC=prec, NATIVE_BF16=native,
-            BLOCK_B=BB, BLOCK_N=BN, BLOCK_D=BDA,
+            BLOCK_B=BB, BLOCK_N=BNA, BLOCK_D=BDA, **_LAUNCH,
         )
         if ref_grad:
-            _bwd_ref_kernel[(triton.cdiv(c, BN), triton.cdiv(D, BDA))](
+            _bwd_ref_kernel[(triton.cdiv(c, bs["block_n_ref"]), triton.cdiv(D, BDA))](
                 w_ws, a_ws, grad_mu, x, ref, grad_ref, B, D, n0, c, chunk,
-                BLOCK_B=BB, BLOCK_N=BN, BLOCK_D=BDA,
+                BLOCK_B=bs["block_b_ref"], BLOCK_N=bs["block_n_ref"], BLOCK_D=BDA, **_LAUNCH,
             )
     dbar = aux[:, stf_reference.AUX_DBAR]
     # The (B, n / BLOCK_N) partial covariances are a small buffer: summed deterministically here.
