@@ -240,7 +240,7 @@ def test_gradcheck_float64():
         mu, lse = stf_target(x, sigma, ref, backend="triton", chunk_size=3, return_lse=True)
         return mu, lse
 
-    assert torch.autograd.gradcheck(f, (x, sigma, ref), eps=1e-6, atol=1e-7, rtol=1e-5)
+    assert torch.autograd.gradcheck(f, (x, sigma, ref), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,6 +322,24 @@ def test_opcheck_triton_forward():
     )
 
 
+def test_torch_compile_fullgraph_forward_and_backward():
+    """Dynamo + AOT autograd trace the op with the Triton backend in one graph (no graph break);
+    aot_eager keeps the test free of a C++ toolchain while exercising the fake kernels."""
+    x, sigma, ref, grad_mu, _ = make_case(5, 9, 7, seed=8)
+    sigma = sigma.clamp_min(0.1)
+
+    def f(x, sigma, ref):
+        return stf_target(x, sigma, ref, backend="triton", chunk_size=4)
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    xg, xc = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    mu_c = compiled(xc, sigma, ref)
+    mu = f(xg, sigma, ref)
+    (g_c,) = torch.autograd.grad((mu_c * grad_mu).sum(), xc)
+    (g,) = torch.autograd.grad((mu * grad_mu).sum(), xg)
+    assert torch.equal(mu_c, mu) and torch.equal(g_c, g)
+
+
 class _NoLaunch:
     """Stands in for a kernel: a launch attempt is a test failure, not a clear error."""
 
@@ -377,6 +395,8 @@ def test_public_errors_reach_the_triton_backend_unchanged(no_launch):
         stf_target(x, torch.tensor([1.0, -1.0, 1.0]), ref, backend="triton")
     with pytest.raises(ValueError, match=r"precision must be one of \('ieee', 'tf32', 'bf16'\), got 'fp16'"):
         stf_target(x, sigma, ref, backend="triton", precision="fp16")
+    with pytest.raises(ValueError, match=r"precision 'bf16' rounds float32 operands; float64 inputs take only 'ieee'"):
+        stf_target(x.double(), sigma, ref.double(), backend="triton", precision="bf16")
 
 
 def test_kernels_compile_for_sm90_without_spills():
