@@ -67,7 +67,7 @@ def round_to(mode, t):
         return t.bfloat16().float()
     if mode == "tf32":
         bits = t.contiguous().view(torch.int32)
-        return ((bits + 0x1000) & -0x2000).view(torch.float32)
+        return torch.where(t.isnan(), t, ((bits + 0x1000) & -0x2000).view(torch.float32))
     return t
 
 
@@ -293,11 +293,15 @@ def test_in_kernel_rounding_matches_format(mode):
 
     a = torch.randn(1024) * 37.0
     a[:4] = torch.tensor([1 + 2.0**-8, 1 + 3 * 2.0**-8, 1 + 2.0**-11, -(1 + 3 * 2.0**-11)])  # ties
+    a[4:7] = torch.tensor([float("inf"), -float("inf"), float("nan")])
+    a[7] = torch.tensor(0x7F800001, dtype=torch.int32).view(torch.float32)  # NaN, payload in low bits
     out = torch.empty_like(a)
     _k[(1,)](a, out, 1024, tstf._PREC_CODE[mode])
-    assert torch.equal(out, round_to(mode, a))
+    torch.testing.assert_close(out, round_to(mode, a), rtol=0, atol=0, equal_nan=True)
+    assert out[7].isnan() and out[4] == float("inf") and out[5] == -float("inf")
     bits = 7 if mode == "bf16" else 10
-    assert ((out - a).abs() / a.abs()).max() <= 2.0 ** -(bits + 1)
+    fin = a.isfinite()
+    assert ((out[fin] - a[fin]).abs() / a[fin].abs()).max() <= 2.0 ** -(bits + 1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ tl.dot in float32 whatever input_precision says, reproduce the GPU's input round
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -58,13 +59,14 @@ def _round(t, PREC: tl.constexpr):
         # TF32 keeps 10 of float32's 23 mantissa bits; adding half an ulp of TF32 to the magnitude
         # bits and truncating rounds half away from zero (cvt.rna.tf32.f32).
         bits = t.to(tl.uint32, bitcast=True)
-        t = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+        t = tl.where(t == t, ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True), t)
     elif PREC == 2:
         # bfloat16 keeps 7 mantissa bits; round to nearest even on the bits (the interpreter's own
         # float32 -> bfloat16 cast truncates, a GPU's rounds: this is the GPU's rounding everywhere).
+        # A NaN whose payload is all in the dropped bits would round to inf: NaNs pass unchanged.
         bits = t.to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        t = (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
+        t = tl.where(t == t, (bits & 0xFFFF0000).to(tl.float32, bitcast=True), t)
     return t
 
 
@@ -600,6 +602,22 @@ def _native_bf16(x: Tensor) -> bool:
     return x.device.type == "cuda" and not _INTERPRET
 
 
+def _on_tensors_device(launcher):
+    """Runs a launcher with the current CUDA device set to its tensors' device: Triton launches on
+    the current device, which need not be the one a tensor lives on (multi-GPU, DDP)."""
+
+    @functools.wraps(launcher)
+    def wrapper(*args, **kwargs):
+        t = next((a for a in args if isinstance(a, Tensor)), None)
+        if t is not None and t.is_cuda:
+            with torch.cuda.device(t.device):
+                return launcher(*args, **kwargs)
+        return launcher(*args, **kwargs)
+
+    return wrapper
+
+
+@_on_tensors_device
 def stf_forward(
     x: Tensor,
     sigma: Tensor,
@@ -662,6 +680,7 @@ def stf_forward(
     return mu, lse, aux
 
 
+@_on_tensors_device
 def stf_backward(
     grad_mu: Tensor,
     grad_lse: Tensor,
