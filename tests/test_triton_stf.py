@@ -403,6 +403,16 @@ def test_public_errors_reach_the_triton_backend_unchanged(no_launch):
         stf_target(x.double(), sigma, ref.double(), backend="triton", precision="bf16")
 
 
+def test_row_block_fills_the_gpu(monkeypatch):
+    """The GPU launcher's row block: the largest whose accumulation grid covers 2 x the SMs."""
+    monkeypatch.setattr(tstf, "_sm_count", lambda device: 132)
+    dev = torch.device("cuda", 0)
+    assert tstf._row_block(512, 48, 64, dev) == 64  # 8 x 48 = 384 programs
+    assert tstf._row_block(256, 48, 64, dev) == 32  # 4 x 48 = 192 < 264 at 64 rows; 384 at 32
+    assert tstf._row_block(64, 48, 64, dev) == 16  # never below 16 (tl.dot's minimum)
+    assert tstf._row_block(1, 1, 64, dev) == 16
+
+
 def test_kernels_compile_for_sm90_without_spills():
     """Triton -> PTX -> ptxas for sm_90 without a GPU (python -m cdm_kernels.triton.compile_check
     runs every variant for sm_80 and sm_90; this runs the bf16 forward/backward ones)."""

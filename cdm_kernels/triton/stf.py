@@ -579,6 +579,8 @@ def _plan(fn: str, x: Tensor, n: int, chunk_size: int, precision: str, blocks: d
     """Block sizes and the chunk width; refuses grids CUDA cannot launch (all offsets are int64)."""
     D = x.shape[1]
     bs = block_sizes(x.device.type, x.dtype == torch.float64, precision)
+    if x.is_cuda and not _INTERPRET:
+        bs["block_b"] = _row_block(x.shape[0], triton.cdiv(D, bs["block_d_acc"]), bs["block_b"], x.device)
     if blocks:
         unknown = set(blocks) - set(bs)
         if unknown:
@@ -596,6 +598,23 @@ def _plan(fn: str, x: Tensor, n: int, chunk_size: int, precision: str, blocks: d
             f"more than the {_MAX_GRID_YZ} a CUDA grid dimension allows"
         )
     return bs, chunk
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _row_block(B: int, d_tiles: int, largest: int, device: torch.device) -> int:
+    """The largest row block (down to 16) whose accumulation grid, cdiv(B, block_b) x d_tiles
+    programs, still fills every SM twice: at B = 64, D = 3072 a 64-row block gives 48 programs
+    for 132 SMs, a 16-row block 192. Smaller row blocks re-read R tiles, but from L2 (the programs
+    sharing a tile differ only in program_id(0) and run together)."""
+    target = 2 * _sm_count(device)
+    block = largest
+    while block > 16 and triton.cdiv(B, block) * d_tiles < target:
+        block //= 2
+    return block
 
 
 def _native_bf16(x: Tensor) -> bool:
