@@ -132,7 +132,8 @@ def compile_variant(v: Variant, arch: int) -> dict:
     fn = getattr(stf, v.kernel)
     sig = {**v.signature, **{k: "constexpr" for k in v.constexprs}}
     src = ASTSource(fn, sig, v.constexprs)
-    k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": stf.NUM_WARPS, "num_stages": stf.NUM_STAGES})
+    options = {"num_warps": stf.NUM_WARPS, "num_stages": stf.NUM_STAGES}
+    k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     ptx = k.asm["ptx"]
     gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
     with tempfile.TemporaryDirectory() as d:
