@@ -248,6 +248,23 @@ def test_gradcheck_float64():
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "B, n, D, chunk, blocks",
+    [
+        (3, 5, 12288, 4, {"block_d": 4096, "block_d_acc": 4096}),
+        (3, 5000, 2, 2048, {"block_n": 1024, "block_n_acc": 1024}),
+    ],
+)
+def test_large_D_and_many_references(B, n, D, chunk, blocks):
+    """D = 12288 and n = 5000 (3 chunks), with wide tiles: the interpreter's cost is per program
+    and per nested device-function call, not per element."""
+    x, sigma, ref, grad_mu, grad_lse = make_case(B, n, D, seed=9)
+    rn = (ref * ref).sum(1)
+    mu, lse, aux = tstf.stf_forward(x, sigma, ref, rn, chunk, "ieee", blocks=blocks)
+    gx, gs, _ = tstf.stf_backward(grad_mu, grad_lse, x, sigma, ref, rn, mu, aux, chunk, "ieee", False, blocks=blocks)
+    check_case("ieee", x, sigma, ref, grad_mu, grad_lse, chunk, {"mu": mu, "lse": lse, "grad_x": gx, "grad_sigma": gs})
+
+
 def test_chunking_is_exact():
     """The log-sum-exp merge: any chunk size gives the single-pass result up to float32 rounding."""
     x, sigma, ref, *_ = make_case(6, 50, 33, seed=4)
