@@ -334,13 +334,17 @@ def test_registered_for_cuda_and_for_cpu_under_the_interpreter():
     assert hasattr(cdm_kernels, "_triton_backend")
 
 
-def test_opcheck_triton_forward():
-    x, sigma, ref, *_ = make_case(3, 5, 7)
+def test_opcheck_triton_forward_and_backward():
+    x, sigma, ref, grad_mu, grad_lse = make_case(3, 5, 7)
+    sigma = sigma.clamp_min(0.1)
     rn = (ref * ref).sum(1)
-    torch.library.opcheck(
-        torch.ops.cdm_kernels.stf_forward.default, (x, sigma, ref, rn, 2, "triton", "ieee"),
-        test_utils=("test_schema", "test_faketensor"),
-    )
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.cdm_kernels.stf_forward.default, (x, sigma, ref, rn, 2, "triton", "bf16"),
+                          test_utils=checks)
+    mu, _, aux = torch.ops.cdm_kernels.stf_forward(x, sigma, ref, rn, 2, "triton", "ieee")
+    for ref_grad in (False, True):
+        args = (grad_mu, grad_lse, x, sigma, ref, rn, mu, aux, 2, "triton", "ieee", ref_grad)
+        torch.library.opcheck(torch.ops.cdm_kernels.stf_backward.default, args, test_utils=checks)
 
 
 def test_torch_compile_fullgraph_forward_and_backward():
