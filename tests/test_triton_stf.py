@@ -414,6 +414,16 @@ def test_launcher_refuses_modes_it_cannot_do(no_launch):
         tstf.stf_backward(x[:2], sigma, x, sigma, ref, rn, x, x.new_zeros(3, 4), 2, "ieee", False)
 
 
+def test_launcher_refuses_sizes_it_cannot_address():
+    """Checked on meta tensors: no memory is allocated and nothing is launched."""
+    x = torch.empty(2**28, 3, device="meta")
+    with pytest.raises(ValueError, match=r"need 7516192768 partial states, more than 2\^31 - 1; pass a smaller"):
+        tstf._plan("stf_forward (triton)", x, 100, 100, "ieee", None)
+    x = torch.empty(2, 2**22 + 2**21, device="meta")
+    with pytest.raises(ValueError, match=r"D = 6291456 needs 196608 column tiles of 32, more than the 65535"):
+        tstf._plan("stf_forward (triton)", x, 3, 3, "ieee", None)
+
+
 def test_public_errors_reach_the_triton_backend_unchanged(no_launch):
     x, sigma, ref, _ = _args()
     with pytest.raises(ValueError, match=r"sigma must be positive and finite for every sample; sigma\[1\] = -1.0"):

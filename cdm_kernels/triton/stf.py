@@ -592,6 +592,13 @@ def _plan(fn: str, x: Tensor, n: int, chunk_size: int, precision: str, blocks: d
                 raise ValueError(f"{fn}: blocks[{k!r}] must be a power of two >= 16, got {v!r}")
     # Axis 1 of the logits grid counts the chunk's column blocks: cap the chunk, not the problem.
     chunk = max(1, min(chunk_size, n, _MAX_GRID_YZ * bs["block_n"]))
+    # The (4, B, chunk / block_n) partial-state buffer is addressed with 32-bit plane offsets.
+    planes = 4 * x.shape[0] * triton.cdiv(chunk, bs["block_n"])
+    if planes >= 2**31:
+        raise ValueError(
+            f"{fn}: B = {x.shape[0]} rows x chunk = {chunk} references need {planes} partial states, more than "
+            f"2^31 - 1; pass a smaller chunk_size"
+        )
     if triton.cdiv(D, bs["block_d_acc"]) > _MAX_GRID_YZ:
         raise ValueError(
             f"{fn}: D = {D} needs {triton.cdiv(D, bs['block_d_acc'])} column tiles of {bs['block_d_acc']}, "
