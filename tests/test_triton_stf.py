@@ -219,6 +219,24 @@ def test_multi_tile_edges(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_gpu_tile_table_under_the_interpreter(mode, monkeypatch):
+    """The GPU's tiles (block_sizes("cuda"), incl. the small-B row block 16) run here too: B, n, D
+    and the chunk leave a masked tail in every one of them."""
+    monkeypatch.setattr(tstf, "_INTERPRET", False)
+    blocks = tstf.block_sizes("cuda", False, mode)
+    monkeypatch.setattr(tstf, "_INTERPRET", True)
+    B, n, D, chunk = 70, 150, 100, 100
+    x, sigma, ref, grad_mu, grad_lse = make_case(B, n, D, seed=11)
+    rn = (ref * ref).sum(1)
+    for block_b in (blocks["block_b"], 16):
+        bl = {**blocks, "block_b": block_b}
+        mu, lse, aux = tstf.stf_forward(x, sigma, ref, rn, chunk, mode, blocks=bl)
+        gx, gs, gr = tstf.stf_backward(grad_mu, grad_lse, x, sigma, ref, rn, mu, aux, chunk, mode, True, blocks=bl)
+        got = {"mu": mu, "lse": lse, "grad_x": gx, "grad_sigma": gs, "grad_ref": gr}
+        check_case(mode, x, sigma, ref, grad_mu, grad_lse, chunk, got)
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_ref_gradient_matches_float64(mode):
     B, n, D = 9, 37, 7
     chunk = 30
