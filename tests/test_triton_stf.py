@@ -220,7 +220,7 @@ def test_multi_tile_edges(mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_gpu_tile_table_under_the_interpreter(mode, monkeypatch):
-    """The GPU's tiles (block_sizes("cuda"), incl. the small-B row block 16) run here too: B, n, D
+    """The GPU's tiles (block_sizes("cuda"), and the smallest _fill_tiles picks) run here too: B, n, D
     and the chunk leave a masked tail in every one of them."""
     monkeypatch.setattr(tstf, "_INTERPRET", False)
     blocks = tstf.block_sizes("cuda", False, mode)
@@ -228,8 +228,8 @@ def test_gpu_tile_table_under_the_interpreter(mode, monkeypatch):
     B, n, D, chunk = 70, 150, 100, 100
     x, sigma, ref, grad_mu, grad_lse = make_case(B, n, D, seed=11)
     rn = (ref * ref).sum(1)
-    for block_b in (blocks["block_b"], 16):
-        bl = {**blocks, "block_b": block_b}
+    for block_b, block_d_acc in ((blocks["block_b"], blocks["block_d_acc"]), (16, 16)):
+        bl = {**blocks, "block_b": block_b, "block_d_acc": block_d_acc}
         mu, lse, aux = tstf.stf_forward(x, sigma, ref, rn, chunk, mode, blocks=bl)
         gx, gs, gr = tstf.stf_backward(grad_mu, grad_lse, x, sigma, ref, rn, mu, aux, chunk, mode, True, blocks=bl)
         got = {"mu": mu, "lse": lse, "grad_x": gx, "grad_sigma": gs, "grad_ref": gr}
@@ -452,14 +452,16 @@ def test_public_errors_reach_the_triton_backend_unchanged(no_launch):
         stf_target(x.double(), sigma, ref.double(), backend="triton", precision="bf16")
 
 
-def test_row_block_fills_the_gpu(monkeypatch):
-    """The GPU launcher's row block: the largest whose accumulation grid covers 2 x the SMs."""
+def test_tiles_fill_the_gpu(monkeypatch):
+    """The GPU launcher's accumulation tiles: the largest whose grid covers 2 x the SMs."""
     monkeypatch.setattr(tstf, "_sm_count", lambda device: 132)
     dev = torch.device("cuda", 0)
-    assert tstf._row_block(512, 48, 64, dev) == 64  # 8 x 48 = 384 programs
-    assert tstf._row_block(256, 48, 64, dev) == 32  # 4 x 48 = 192 < 264 at 64 rows; 384 at 32
-    assert tstf._row_block(64, 48, 64, dev) == 16  # never below 16 (tl.dot's minimum)
-    assert tstf._row_block(1, 1, 64, dev) == 16
+    assert tstf._fill_tiles(512, 3072, 64, 64, dev) == (64, 64)  # 8 x 48 = 384 programs
+    assert tstf._fill_tiles(256, 3072, 64, 64, dev) == (32, 64)  # 4 x 48 < 264; 8 x 48
+    assert tstf._fill_tiles(64, 3072, 64, 64, dev) == (16, 32)  # rows to 16 (4 x 48), columns: 4 x 96
+    assert tstf._fill_tiles(16, 3072, 64, 64, dev) == (16, 16)  # then columns: 1 x 192
+    assert tstf._fill_tiles(64, 12288, 64, 64, dev) == (32, 64)  # 2 x 192 = 384
+    assert tstf._fill_tiles(1, 1, 64, 64, dev) == (16, 16)  # never below tl.dot's 16
 
 
 def test_kernels_compile_for_sm90_without_spills():

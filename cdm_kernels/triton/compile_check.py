@@ -101,13 +101,19 @@ def variants(quick: bool = False) -> list[Variant]:
             {"BLOCK_B": bs["block_b_ref"], "BLOCK_N": bs["block_n_ref"], "BLOCK_D": bs["block_d_acc"]},
         ))
     if not quick:
-        # The launcher lowers block_b to 32 or 16 when B is small (stf._row_block): those tiles too.
+        # The launcher lowers block_b to 32 or 16 when B is small (stf._fill_tiles): those tiles too.
         for block_b in (32, 16):
             for v in [v for v in out if v.kernel in ("_fwd_logits_kernel", "_fwd_acc_kernel", "_bwd_logits_kernel",
                                                      "_bwd_acc_kernel") and "float64" not in v.label
                       and "ref_grad" not in v.label and v.constexprs["BLOCK_B"] == 64]:
                 out.append(Variant(v.kernel, f"{v.label}, block_b {block_b}", v.signature,
                                    {**v.constexprs, "BLOCK_B": block_b}))
+        # ... and for very small B the accumulator column block to 32 or 16 (stf._fill_tiles).
+        for block_d in (32, 16):
+            for v in [v for v in out if v.kernel in ("_fwd_acc_kernel", "_bwd_acc_kernel")
+                      and v.label in ("ieee, block_b 16", "tf32, block_b 16", "bf16, block_b 16")]:
+                out.append(Variant(v.kernel, f"{v.label}, block_d {block_d}", v.signature,
+                                   {**v.constexprs, "BLOCK_D": block_d}))
     return out
 
 

@@ -580,7 +580,7 @@ def _plan(fn: str, x: Tensor, n: int, chunk_size: int, precision: str, blocks: d
     D = x.shape[1]
     bs = block_sizes(x.device.type, x.dtype == torch.float64, precision)
     if x.is_cuda and not _INTERPRET:
-        bs["block_b"] = _row_block(x.shape[0], triton.cdiv(D, bs["block_d_acc"]), bs["block_b"], x.device)
+        bs["block_b"], bs["block_d_acc"] = _fill_tiles(x.shape[0], D, bs["block_b"], bs["block_d_acc"], x.device)
     if blocks:
         unknown = set(blocks) - set(bs)
         if unknown:
@@ -612,16 +612,18 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _row_block(B: int, d_tiles: int, largest: int, device: torch.device) -> int:
-    """The largest row block (down to 16) whose accumulation grid, cdiv(B, block_b) x d_tiles
-    programs, still fills every SM twice: at B = 64, D = 3072 a 64-row block gives 48 programs
-    for 132 SMs, a 16-row block 192. Smaller row blocks re-read R tiles, but from L2 (the programs
-    sharing a tile differ only in program_id(0) and run together)."""
+def _fill_tiles(B: int, D: int, block_b: int, block_d: int, device: torch.device) -> tuple[int, int]:
+    """Row block and accumulator column block for the accumulation grid, cdiv(B, block_b) x
+    cdiv(D, block_d) programs: halve the row block (down to 16), then the column block (down to
+    16), until the grid fills every SM twice. At B = 64, D = 3072 64 x 64 tiles give 48 programs
+    for 132 SMs, 16 x 32 tiles 384; at B = 16 the columns go to 16 wide (192 programs). Programs
+    sharing an R tile differ only in program_id(0) and run together, so R is re-read from L2."""
     target = 2 * _sm_count(device)
-    block = largest
-    while block > 16 and triton.cdiv(B, block) * d_tiles < target:
-        block //= 2
-    return block
+    while block_b > 16 and triton.cdiv(B, block_b) * triton.cdiv(D, block_d) < target:
+        block_b //= 2
+    while block_d > 16 and triton.cdiv(B, block_b) * triton.cdiv(D, block_d) < target:
+        block_d //= 2
+    return block_b, block_d
 
 
 def _native_bf16(x: Tensor) -> bool:
