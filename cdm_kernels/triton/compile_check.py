@@ -1,0 +1,181 @@
+"""Compiles every Triton kernel of the stable target for real GPUs, without a GPU, and reports ptxas's
+register, spill and shared-memory use (the Triton counterpart of nvcc's -Xptxas -v in CI).
+
+Each variant is compiled with the block sizes and num_warps the launcher uses on a GPU
+(`stf.block_sizes("cuda")`, `stf.NUM_WARPS`, `stf.NUM_STAGES`), lowered to PTX by Triton, and assembled by ptxas.
+
+    python -m cdm_kernels.triton.compile_check [--arch 80 90] [--quick]
+
+Must run without TRITON_INTERPRET=1 (the interpreter replaces the kernels by Python functions).
+Exit status 1 if a variant fails to compile or spills more than SPILL_LIMIT bytes per thread (a
+few bytes, which ptxas sometimes chooses over more registers for the small-row-block tiles, are
+reported but cost nothing measurable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+
+
+SPILL_LIMIT = 32  # bytes of spill stores per thread
+
+
+@dataclass
+class Variant:
+    kernel: str
+    label: str
+    signature: dict
+    constexprs: dict
+
+
+def _ptr(names, dtype="fp32"):
+    return {n: f"*{dtype}" for n in names}
+
+
+def _ints(names):
+    return {n: "i32" for n in names}
+
+
+def variants(quick: bool = False) -> list[Variant]:
+    """The kernel instantiations the launchers produce on a GPU: float32 in every mode, float64 in
+    "ieee"; the first and middle chunks' variants (IS_FIRST, IS_LAST) differ only in their ends."""
+    from . import stf
+
+    cases = [("float32", "bf16")] if quick else [("float32", m) for m in stf.PRECISIONS] + [("float64", "ieee")]
+    out = []
+    for dtype, mode in cases:
+        ty = "fp64" if dtype == "float64" else "fp32"
+        bs = stf.block_sizes("cuda", dtype == "float64", mode)
+        p = stf._PREC_CODE[mode]
+        label = mode if dtype == "float32" else f"{mode}, float64"
+        logit_blocks = {"BLOCK_B": bs["block_b"], "BLOCK_N": bs["block_n"], "BLOCK_D": bs["block_d"]}
+        acc_blocks = {"BLOCK_B": bs["block_b"], "BLOCK_N": bs["block_n_acc"], "BLOCK_D": bs["block_d_acc"]}
+        out.append(Variant(
+            "_fwd_logits_kernel", label,
+            {**_ptr(["x_ptr", "r_ptr", "rn_ptr", "sigma_ptr", "z_ptr", "part_ptr"], ty),
+             **_ints(["B", "D", "n0", "c", "WS", "NBLK"])},
+            {"PREC": p, "NATIVE_BF16": True, "USE_RN": p == 0, **logit_blocks},
+        ))
+        out.append(Variant(
+            "_fwd_acc_kernel", label,
+            {**_ptr(["z_ptr", "r_ptr", "state_ptr", "alpha_ptr", "acc_ptr"], ty), **_ints(["B", "D", "n0", "c", "WS"])},
+            {"IS_FIRST": False, "IS_LAST": True, "PREC": p, "NATIVE_BF16": True, **acc_blocks},
+        ))
+        for ref_grad in ([False] if quick else [False, True]):
+            out.append(Variant(
+                "_bwd_logits_kernel", f"{label}{', ref_grad' if ref_grad else ''}",
+                {**_ptr(["x_ptr", "g_ptr", "r_ptr", "rn_ptr", "sigma_ptr", "xn_ptr", "mg_ptr", "aux_ptr", "glse_ptr",
+                         "p_ptr", "w_ptr", "a_ptr", "cov_ptr"], ty),
+                 **_ints(["B", "D", "n0", "c", "WS", "NCOV", "cov_col0"])},
+                {"PREC": p, "NATIVE_BF16": True, "USE_RN": p == 0, "REF_GRAD": ref_grad, **logit_blocks},
+            ))
+        out.append(Variant(
+            "_bwd_acc_kernel", label,
+            {**_ptr(["p_ptr", "r_ptr", "x_ptr", "mu_ptr", "sigma_ptr", "glse_ptr", "gx_ptr"], ty),
+             **_ints(["B", "D", "n0", "c", "WS"])},
+            {"IS_FIRST": False, "IS_LAST": True, "PREC": p, "NATIVE_BF16": True, **acc_blocks},
+        ))
+        if quick or mode not in ("ieee",):
+            continue
+        out.append(Variant(
+            "_row_stats_kernel", label,
+            {**_ptr(["x_ptr", "mu_ptr", "g_ptr", "xn_ptr", "mg_ptr"], ty), **_ints(["B", "D"])},
+            {"PREC": p, "HAS_G": True, "BLOCK_B": bs["block_b"], "BLOCK_D": bs["block_d_acc"]},
+        ))
+        out.append(Variant(
+            "_fwd_merge_kernel", label,
+            {**_ptr(["part_ptr", "state_ptr", "alpha_ptr", "xn_ptr", "sigma_ptr", "lse_ptr", "aux_ptr"], ty),
+             **_ints(["B", "NB", "NBLK"])},
+            {"IS_FIRST": False, "IS_LAST": True, "BLOCK_B": bs["block_b"], "BLOCK_K": 32},
+        ))
+        out.append(Variant(
+            "_bwd_ref_kernel", label,
+            {**_ptr(["w_ptr", "a_ptr", "g_ptr", "x_ptr", "r_ptr", "gr_ptr"], ty), **_ints(["B", "D", "n0", "c", "WS"])},
+            {"BLOCK_B": bs["block_b_ref"], "BLOCK_N": bs["block_n_ref"], "BLOCK_D": bs["block_d_acc"]},
+        ))
+    if not quick:
+        # The launcher lowers block_b to 32 or 16 when B is small (stf._fill_tiles): those tiles too.
+        for block_b in (32, 16):
+            for v in [v for v in out if v.kernel in ("_fwd_logits_kernel", "_fwd_acc_kernel", "_bwd_logits_kernel",
+                                                     "_bwd_acc_kernel") and "float64" not in v.label
+                      and "ref_grad" not in v.label and v.constexprs["BLOCK_B"] == 64]:
+                out.append(Variant(v.kernel, f"{v.label}, block_b {block_b}", v.signature,
+                                   {**v.constexprs, "BLOCK_B": block_b}))
+        # ... and for very small B the accumulator column block to 32 or 16 (stf._fill_tiles).
+        for block_d in (32, 16):
+            for v in [v for v in out if v.kernel in ("_fwd_acc_kernel", "_bwd_acc_kernel")
+                      and v.label in ("ieee, block_b 16", "tf32, block_b 16", "bf16, block_b 16")]:
+                out.append(Variant(v.kernel, f"{v.label}, block_d {block_d}", v.signature,
+                                   {**v.constexprs, "BLOCK_D": block_d}))
+    return out
+
+
+def _ptxas() -> str:
+    import triton
+
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    found = bundled if os.path.exists(bundled) else shutil.which("ptxas")
+    if not found:
+        raise RuntimeError("ptxas not found (neither triton's bundled copy nor one on PATH)")
+    return found
+
+
+def compile_variant(v: Variant, arch: int) -> dict:
+    """Compiles one variant for sm_<arch>; returns registers, spill bytes, shared bytes, mma kind."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from . import stf
+
+    fn = getattr(stf, v.kernel)
+    sig = {**v.signature, **{k: "constexpr" for k in v.constexprs}}
+    src = ASTSource(fn, sig, v.constexprs)
+    options = {"num_warps": stf.NUM_WARPS, "num_stages": stf.NUM_STAGES}
+    k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    ptx = k.asm["ptx"]
+    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        # The flags Triton's own make_cubin passes (its ptxas 13 register-allocation workaround).
+        cmd = [_ptxas(), "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu}", path, "-o", os.devnull]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    info = res.stdout + res.stderr
+    regs = int(re.search(r"Used (\d+) registers", info).group(1))
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
+    mma = "wgmma" if "wgmma" in ptx else ("mma" if re.search(r"\bmma\.sync", ptx) else "fma")
+    return {"regs": regs, "spill_stores": int(spill.group(1)) if spill else 0,
+            "spill_loads": int(spill.group(2)) if spill else 0, "shared": k.metadata.shared, "mma": mma}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    ap.add_argument("--quick", action="store_true", help="bf16 forward/backward kernels only")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("compile_check: unset TRITON_INTERPRET (the interpreter has nothing to compile)", file=sys.stderr)
+        return 2
+    bad = 0
+    print("| kernel | variant | arch | registers | spill st/ld (bytes) | shared (bytes) | products |")
+    print("|---|---|---:|---:|---:|---:|---|")
+    for arch in args.arch:
+        for v in variants(args.quick):
+            r = compile_variant(v, arch)
+            bad += r["spill_stores"] > SPILL_LIMIT or r["spill_loads"] > SPILL_LIMIT
+            print(f"| {v.kernel} | {v.label} | sm_{arch} | {r['regs']} | {r['spill_stores']}/{r['spill_loads']} | "
+                  f"{r['shared']} | {r['mma']} |", flush=True)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
