@@ -1,0 +1,575 @@
+// The CUDA stable-target kernels (math.md section 1), written so that the host can execute them.
+//
+// Everything a CUDA thread of csrc/cuda/stf.cu executes is here, as __host__ __device__ code:
+//   - per-thread functors (`operator()(t)` for a flat thread index t): logits and the online
+//     softmax update, the row merges, the backward weights, the finalisers;
+//   - the three phases of the tiled matrix-product kernel (load a tile into shared memory, multiply,
+//     store with an epilogue), separated exactly where the kernel has its barriers;
+//   - the launch sequences `forward_run` / `backward_run`, templated on an executor that either
+//     launches kernels (stf.cu) or runs every thread of every block on the host, phase by phase
+//     (tests/cuda_emulator.cpp). A sequential run of all threads between two barriers is one legal
+//     schedule of a CUDA block, so the host run executes these same lines with the same indices.
+// The arithmetic itself (logits, the softmax update, the merge, the backward weights) is the shared
+// code of csrc/stf_math.h, which the CPU backend also executes.
+//
+// Layout of the work (why: see docs/gpu_design.md). The references are streamed in chunks of c rows.
+// Per chunk, the forward pass does
+//   1. dots  (B, c)  = X (B, D) R_c^T          tiled matrix product, D tiled by GEMM_BK
+//   2. z = logit(dots), per-(row, part) maxima  B x P threads, part p takes j = p, p + P, ...
+//   3. e = exp(z - m_new), partial (l, l2, t)    B x P threads, m_new = max(old m, part maxima)
+//   4. merge the P partial states into the row state, alpha = exp(m_old - m_new)   B threads
+//   5. acc (B, D) = alpha * acc + E (B, c) R_c  tiled matrix product, D tiled by the grid
+// and finishes with mu = acc / l. The backward pass streams the same chunks with its own weights.
+// All global indices are 64-bit: B * D, B * c and n * D may exceed 2^31.
+#pragma once
+
+#include <stdint.h>
+
+#include "stf_math.h"
+
+namespace cdm {
+namespace stf {
+namespace cuda {
+
+// ------------------------------------------------------------------------------------------------
+// Tiled matrix product: C (M, N) [+]= A (M, K) B (K, N), any strides (so X R^T, E R and W^T G are
+// one kernel). 256 threads compute a GEMM_BM x GEMM_BN tile, 4 x 4 outputs each, stepping over K
+// in slices of GEMM_BK held in shared memory.
+// ------------------------------------------------------------------------------------------------
+
+constexpr int GEMM_THREADS = 256;
+constexpr int GEMM_BM = 64;
+constexpr int GEMM_BN = 64;
+constexpr int GEMM_BK = 16;
+constexpr int GEMM_TM = GEMM_BM / 16;  // rows per thread (threads form a 16 x 16 grid)
+constexpr int GEMM_TN = GEMM_BN / 16;  // columns per thread
+
+// Fused multiply-add, explicitly: the device contracts a * b + c to one FMA anyway, and saying so
+// makes the host emulation round exactly as the GPU does, and gemm_dot below equal to the product's
+// entries bit for bit.
+CDM_HD float fmadd(float a, float b, float c) { return fmaf(a, b, c); }
+CDM_HD double fmadd(double a, double b, double c) { return fma(a, b, c); }
+
+template <typename T>
+struct GemmArgs {
+  int64_t M, N, K;
+  const T* A;
+  int64_t a_sm, a_sk;  // A[m, k] = A[m * a_sm + k * a_sk]
+  const T* Bm;
+  int64_t b_sk, b_sn;  // B[k, n] = Bm[k * b_sk + n * b_sn]
+  T* C;
+  int64_t ldc;          // C[m, n] = C[m * ldc + n]
+  bool accumulate;      // C = row_scale[m] * C + AB (row_scale may be null: 1) instead of C = AB
+  const T* row_scale;   // (M,) or null
+  const T* sub_scale;   // if not null: C[m, n] -= sub_scale[m] * sub_mat[m * ld_sub + n]
+  const T* sub_mat;
+  int64_t ld_sub;
+};
+
+template <typename T>
+struct GemmSmem {
+  // +1 column of padding breaks the bank conflicts of the transposed stores into the tiles.
+  T a[GEMM_BK][GEMM_BM + 1];
+  T b[GEMM_BK][GEMM_BN + 1];
+};
+
+template <typename T>
+struct GemmAcc {
+  T v[GEMM_TM][GEMM_TN];
+};
+
+template <typename T>
+CDM_HD int64_t gemm_blocks(const GemmArgs<T>& g) {
+  return ((g.M + GEMM_BM - 1) / GEMM_BM) * ((g.N + GEMM_BN - 1) / GEMM_BN);
+}
+
+// Origin of the tile of block `block` (a flat grid: gridDim.y would cap M / GEMM_BM at 65535).
+template <typename T>
+CDM_HD void gemm_tile_origin(const GemmArgs<T>& g, int64_t block, int64_t* m0, int64_t* n0) {
+  const int64_t nb = (g.N + GEMM_BN - 1) / GEMM_BN;
+  *m0 = (block / nb) * GEMM_BM;
+  *n0 = (block % nb) * GEMM_BN;
+}
+
+template <typename T>
+CDM_HD void gemm_zero(GemmAcc<T>& acc) {
+  for (int r = 0; r < GEMM_TM; ++r)
+    for (int c = 0; c < GEMM_TN; ++c) acc.v[r][c] = T(0);
+}
+
+// Phase 1 (before a barrier): thread `tid` copies its share of the A and B slices at k0 into shared
+// memory, zero outside the matrices. Consecutive threads read consecutive addresses along whichever
+// axis of each operand is contiguous, so the global loads coalesce for every layout used here.
+template <typename T>
+CDM_HD void gemm_load(const GemmArgs<T>& g, GemmSmem<T>& s, int tid, int64_t m0, int64_t n0, int64_t k0) {
+  const bool a_k_fast = g.a_sk == 1;
+  for (int q = 0; q < GEMM_BM * GEMM_BK / GEMM_THREADS; ++q) {
+    const int e = tid + q * GEMM_THREADS;
+    const int mm = a_k_fast ? e / GEMM_BK : e % GEMM_BM;
+    const int kk = a_k_fast ? e % GEMM_BK : e / GEMM_BM;
+    const int64_t m = m0 + mm, k = k0 + kk;
+    s.a[kk][mm] = (m < g.M && k < g.K) ? g.A[m * g.a_sm + k * g.a_sk] : T(0);
+  }
+  const bool b_n_fast = g.b_sn == 1;
+  for (int q = 0; q < GEMM_BN * GEMM_BK / GEMM_THREADS; ++q) {
+    const int e = tid + q * GEMM_THREADS;
+    const int nn = b_n_fast ? e % GEMM_BN : e / GEMM_BK;
+    const int kk = b_n_fast ? e / GEMM_BN : e % GEMM_BK;
+    const int64_t n = n0 + nn, k = k0 + kk;
+    s.b[kk][nn] = (n < g.N && k < g.K) ? g.Bm[k * g.b_sk + n * g.b_sn] : T(0);
+  }
+}
+
+// Phase 2 (between barriers): the thread's 4 x 4 outer products over the slice. Thread (ty, tx)
+// owns rows ty + 16 r and columns tx + 16 c, so a warp reads 16 consecutive words of each tile row.
+// Each slice is summed apart and then added to the running sum (two-level summation): a dot product
+// over K = 3072 summed in one float sequence loses ~sqrt(K) ulps, and the logits divide that error
+// by sigma^2; in two levels it is ~sqrt(GEMM_BK) + sqrt(K / GEMM_BK) ulps, for 16 adds per 256 FMAs.
+template <typename T>
+CDM_HD void gemm_multiply(const GemmSmem<T>& s, int tid, GemmAcc<T>& acc) {
+  const int ty = tid / 16, tx = tid % 16;
+  GemmAcc<T> part;
+  gemm_zero(part);
+  for (int kk = 0; kk < GEMM_BK; ++kk) {
+    T a[GEMM_TM], b[GEMM_TN];
+    for (int r = 0; r < GEMM_TM; ++r) a[r] = s.a[kk][ty + 16 * r];
+    for (int c = 0; c < GEMM_TN; ++c) b[c] = s.b[kk][tx + 16 * c];
+    for (int r = 0; r < GEMM_TM; ++r)
+      for (int c = 0; c < GEMM_TN; ++c) part.v[r][c] = fmadd(a[r], b[c], part.v[r][c]);
+  }
+  for (int r = 0; r < GEMM_TM; ++r)
+    for (int c = 0; c < GEMM_TN; ++c) acc.v[r][c] += part.v[r][c];
+}
+
+// One dot product a . b (K) rounded exactly as an entry of the tiled product: slices of GEMM_BK
+// summed apart by FMAs, then added in order (the product's zero padding leaves a slice unchanged).
+// mu_i . g_i computed this way cancels bit for bit against g_i . r_j when mu_i = r_j (sigma -> 0),
+// which the centred backward form w (c - mg) / sigma^2 needs: one ulp of mismatch there is
+// multiplied by 1 / sigma^2 = 2.5e5 at sigma = 0.002.
+template <typename T>
+CDM_HD T gemm_dot(const T* a, const T* b, int64_t K) {
+  T acc = T(0);
+  for (int64_t k0 = 0; k0 < K; k0 += GEMM_BK) {
+    const int64_t k1 = k0 + GEMM_BK < K ? k0 + GEMM_BK : K;
+    T part = T(0);
+    for (int64_t k = k0; k < k1; ++k) part = fmadd(a[k], b[k], part);
+    acc += part;
+  }
+  return acc;
+}
+
+// Phase 3 (after the K loop): the epilogue, C = [row_scale C +] AB [- sub_scale sub_mat].
+template <typename T>
+CDM_HD void gemm_store(const GemmArgs<T>& g, int tid, int64_t m0, int64_t n0, const GemmAcc<T>& acc) {
+  const int ty = tid / 16, tx = tid % 16;
+  for (int r = 0; r < GEMM_TM; ++r) {
+    const int64_t m = m0 + ty + 16 * r;
+    if (m >= g.M) continue;
+    const T scale = g.row_scale != nullptr ? g.row_scale[m] : T(1);
+    for (int c = 0; c < GEMM_TN; ++c) {
+      const int64_t n = n0 + tx + 16 * c;
+      if (n >= g.N) continue;
+      T* out = g.C + m * g.ldc + n;
+      T v = acc.v[r][c];
+      if (g.accumulate) v += scale * *out;
+      if (g.sub_scale != nullptr) v -= g.sub_scale[m] * g.sub_mat[m * g.ld_sub + n];
+      *out = v;
+    }
+  }
+}
+
+template <typename T>
+GemmArgs<T> gemm_args(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_sm, int64_t a_sk, const T* Bm,
+                      int64_t b_sk, int64_t b_sn, T* C, int64_t ldc) {
+  GemmArgs<T> g;
+  g.M = M, g.N = N, g.K = K;
+  g.A = A, g.a_sm = a_sm, g.a_sk = a_sk;
+  g.Bm = Bm, g.b_sk = b_sk, g.b_sn = b_sn;
+  g.C = C, g.ldc = ldc;
+  g.accumulate = false;
+  g.row_scale = nullptr;
+  g.sub_scale = nullptr;
+  g.sub_mat = nullptr;
+  g.ld_sub = 0;
+  return g;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Per-thread functors. Each has `threads` (how many flat indices to run) and operator()(t).
+// Row work is split into P parts per row: thread t = i * P + p takes the columns j = p, p + P, ...
+// of row i, so the P threads of a row read consecutive words (coalesced) and a chunk has B * P
+// threads of parallelism even when B is small. Parts are merged exactly (math.md, the merge).
+// ------------------------------------------------------------------------------------------------
+
+// Accumulator of the long row sum ||x_i||^2: double for float inputs. A float sum
+// of D = 3072 terms in sequence loses ~sqrt(D) ulps, and lse = zlse - ||x||^2 / (2 sigma^2)
+// multiplies that by 1 / sigma^2; in double it costs nothing measurable (O(B D) once per call).
+template <typename T>
+struct WideAcc {
+  typedef double type;
+};
+
+// Per row: ||x_i||^2 (in double, see WideAcc), and (backward) mu_i . g_i (as the product rounds it,
+// see gemm_dot). One thread per row: O(B D) once per call.
+template <typename T>
+struct RowDots {
+  int64_t threads;  // B
+  int64_t D;
+  const T* x;
+  const T* mu;  // null in the forward pass
+  const T* g;
+  T* xn;  // (B,)
+  T* mg;  // (B,) or null
+  CDM_HD void operator()(int64_t i) const {
+    typedef typename WideAcc<T>::type W;
+    const T* xi = x + i * D;
+    W a = W(0);
+    for (int64_t k = 0; k < D; ++k) a += W(xi[k]) * W(xi[k]);
+    xn[i] = T(a);
+    if (mg != nullptr) mg[i] = gemm_dot(g + i * D, mu + i * D, D);
+  }
+};
+
+// The row state of the forward stream: (m, l, l2, t) of stf_math.h's RowState, one per row.
+template <typename T>
+struct StateInit {
+  int64_t threads;  // B
+  RowState<T>* state;
+  CDM_HD void operator()(int64_t i) const { state[i] = state_empty<T>(); }
+};
+
+// Step 2: tile (B, c) holds x_i . r_j on entry and z_ij on exit; part_max (B, P) gets the part maxima.
+template <typename T>
+struct ForwardLogits {
+  int64_t threads;  // B * P
+  int64_t P, c, start;
+  T* tile;
+  const T* sigma;
+  const T* ref_sqnorm;  // (n,), indexed by start + j
+  T* part_max;
+  CDM_HD void operator()(int64_t t) const {
+    const int64_t i = t / P, p = t % P;
+    const T inv_s2 = T(1) / (sigma[i] * sigma[i]);
+    T* row = tile + i * c;
+    T m = neg_inf<T>();
+    for (int64_t j = p; j < c; j += P) {
+      const T z = logit(row[j], ref_sqnorm[start + j], inv_s2);
+      row[j] = z;
+      m = nan_max(m, z);
+    }
+    part_max[t] = m;
+  }
+};
+
+// The row's new running maximum: the old one and the P part maxima of this chunk.
+template <typename T>
+CDM_HD T chunk_max(const RowState<T>& s, const T* part_max, int64_t i, int64_t P) {
+  T m = s.m;
+  for (int64_t p = 0; p < P; ++p) m = nan_max(m, part_max[i * P + p]);
+  return m;
+}
+
+// Step 3: z -> e = exp(z - m_new) in place; the part's (l, l2, t) relative to m_new.
+template <typename T>
+struct ForwardExp {
+  int64_t threads;  // B * P
+  int64_t P, c;
+  T* tile;
+  const T* part_max;
+  const RowState<T>* state;
+  RowState<T>* part_state;  // (B, P)
+  CDM_HD void operator()(int64_t t) const {
+    const int64_t i = t / P, p = t % P;
+    RowState<T> s = state_empty<T>();
+    s.m = chunk_max(state[i], part_max, i, P);
+    T* row = tile + i * c;
+    for (int64_t j = p; j < c; j += P) row[j] = state_add(s, row[j]);
+    part_state[t] = s;
+  }
+};
+
+// Step 4: row state <- merge(row state, parts); alpha_i rescales the accumulator row.
+template <typename T>
+struct ForwardMerge {
+  int64_t threads;  // B
+  int64_t P;
+  const T* part_max;
+  const RowState<T>* part_state;
+  RowState<T>* state;
+  T* alpha;
+  CDM_HD void operator()(int64_t i) const {
+    RowState<T> s = state[i];
+    T alpha_a, alpha_b;
+    // Merging the empty state at m_new first moves s to m_new even when every part is empty.
+    RowState<T> base = state_empty<T>();
+    base.m = chunk_max(s, part_max, i, P);
+    state_merge(s, base, &alpha_a, &alpha_b);
+    alpha[i] = alpha_a;
+    for (int64_t p = 0; p < P; ++p) state_merge(s, part_state[i * P + p], &alpha_a, &alpha_b);
+    state[i] = s;
+  }
+};
+
+// Finish of the forward pass, per row: lse, aux, and 1 / l for the accumulator.
+template <typename T>
+struct ForwardFinalize {
+  int64_t threads;  // B
+  const RowState<T>* state;
+  const T* xn;
+  const T* sigma;
+  T* inv_l;
+  T* lse;
+  T* aux;  // (B, AUX_COLS)
+  CDM_HD void operator()(int64_t i) const {
+    const RowResult<T> r = state_finalize(state[i], xn[i], sigma[i] * sigma[i]);
+    inv_l[i] = r.inv_l;
+    lse[i] = r.lse;
+    T* a = aux + i * AUX_COLS;
+    a[AUX_ZLSE] = r.zlse;
+    a[AUX_DBAR] = r.dbar;
+    a[AUX_NEFF] = r.neff;
+    a[AUX_WMAX] = r.wmax;
+  }
+};
+
+// mu = acc / l, elementwise over (B, D).
+template <typename T>
+struct ScaleRows {
+  int64_t threads;  // B * D
+  int64_t D;
+  const T* acc;
+  const T* inv_l;
+  T* mu;
+  CDM_HD void operator()(int64_t t) const { mu[t] = acc[t] * inv_l[t / D]; }
+};
+
+// Backward step 2, per (row, part): from dots (rows 0..B-1 of tile) and c_ij = g_i . r_j (rows
+// B..2B-1) to the x-coefficients (in place of the dots), the weights w (in place of c, used by the
+// ref gradient), the ref coefficients a_ij, and the part's share of sum_j w (d - d_bar)(c - mg),
+// accumulated over chunks in cov_part (B, P).
+template <typename T>
+struct BackwardWeights {
+  int64_t threads;  // B * P
+  int64_t P, B, c, start;
+  T* tile;  // (2B, c)
+  T* ref_coef;  // (B, c) or null (no ref gradient)
+  const T* sigma;
+  const T* ref_sqnorm;
+  const T* aux;
+  const T* xn;
+  const T* mg;
+  const T* grad_lse;
+  T* cov_part;
+  bool first;
+  CDM_HD void operator()(int64_t t) const {
+    const int64_t i = t / P, p = t % P;
+    const T s2 = sigma[i] * sigma[i], inv_s2 = T(1) / s2;
+    const T zlse = aux[i * AUX_COLS + AUX_ZLSE], dbar = aux[i * AUX_COLS + AUX_DBAR];
+    T* zrow = tile + i * c;
+    T* crow = tile + (B + i) * c;
+    T cov = T(0);
+    for (int64_t j = p; j < c; j += P) {
+      const T z = logit(zrow[j], ref_sqnorm[start + j], inv_s2);
+      const T w = backward_weight(z, zlse);
+      const T cij = crow[j];
+      const T d = sqdist_from_logit(z, xn[i], s2);
+      zrow[j] = backward_x_coef(w, cij, mg[i]);
+      cov += backward_sigma_term(w, d, dbar, cij, mg[i]);
+      if (ref_coef != nullptr) {
+        ref_coef[i * c + j] = backward_ref_coef(w, cij, mg[i], grad_lse[i], inv_s2);
+        crow[j] = w;
+      }
+    }
+    cov_part[t] = first ? cov : cov_part[t] + cov;
+  }
+};
+
+// s_j = sum_i a_ij for the term -(sum_i a_ij) r_j of the ref gradient.
+template <typename T>
+struct ColumnSum {
+  int64_t threads;  // c
+  int64_t B, c;
+  const T* a;
+  T* out;
+  CDM_HD void operator()(int64_t j) const {
+    T s = T(0);
+    for (int64_t i = 0; i < B; ++i) s += a[i * c + j];
+    out[j] = s;
+  }
+};
+
+// Finish of the backward pass: dL/dsigma per row.
+template <typename T>
+struct BackwardSigma {
+  int64_t threads;  // B
+  int64_t P;
+  const T* cov_part;
+  const T* aux;
+  const T* grad_lse;
+  const T* sigma;
+  T* grad_sig;
+  CDM_HD void operator()(int64_t i) const {
+    T cov = T(0);
+    for (int64_t p = 0; p < P; ++p) cov += cov_part[i * P + p];
+    grad_sig[i] = grad_sigma(cov, aux[i * AUX_COLS + AUX_DBAR], grad_lse[i], sigma[i]);
+  }
+};
+
+// dL/dx elementwise over (B, D), px = sum_j w (c - mg) r_j from the accumulating product.
+template <typename T>
+struct BackwardX {
+  int64_t threads;  // B * D
+  int64_t D;
+  const T* px;
+  const T* mu;
+  const T* x;
+  const T* grad_lse;
+  const T* sigma;
+  T* grad_x_out;
+  CDM_HD void operator()(int64_t t) const {
+    const int64_t i = t / D;
+    const T inv_s2 = T(1) / (sigma[i] * sigma[i]);
+    grad_x_out[t] = grad_x(px[t], mu[t], x[t], grad_lse[i], inv_s2);
+  }
+};
+
+// ------------------------------------------------------------------------------------------------
+// Sizes and the workspace, shared by the torch glue (which allocates it) and the host emulator.
+// ------------------------------------------------------------------------------------------------
+
+struct Plan {
+  int64_t B, D, n, c, P;
+};
+
+// P parts per row: about 32 columns per part and at least ~32k threads per chunk when c allows.
+inline Plan make_plan(int64_t B, int64_t D, int64_t n, int64_t chunk_size) {
+  Plan pl;
+  pl.B = B, pl.D = D, pl.n = n;
+  pl.c = chunk_size < n ? chunk_size : n;
+  int64_t P = (32768 + B - 1) / B;
+  const int64_t cap = (pl.c + 31) / 32;
+  pl.P = P < cap ? P : cap;
+  if (pl.P < 1) pl.P = 1;
+  return pl;
+}
+
+// Workspace in elements of T (RowState<T> is 4 T). Forward: state, part_state, part_max, alpha,
+// xn, inv_l, tile (B, c), acc (B, D). Backward: xn, mg, cov_part, tile (2B, c), ref_coef (B, c),
+// column sums (c), px (B, D).
+template <typename T>
+struct ForwardWorkspace {
+  RowState<T>* state;
+  RowState<T>* part_state;
+  T *part_max, *alpha, *xn, *inv_l, *tile, *acc;
+  static int64_t size(const Plan& p) { return 4 * p.B + 4 * p.B * p.P + p.B * p.P + 3 * p.B + p.B * p.c + p.B * p.D; }
+  static ForwardWorkspace carve(T* base, const Plan& p) {
+    ForwardWorkspace w;
+    w.state = reinterpret_cast<RowState<T>*>(base);
+    w.part_state = reinterpret_cast<RowState<T>*>(base + 4 * p.B);
+    T* q = base + 4 * p.B + 4 * p.B * p.P;
+    w.part_max = q, q += p.B * p.P;
+    w.alpha = q, q += p.B;
+    w.xn = q, q += p.B;
+    w.inv_l = q, q += p.B;
+    w.tile = q, q += p.B * p.c;
+    w.acc = q;
+    return w;
+  }
+};
+
+template <typename T>
+struct BackwardWorkspace {
+  T *xn, *mg, *cov_part, *tile, *ref_coef, *colsum, *px;
+  static int64_t size(const Plan& p, bool ref_grad) {
+    return 2 * p.B + p.B * p.P + 2 * p.B * p.c + (ref_grad ? p.B * p.c + p.c : 0) + p.B * p.D;
+  }
+  static BackwardWorkspace carve(T* base, const Plan& p, bool ref_grad) {
+    BackwardWorkspace w;
+    T* q = base;
+    w.xn = q, q += p.B;
+    w.mg = q, q += p.B;
+    w.cov_part = q, q += p.B * p.P;
+    w.tile = q, q += 2 * p.B * p.c;
+    w.ref_coef = ref_grad ? q : nullptr, q += ref_grad ? p.B * p.c : 0;
+    w.colsum = ref_grad ? q : nullptr, q += ref_grad ? p.c : 0;
+    w.px = q;
+    return w;
+  }
+};
+
+// ------------------------------------------------------------------------------------------------
+// Launch sequences. Exec provides `bool run(const F&, const char* name)` for a per-thread functor
+// and `bool gemm(const GemmArgs<T>&, const char* name)`; each returns false on a launch error,
+// which stops the sequence (the executor remembers the error and the kernel's name).
+// ------------------------------------------------------------------------------------------------
+
+// x (B, D), sigma (B,), ref (n, D), ref_sqnorm (n,) -> mu (B, D), lse (B,), aux (B, AUX_COLS).
+template <typename T, class Exec>
+bool forward_run(Exec& ex, const Plan& pl, const T* x, const T* sigma, const T* ref, const T* ref_sqnorm,
+                 T* mu, T* lse, T* aux, T* workspace) {
+  const int64_t B = pl.B, D = pl.D, P = pl.P;
+  ForwardWorkspace<T> w = ForwardWorkspace<T>::carve(workspace, pl);
+  if (!ex.run(StateInit<T>{B, w.state}, "stf_state_init")) return false;
+  for (int64_t start = 0; start < pl.n; start += pl.c) {
+    const int64_t c = pl.n - start < pl.c ? pl.n - start : pl.c;
+    const T* r = ref + start * D;
+    // dots = X R_c^T: A = X (B, D) row-major, B[k, j] = r[j, k].
+    if (!ex.gemm(gemm_args<T>(B, c, D, x, D, 1, r, 1, D, w.tile, c), "stf_gemm_logits")) return false;
+    if (!ex.run(ForwardLogits<T>{B * P, P, c, start, w.tile, sigma, ref_sqnorm, w.part_max}, "stf_fwd_logits"))
+      return false;
+    if (!ex.run(ForwardExp<T>{B * P, P, c, w.tile, w.part_max, w.state, w.part_state}, "stf_fwd_exp")) return false;
+    if (!ex.run(ForwardMerge<T>{B, P, w.part_max, w.part_state, w.state, w.alpha}, "stf_fwd_merge")) return false;
+    // acc = alpha acc + E R_c: A = E (B, c), B = r (c, D).
+    GemmArgs<T> g = gemm_args<T>(B, D, c, w.tile, c, 1, r, D, 1, w.acc, D);
+    g.accumulate = start > 0;
+    g.row_scale = w.alpha;
+    if (!ex.gemm(g, "stf_gemm_accumulate")) return false;
+  }
+  if (!ex.run(RowDots<T>{B, D, x, nullptr, nullptr, w.xn, nullptr}, "stf_row_dots")) return false;
+  if (!ex.run(ForwardFinalize<T>{B, w.state, w.xn, sigma, w.inv_l, lse, aux}, "stf_fwd_finalize")) return false;
+  return ex.run(ScaleRows<T>{B * D, D, w.acc, w.inv_l, mu}, "stf_fwd_scale");
+}
+
+// -> grad_x (B, D), grad_sigma (B,), and grad_ref (n, D) when it is not null.
+template <typename T, class Exec>
+bool backward_run(Exec& ex, const Plan& pl, const T* grad_mu, const T* grad_lse, const T* x, const T* sigma,
+                  const T* ref, const T* ref_sqnorm, const T* mu, const T* aux, T* grad_x_out, T* grad_sigma_out,
+                  T* grad_ref, T* workspace) {
+  const int64_t B = pl.B, D = pl.D, P = pl.P;
+  const bool ref_grad = grad_ref != nullptr;
+  BackwardWorkspace<T> w = BackwardWorkspace<T>::carve(workspace, pl, ref_grad);
+  if (!ex.run(RowDots<T>{B, D, x, mu, grad_mu, w.xn, w.mg}, "stf_row_dots")) return false;
+  for (int64_t start = 0; start < pl.n; start += pl.c) {
+    const int64_t c = pl.n - start < pl.c ? pl.n - start : pl.c;
+    const T* r = ref + start * D;
+    // Rows 0..B-1: x_i . r_j; rows B..2B-1: g_i . r_j.
+    if (!ex.gemm(gemm_args<T>(B, c, D, x, D, 1, r, 1, D, w.tile, c), "stf_gemm_logits")) return false;
+    if (!ex.gemm(gemm_args<T>(B, c, D, grad_mu, D, 1, r, 1, D, w.tile + B * c, c), "stf_gemm_logits")) return false;
+    BackwardWeights<T> bw{B * P, P, B, c, start, w.tile, w.ref_coef, sigma, ref_sqnorm, aux,
+                          w.xn, w.mg, grad_lse, w.cov_part, start == 0};
+    if (!ex.run(bw, "stf_bwd_weights")) return false;
+    // px += coef R_c.
+    GemmArgs<T> g = gemm_args<T>(B, D, c, w.tile, c, 1, r, D, 1, w.px, D);
+    g.accumulate = start > 0;
+    if (!ex.gemm(g, "stf_gemm_accumulate")) return false;
+    if (ref_grad) {
+      T* gr = grad_ref + start * D;
+      if (!ex.run(ColumnSum<T>{c, B, c, w.ref_coef, w.colsum}, "stf_bwd_colsum")) return false;
+      // grad_r = W^T G: A[j, i] = w_ij (the weights sit in rows B..2B-1), B = grad_mu (B, D).
+      if (!ex.gemm(gemm_args<T>(c, D, B, w.tile + B * c, 1, c, grad_mu, D, 1, gr, D), "stf_gemm_ref")) return false;
+      // grad_r += A^T X - (sum_i a_ij) r_j.
+      GemmArgs<T> h = gemm_args<T>(c, D, B, w.ref_coef, 1, c, x, D, 1, gr, D);
+      h.accumulate = true;
+      h.sub_scale = w.colsum;
+      h.sub_mat = r;
+      h.ld_sub = D;
+      if (!ex.gemm(h, "stf_gemm_ref")) return false;
+    }
+  }
+  if (!ex.run(BackwardSigma<T>{B, P, w.cov_part, aux, grad_lse, sigma, grad_sigma_out}, "stf_bwd_sigma")) return false;
+  return ex.run(BackwardX<T>{B * D, D, w.px, mu, x, grad_lse, sigma, grad_x_out}, "stf_bwd_x");
+}
+
+}  // namespace cuda
+}  // namespace stf
+}  // namespace cdm
