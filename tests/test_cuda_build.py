@@ -27,7 +27,7 @@ needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (PATH, $CUD
 
 # Every kernel stf.cu instantiates: the tiled product and each per-thread functor, float and double.
 FUNCTORS = ("StateInit", "ForwardLogits", "ForwardExp", "ForwardMerge", "ForwardFinalize", "ScaleRows", "RowDots",
-            "BackwardWeights", "ColumnSum", "BackwardSigma", "BackwardX")
+            "BackwardWeights", "ColumnSum", "BackwardSigma", "BackwardX", "GemmSplitReduce")
 EXPECTED = {f"void gemm_kernel<{t}>" for t in ("float", "double")} | {
     f"void thread_kernel<{f}<{t}> >" for f in FUNCTORS for t in ("float", "double")
 }

@@ -25,15 +25,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 # (B, D, n, chunk): one of everything; B and D across the 64-wide tiles; several chunks and several
-# parts per row (P = 5 at c = 130); D = 3073 and 12289 (many K slices, many column tiles).
+# parts per row (P = 5 at c = 130); D = 3073 and 12289 (many K slices, many column tiles). On a
+# 132-SM plan, the logits products of D = 3073 / 12289 split K in 22 / 86 ranges and the
+# accumulate product of (70, 67, 700, 300) in 2 (its last chunk of 100 in 1).
 SHAPES = [
     (1, 1, 1, 1),
     (3, 7, 5, 2),
     (70, 67, 130, 130),
     (70, 67, 130, 48),
+    (70, 67, 700, 300),
     (5, 3073, 40, 17),
     (2, 12289, 9, 4),
 ]
+SM_COUNTS = [132, 1]  # an H100 (split-K on small problems) and one SM (2 blocks fill it: few splits)
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +49,19 @@ def emu(tmp_path_factory):
            "-I", os.path.join(ROOT, "csrc"), os.path.join(ROOT, "tests", "cuda_emulator.cpp"), "-o", str(out)]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     lib = ctypes.CDLL(str(out))
-    for name in ("cdm_emu_parts", "cdm_emu_forward_f32", "cdm_emu_forward_f64",
-                 "cdm_emu_backward_f32", "cdm_emu_backward_f64"):
+    for name in ("cdm_emu_parts", "cdm_emu_forward_f32", "cdm_emu_forward_f64", "cdm_emu_backward_f32",
+                 "cdm_emu_backward_f64", "cdm_emu_logits_splits", "cdm_emu_accumulate_splits"):
         getattr(lib, name).restype = ctypes.c_int64
+    lib.cdm_emu_set_sm_count(ctypes.c_int64(132))
     return lib
+
+
+@pytest.fixture(params=SM_COUNTS, ids=lambda s: f"sm{s}")
+def emu_sm(emu, request):
+    """The emulator with plans made for `request.param` multiprocessors."""
+    emu.cdm_emu_set_sm_count(ctypes.c_int64(request.param))
+    yield emu
+    emu.cdm_emu_set_sm_count(ctypes.c_int64(132))
 
 
 def _p(t):
@@ -119,10 +132,25 @@ def test_emulation_builds_and_splits_rows_into_parts(emu):
     assert emu.cdm_emu_parts(i64(70), i64(67), i64(130), i64(48)) == 2
 
 
+def test_emulation_splits_products_on_a_large_gpu_only(emu):
+    # Split-K must be exercised by SHAPES on the 132-SM plan; one SM needs only 2 blocks.
+    i64 = ctypes.c_int64
+    assert emu.cdm_emu_logits_splits(i64(5), i64(3073), i64(40), i64(17)) == 22
+    assert emu.cdm_emu_logits_splits(i64(2), i64(12289), i64(9), i64(4)) == 86
+    assert emu.cdm_emu_accumulate_splits(i64(70), i64(67), i64(700), i64(300)) == 2
+    assert emu.cdm_emu_logits_splits(i64(512), i64(3072), i64(50000), i64(4096)) == 1  # 512 tiles: enough
+    emu.cdm_emu_set_sm_count(i64(1))
+    try:
+        assert emu.cdm_emu_logits_splits(i64(5), i64(3073), i64(40), i64(17)) == 2
+        assert emu.cdm_emu_accumulate_splits(i64(70), i64(67), i64(700), i64(300)) == 1
+    finally:
+        emu.cdm_emu_set_sm_count(i64(132))
+
+
 @pytest.mark.parametrize("B,D,n,chunk", SHAPES)
-def test_forward_float64_matches_judge(emu, B, D, n, chunk):
+def test_forward_float64_matches_judge(emu_sm, B, D, n, chunk):
     x, sigma, ref = problem(B, D, n, torch.float64, sigma_lo=0.05)
-    mu, lse, aux = emu_forward(emu, x, sigma, ref, chunk)
+    mu, lse, aux = emu_forward(emu_sm, x, sigma, ref, chunk)
     j = judge(x, sigma, ref)
     scale = 1e-10 * (1 + D)
     assert maxerr(mu, j["mu"]) < scale
@@ -153,17 +181,17 @@ def test_forward_float32_within_twice_torch_float32_error(emu, B, D, n, chunk):
 
 @pytest.mark.parametrize("B,D,n,chunk", SHAPES)
 @pytest.mark.parametrize("ref_grad", [True, False])
-def test_backward_float64_matches_autograd_judge(emu, B, D, n, chunk, ref_grad):
+def test_backward_float64_matches_autograd_judge(emu_sm, B, D, n, chunk, ref_grad):
     x, sigma, ref = problem(B, D, n, torch.float64, sigma_lo=0.05, sigma_hi=20.0)
     grad_mu, grad_lse = torch.randn(B, D, dtype=torch.float64), torch.randn(B, dtype=torch.float64)
-    mu, _, aux = emu_forward(emu, x, sigma, ref, chunk)
-    gx, gs, gr = emu_backward(emu, grad_mu, grad_lse, x, sigma, ref, mu, aux, chunk, ref_grad)
+    mu, _, aux = emu_forward(emu_sm, x, sigma, ref, chunk)
+    gx, gs, gr = emu_backward(emu_sm, grad_mu, grad_lse, x, sigma, ref, mu, aux, chunk, ref_grad)
     j = judge(x, sigma, ref, grad_mu, grad_lse)
     for got, want in ((gx, j["gx"]), (gs, j["gs"])) + (((gr, j["gr"]),) if ref_grad else ()):
         assert maxerr(got, want) <= 1e-8 * (1 + want.abs().max().item()), (got, want)
 
 
-@pytest.mark.parametrize("B,D,n,chunk", SHAPES[1:5])
+@pytest.mark.parametrize("B,D,n,chunk", SHAPES[1:6])
 def test_backward_float32_within_twice_torch_float32_error(emu, B, D, n, chunk):
     x, sigma, ref = problem(B, D, n, torch.float32, sigma_lo=0.05, sigma_hi=20.0)
     grad_mu, grad_lse = torch.randn(B, D), torch.randn(B)
@@ -220,7 +248,8 @@ def test_nan_row_stays_nan_and_other_rows_are_untouched(emu):
     assert maxerr(mu[keep], j["mu"]) < 1e-10
 
 
-def test_small_sigma_x_gradient_cancels_exactly(emu):
+def test_small_sigma_x_gradient_cancels_exactly(emu_sm):
+    emu = emu_sm
     # At sigma = 0.002 each x has one reference of weight 1, where dL/dx_i = g_lse (mu - x) / sigma^2
     # and the covariance term sum_j w (c - mg) r_j / sigma^2 vanishes. The kernel computes mu . g as
     # its product computes g . r_j (gemm_dot), so c - mg is exactly 0 there; one ulp of c (~50)

@@ -29,16 +29,16 @@ __global__ void __launch_bounds__(GEMM_THREADS) gemm_kernel(const GemmArgs<T> g)
   __shared__ GemmSmem<T> smem;
   GemmAcc<T> acc;
   gemm_zero(acc);
-  int64_t m0, n0;
-  gemm_tile_origin(g, static_cast<int64_t>(blockIdx.x), &m0, &n0);
+  int64_t m0, n0, k_begin, k_end, split;
+  gemm_block_range(g, static_cast<int64_t>(blockIdx.x), &m0, &n0, &k_begin, &k_end, &split);
   const int tid = static_cast<int>(threadIdx.x);
-  for (int64_t k0 = 0; k0 < g.K; k0 += GEMM_BK) {
-    gemm_load(g, smem, tid, m0, n0, k0);
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += GEMM_BK) {
+    gemm_load(g, smem, tid, m0, n0, k0, k_end);
     __syncthreads();
     gemm_multiply(smem, tid, acc);
     __syncthreads();
   }
-  gemm_store(g, tid, m0, n0, acc);
+  gemm_store(g, tid, m0, n0, split, acc);
 }
 
 // Launches on one stream; stops at the first failed launch and remembers which kernel it was.

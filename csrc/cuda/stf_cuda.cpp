@@ -43,6 +43,12 @@ void check_inputs(const at::Tensor& x, const at::Tensor& sigma, const at::Tensor
   TORCH_CHECK(chunk_size >= 1, "stf_cuda: chunk_size must be >= 1, got ", chunk_size);
 }
 
+// The multiprocessors of x's GPU: the products split their K axis when their tiles alone would
+// leave most of them idle (stf_kernels.h, gemm_split_len).
+int64_t sm_count(const at::Tensor& x) {
+  return at::cuda::getDeviceProperties(x.device().index())->multiProcessorCount;
+}
+
 void check_status(const LaunchStatus& s, const char* op) {
   TORCH_CHECK(s.ok, op, ": launch of kernel ", s.kernel ? s.kernel : "?", " failed: ", s.message);
 }
@@ -57,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stf_forward_cuda(const at::Tensor
   at::Tensor lse = at::empty({B}, x.options());
   at::Tensor aux = at::empty({B, AUX_COLS}, x.options());
   if (B == 0) return {mu, lse, aux};
-  const Plan plan = make_plan(B, D, n, chunk_size);
+  const Plan plan = make_plan(B, D, n, chunk_size, sm_count(x));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(x.device().index()).stream();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "stf_forward_cuda", [&] {
     at::Tensor ws = at::empty({ForwardWorkspace<scalar_t>::size(plan)}, x.options());
@@ -93,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stf_backward_cuda(
     if (ref_grad) grad_ref.zero_();
     return {grad_x, grad_sigma, grad_ref};
   }
-  const Plan plan = make_plan(B, D, n, chunk_size);
+  const Plan plan = make_plan(B, D, n, chunk_size, sm_count(x));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(x.device().index()).stream();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "stf_backward_cuda", [&] {
     at::Tensor ws = at::empty({BackwardWorkspace<scalar_t>::size(plan, ref_grad)}, x.options());

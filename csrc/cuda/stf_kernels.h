@@ -71,6 +71,11 @@ struct GemmArgs {
   const T* sub_scale;   // if not null: C[m, n] -= sub_scale[m] * sub_mat[m * ld_sub + n]
   const T* sub_mat;
   int64_t ld_sub;
+  // Split-K: the K axis is cut into `splits` ranges of k_len (a multiple of GEMM_BK, so the slices
+  // are those of the unsplit product). With splits > 1 each block writes its raw sums to
+  // partial (splits, M, N) and GemmSplitReduce adds them in split order and applies the epilogue.
+  int64_t splits, k_len;
+  T* partial;
 };
 
 template <typename T>
@@ -85,17 +90,28 @@ struct GemmAcc {
   T v[GEMM_TM][GEMM_TN];
 };
 
-template <typename T>
-CDM_HD int64_t gemm_blocks(const GemmArgs<T>& g) {
-  return ((g.M + GEMM_BM - 1) / GEMM_BM) * ((g.N + GEMM_BN - 1) / GEMM_BN);
+CDM_HD int64_t gemm_tiles(int64_t M, int64_t N) {
+  return ((M + GEMM_BM - 1) / GEMM_BM) * ((N + GEMM_BN - 1) / GEMM_BN);
 }
 
-// Origin of the tile of block `block` (a flat grid: gridDim.y would cap M / GEMM_BM at 65535).
 template <typename T>
-CDM_HD void gemm_tile_origin(const GemmArgs<T>& g, int64_t block, int64_t* m0, int64_t* n0) {
+CDM_HD int64_t gemm_blocks(const GemmArgs<T>& g) {
+  return gemm_tiles(g.M, g.N) * g.splits;
+}
+
+// Where block `block` works (a flat grid: gridDim.y would cap M / GEMM_BM at 65535): the tile at
+// (m0, n0), the K range [k_begin, k_end) and its split index.
+template <typename T>
+CDM_HD void gemm_block_range(const GemmArgs<T>& g, int64_t block, int64_t* m0, int64_t* n0, int64_t* k_begin,
+                             int64_t* k_end, int64_t* split) {
+  const int64_t tiles = gemm_tiles(g.M, g.N);
   const int64_t nb = (g.N + GEMM_BN - 1) / GEMM_BN;
-  *m0 = (block / nb) * GEMM_BM;
-  *n0 = (block % nb) * GEMM_BN;
+  const int64_t t = block % tiles;
+  *split = block / tiles;
+  *m0 = (t / nb) * GEMM_BM;
+  *n0 = (t % nb) * GEMM_BN;
+  *k_begin = *split * g.k_len;
+  *k_end = *k_begin + g.k_len < g.K ? *k_begin + g.k_len : g.K;
 }
 
 template <typename T>
@@ -108,14 +124,15 @@ CDM_HD void gemm_zero(GemmAcc<T>& acc) {
 // memory, zero outside the matrices. Consecutive threads read consecutive addresses along whichever
 // axis of each operand is contiguous, so the global loads coalesce for every layout used here.
 template <typename T>
-CDM_HD void gemm_load(const GemmArgs<T>& g, GemmSmem<T>& s, int tid, int64_t m0, int64_t n0, int64_t k0) {
+CDM_HD void gemm_load(const GemmArgs<T>& g, GemmSmem<T>& s, int tid, int64_t m0, int64_t n0, int64_t k0,
+                      int64_t k_end) {
   const bool a_k_fast = g.a_sk == 1;
   for (int q = 0; q < GEMM_BM * GEMM_BK / GEMM_THREADS; ++q) {
     const int e = tid + q * GEMM_THREADS;
     const int mm = a_k_fast ? e / GEMM_BK : e % GEMM_BM;
     const int kk = a_k_fast ? e % GEMM_BK : e / GEMM_BM;
     const int64_t m = m0 + mm, k = k0 + kk;
-    s.a[kk][mm] = (m < g.M && k < g.K) ? g.A[m * g.a_sm + k * g.a_sk] : T(0);
+    s.a[kk][mm] = (m < g.M && k < k_end) ? g.A[m * g.a_sm + k * g.a_sk] : T(0);
   }
   const bool b_n_fast = g.b_sn == 1;
   for (int q = 0; q < GEMM_BN * GEMM_BK / GEMM_THREADS; ++q) {
@@ -123,7 +140,7 @@ CDM_HD void gemm_load(const GemmArgs<T>& g, GemmSmem<T>& s, int tid, int64_t m0,
     const int nn = b_n_fast ? e % GEMM_BN : e / GEMM_BK;
     const int kk = b_n_fast ? e / GEMM_BN : e % GEMM_BK;
     const int64_t n = n0 + nn, k = k0 + kk;
-    s.b[kk][nn] = (n < g.N && k < g.K) ? g.Bm[k * g.b_sk + n * g.b_sn] : T(0);
+    s.b[kk][nn] = (n < g.N && k < k_end) ? g.Bm[k * g.b_sk + n * g.b_sn] : T(0);
   }
 }
 
@@ -148,42 +165,68 @@ CDM_HD void gemm_multiply(const GemmSmem<T>& s, int tid, GemmAcc<T>& acc) {
     for (int c = 0; c < GEMM_TN; ++c) acc.v[r][c] += part.v[r][c];
 }
 
-// One dot product a . b (K) rounded exactly as an entry of the tiled product: slices of GEMM_BK
-// summed apart by FMAs, then added in order (the product's zero padding leaves a slice unchanged).
+// One dot product a . b (K) rounded exactly as an entry of the tiled product split in ranges of
+// k_len: slices of GEMM_BK summed apart by FMAs, added in order within a range, then the ranges
+// added in order (the product's zero padding leaves a slice unchanged, and 0 + v = v).
 // mu_i . g_i computed this way cancels bit for bit against g_i . r_j when mu_i = r_j (sigma -> 0),
 // which the centred backward form w (c - mg) / sigma^2 needs: one ulp of mismatch there is
 // multiplied by 1 / sigma^2 = 2.5e5 at sigma = 0.002.
 template <typename T>
-CDM_HD T gemm_dot(const T* a, const T* b, int64_t K) {
-  T acc = T(0);
-  for (int64_t k0 = 0; k0 < K; k0 += GEMM_BK) {
-    const int64_t k1 = k0 + GEMM_BK < K ? k0 + GEMM_BK : K;
-    T part = T(0);
-    for (int64_t k = k0; k < k1; ++k) part = fmadd(a[k], b[k], part);
-    acc += part;
+CDM_HD T gemm_dot(const T* a, const T* b, int64_t K, int64_t k_len) {
+  T total = T(0);
+  for (int64_t r0 = 0; r0 < K; r0 += k_len) {
+    const int64_t r1 = r0 + k_len < K ? r0 + k_len : K;
+    T acc = T(0);
+    for (int64_t k0 = r0; k0 < r1; k0 += GEMM_BK) {
+      const int64_t k1 = k0 + GEMM_BK < r1 ? k0 + GEMM_BK : r1;
+      T part = T(0);
+      for (int64_t k = k0; k < k1; ++k) part = fmadd(a[k], b[k], part);
+      acc += part;
+    }
+    total += acc;
   }
-  return acc;
+  return total;
 }
 
-// Phase 3 (after the K loop): the epilogue, C = [row_scale C +] AB [- sub_scale sub_mat].
+// The epilogue of entry (m, n) whose sum over K is v: C = [row_scale C +] v [- sub_scale sub_mat].
 template <typename T>
-CDM_HD void gemm_store(const GemmArgs<T>& g, int tid, int64_t m0, int64_t n0, const GemmAcc<T>& acc) {
+CDM_HD void gemm_epilogue(const GemmArgs<T>& g, int64_t m, int64_t n, T v) {
+  T* out = g.C + m * g.ldc + n;
+  if (g.accumulate) v += (g.row_scale != nullptr ? g.row_scale[m] : T(1)) * *out;
+  if (g.sub_scale != nullptr) v -= g.sub_scale[m] * g.sub_mat[m * g.ld_sub + n];
+  *out = v;
+}
+
+// Phase 3 (after the K loop): the epilogue, or with split-K the raw sums of this K range.
+template <typename T>
+CDM_HD void gemm_store(const GemmArgs<T>& g, int tid, int64_t m0, int64_t n0, int64_t split, const GemmAcc<T>& acc) {
   const int ty = tid / 16, tx = tid % 16;
   for (int r = 0; r < GEMM_TM; ++r) {
     const int64_t m = m0 + ty + 16 * r;
     if (m >= g.M) continue;
-    const T scale = g.row_scale != nullptr ? g.row_scale[m] : T(1);
     for (int c = 0; c < GEMM_TN; ++c) {
       const int64_t n = n0 + tx + 16 * c;
       if (n >= g.N) continue;
-      T* out = g.C + m * g.ldc + n;
-      T v = acc.v[r][c];
-      if (g.accumulate) v += scale * *out;
-      if (g.sub_scale != nullptr) v -= g.sub_scale[m] * g.sub_mat[m * g.ld_sub + n];
-      *out = v;
+      if (g.splits > 1)
+        g.partial[(split * g.M + m) * g.N + n] = acc.v[r][c];
+      else
+        gemm_epilogue(g, m, n, acc.v[r][c]);
     }
   }
 }
+
+// Split-K reduction, one thread per entry: the ranges added in order (deterministic, no atomics).
+template <typename T>
+struct GemmSplitReduce {
+  int64_t threads;  // M * N
+  GemmArgs<T> g;
+  CDM_HD void operator()(int64_t t) const {
+    const int64_t mn = g.M * g.N;
+    T v = T(0);
+    for (int64_t s = 0; s < g.splits; ++s) v += g.partial[s * mn + t];
+    gemm_epilogue(g, t / g.N, t % g.N, v);
+  }
+};
 
 template <typename T>
 GemmArgs<T> gemm_args(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_sm, int64_t a_sk, const T* Bm,
@@ -198,7 +241,33 @@ GemmArgs<T> gemm_args(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_sm,
   g.sub_scale = nullptr;
   g.sub_mat = nullptr;
   g.ld_sub = 0;
+  g.splits = 1;
+  g.k_len = K;
+  g.partial = nullptr;
   return g;
+}
+
+// The K range per split for a product with `tiles` output tiles: enough splits for ~2 blocks per
+// SM when the tiles alone are fewer (B <= 128 at D = 3072), each range at least 8 slices so the
+// partial sums stay a small fraction of the traffic; a multiple of GEMM_BK. k_len >= K: no split.
+inline int64_t gemm_split_len(int64_t tiles, int64_t K, int64_t sm_count) {
+  const int64_t target = 2 * sm_count;
+  if (tiles >= target) return K > 0 ? K : 1;
+  int64_t splits = (target + tiles - 1) / tiles;
+  const int64_t max_splits = K / (8 * GEMM_BK);
+  if (splits > max_splits) splits = max_splits;
+  if (splits <= 1) return K > 0 ? K : 1;
+  const int64_t per = (K + splits - 1) / splits;
+  return (per + GEMM_BK - 1) / GEMM_BK * GEMM_BK;
+}
+
+inline int64_t gemm_splits(int64_t K, int64_t k_len) { return K <= k_len ? 1 : (K + k_len - 1) / k_len; }
+
+template <typename T>
+void gemm_set_split(GemmArgs<T>& g, int64_t k_len, T* partial) {
+  g.k_len = k_len;
+  g.splits = gemm_splits(g.K, k_len);
+  g.partial = g.splits > 1 ? partial : nullptr;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -227,13 +296,14 @@ struct RowDots {
   const T* g;
   T* xn;  // (B,)
   T* mg;  // (B,) or null
+  int64_t k_len;  // split of the logits product, so mg rounds as its entries g_i . r_j do
   CDM_HD void operator()(int64_t i) const {
     typedef typename WideAcc<T>::type W;
     const T* xi = x + i * D;
     W a = W(0);
     for (int64_t k = 0; k < D; ++k) a += W(xi[k]) * W(xi[k]);
     xn[i] = T(a);
-    if (mg != nullptr) mg[i] = gemm_dot(g + i * D, mu + i * D, D);
+    if (mg != nullptr) mg[i] = gemm_dot(g + i * D, mu + i * D, D, k_len);
   }
 };
 
@@ -449,10 +519,19 @@ struct BackwardX {
 
 struct Plan {
   int64_t B, D, n, c, P;
+  int64_t sm_count;
+  int64_t k_len_logits;  // K split of the logits products, the same for every chunk (see RowDots)
+  int64_t partial;       // elements of the split-K partial sums, the largest any product needs
 };
 
+// Upper bound of the splits gemm_split_len gives for a K up to `K` (it grows with K).
+inline int64_t gemm_split_bound(int64_t tiles, int64_t K, int64_t sm_count) {
+  return gemm_splits(K, gemm_split_len(tiles, K, sm_count));
+}
+
 // P parts per row: about 32 columns per part and at least ~32k threads per chunk when c allows.
-inline Plan make_plan(int64_t B, int64_t D, int64_t n, int64_t chunk_size) {
+// sm_count: the GPU's multiprocessors, which decide the split-K of the products.
+inline Plan make_plan(int64_t B, int64_t D, int64_t n, int64_t chunk_size, int64_t sm_count) {
   Plan pl;
   pl.B = B, pl.D = D, pl.n = n;
   pl.c = chunk_size < n ? chunk_size : n;
@@ -460,6 +539,15 @@ inline Plan make_plan(int64_t B, int64_t D, int64_t n, int64_t chunk_size) {
   const int64_t cap = (pl.c + 31) / 32;
   pl.P = P < cap ? P : cap;
   if (pl.P < 1) pl.P = 1;
+  pl.sm_count = sm_count > 0 ? sm_count : 1;
+  const int64_t c = pl.c;
+  pl.k_len_logits = gemm_split_len(gemm_tiles(B, c), D, pl.sm_count);
+  const int64_t logits = gemm_splits(D, pl.k_len_logits) * B * c;
+  // A shorter last chunk has fewer K (accumulate) or fewer tiles of the same K ranges (logits):
+  // never more partial sums than a full chunk. The reference-gradient products (K = B, c x D
+  // tiles) are not split.
+  const int64_t accumulate = gemm_split_bound(gemm_tiles(B, D), c, pl.sm_count) * B * D;
+  pl.partial = logits > accumulate ? logits : accumulate;
   return pl;
 }
 
@@ -470,8 +558,10 @@ template <typename T>
 struct ForwardWorkspace {
   RowState<T>* state;
   RowState<T>* part_state;
-  T *part_max, *alpha, *xn, *inv_l, *tile, *acc;
-  static int64_t size(const Plan& p) { return 4 * p.B + 4 * p.B * p.P + p.B * p.P + 3 * p.B + p.B * p.c + p.B * p.D; }
+  T *part_max, *alpha, *xn, *inv_l, *tile, *acc, *partial;
+  static int64_t size(const Plan& p) {
+    return 4 * p.B + 4 * p.B * p.P + p.B * p.P + 3 * p.B + p.B * p.c + p.B * p.D + p.partial;
+  }
   static ForwardWorkspace carve(T* base, const Plan& p) {
     ForwardWorkspace w;
     w.state = reinterpret_cast<RowState<T>*>(base);
@@ -482,16 +572,17 @@ struct ForwardWorkspace {
     w.xn = q, q += p.B;
     w.inv_l = q, q += p.B;
     w.tile = q, q += p.B * p.c;
-    w.acc = q;
+    w.acc = q, q += p.B * p.D;
+    w.partial = q;
     return w;
   }
 };
 
 template <typename T>
 struct BackwardWorkspace {
-  T *xn, *mg, *cov_part, *tile, *ref_coef, *colsum, *px;
+  T *xn, *mg, *cov_part, *tile, *ref_coef, *colsum, *px, *partial;
   static int64_t size(const Plan& p, bool ref_grad) {
-    return 2 * p.B + p.B * p.P + 2 * p.B * p.c + (ref_grad ? p.B * p.c + p.c : 0) + p.B * p.D;
+    return 2 * p.B + p.B * p.P + 2 * p.B * p.c + (ref_grad ? p.B * p.c + p.c : 0) + p.B * p.D + p.partial;
   }
   static BackwardWorkspace carve(T* base, const Plan& p, bool ref_grad) {
     BackwardWorkspace w;
@@ -502,10 +593,33 @@ struct BackwardWorkspace {
     w.tile = q, q += 2 * p.B * p.c;
     w.ref_coef = ref_grad ? q : nullptr, q += ref_grad ? p.B * p.c : 0;
     w.colsum = ref_grad ? q : nullptr, q += ref_grad ? p.c : 0;
-    w.px = q;
+    w.px = q, q += p.B * p.D;
+    w.partial = q;
     return w;
   }
 };
+
+// A product and, when it is split, its reduction.
+template <typename T, class Exec>
+bool launch_gemm(Exec& ex, const GemmArgs<T>& g, const char* name) {
+  if (!ex.gemm(g, name)) return false;
+  return g.splits > 1 ? ex.run(GemmSplitReduce<T>{g.M * g.N, g}, "stf_gemm_split_reduce") : true;
+}
+
+// The products of a chunk: logits (K = D, the plan's fixed split), accumulate (K = c).
+template <typename T>
+GemmArgs<T> logits_product(const Plan& pl, int64_t c, const T* a, const T* r, T* out, T* partial) {
+  GemmArgs<T> g = gemm_args<T>(pl.B, c, pl.D, a, pl.D, 1, r, 1, pl.D, out, c);  // B[k, j] = r[j, k]
+  gemm_set_split(g, pl.k_len_logits, partial);
+  return g;
+}
+
+template <typename T>
+GemmArgs<T> accumulate_product(const Plan& pl, int64_t c, const T* coef, const T* r, T* acc, T* partial) {
+  GemmArgs<T> g = gemm_args<T>(pl.B, pl.D, c, coef, c, 1, r, pl.D, 1, acc, pl.D);
+  gemm_set_split(g, gemm_split_len(gemm_tiles(pl.B, pl.D), c, pl.sm_count), partial);
+  return g;
+}
 
 // ------------------------------------------------------------------------------------------------
 // Launch sequences. Exec provides `bool run(const F&, const char* name)` for a per-thread functor
@@ -524,18 +638,18 @@ bool forward_run(Exec& ex, const Plan& pl, const T* x, const T* sigma, const T* 
     const int64_t c = pl.n - start < pl.c ? pl.n - start : pl.c;
     const T* r = ref + start * D;
     // dots = X R_c^T: A = X (B, D) row-major, B[k, j] = r[j, k].
-    if (!ex.gemm(gemm_args<T>(B, c, D, x, D, 1, r, 1, D, w.tile, c), "stf_gemm_logits")) return false;
+    if (!launch_gemm(ex, logits_product<T>(pl, c, x, r, w.tile, w.partial), "stf_gemm_logits")) return false;
     if (!ex.run(ForwardLogits<T>{B * P, P, c, start, w.tile, sigma, ref_sqnorm, w.part_max}, "stf_fwd_logits"))
       return false;
     if (!ex.run(ForwardExp<T>{B * P, P, c, w.tile, w.part_max, w.state, w.part_state}, "stf_fwd_exp")) return false;
     if (!ex.run(ForwardMerge<T>{B, P, w.part_max, w.part_state, w.state, w.alpha}, "stf_fwd_merge")) return false;
     // acc = alpha acc + E R_c: A = E (B, c), B = r (c, D).
-    GemmArgs<T> g = gemm_args<T>(B, D, c, w.tile, c, 1, r, D, 1, w.acc, D);
+    GemmArgs<T> g = accumulate_product<T>(pl, c, w.tile, r, w.acc, w.partial);
     g.accumulate = start > 0;
     g.row_scale = w.alpha;
-    if (!ex.gemm(g, "stf_gemm_accumulate")) return false;
+    if (!launch_gemm(ex, g, "stf_gemm_accumulate")) return false;
   }
-  if (!ex.run(RowDots<T>{B, D, x, nullptr, nullptr, w.xn, nullptr}, "stf_row_dots")) return false;
+  if (!ex.run(RowDots<T>{B, D, x, nullptr, nullptr, w.xn, nullptr, pl.k_len_logits}, "stf_row_dots")) return false;
   if (!ex.run(ForwardFinalize<T>{B, w.state, w.xn, sigma, w.inv_l, lse, aux}, "stf_fwd_finalize")) return false;
   return ex.run(ScaleRows<T>{B * D, D, w.acc, w.inv_l, mu}, "stf_fwd_scale");
 }
@@ -548,32 +662,34 @@ bool backward_run(Exec& ex, const Plan& pl, const T* grad_mu, const T* grad_lse,
   const int64_t B = pl.B, D = pl.D, P = pl.P;
   const bool ref_grad = grad_ref != nullptr;
   BackwardWorkspace<T> w = BackwardWorkspace<T>::carve(workspace, pl, ref_grad);
-  if (!ex.run(RowDots<T>{B, D, x, mu, grad_mu, w.xn, w.mg}, "stf_row_dots")) return false;
+  if (!ex.run(RowDots<T>{B, D, x, mu, grad_mu, w.xn, w.mg, pl.k_len_logits}, "stf_row_dots")) return false;
   for (int64_t start = 0; start < pl.n; start += pl.c) {
     const int64_t c = pl.n - start < pl.c ? pl.n - start : pl.c;
     const T* r = ref + start * D;
     // Rows 0..B-1: x_i . r_j; rows B..2B-1: g_i . r_j.
-    if (!ex.gemm(gemm_args<T>(B, c, D, x, D, 1, r, 1, D, w.tile, c), "stf_gemm_logits")) return false;
-    if (!ex.gemm(gemm_args<T>(B, c, D, grad_mu, D, 1, r, 1, D, w.tile + B * c, c), "stf_gemm_logits")) return false;
+    if (!launch_gemm(ex, logits_product<T>(pl, c, x, r, w.tile, w.partial), "stf_gemm_logits")) return false;
+    if (!launch_gemm(ex, logits_product<T>(pl, c, grad_mu, r, w.tile + B * c, w.partial), "stf_gemm_logits"))
+      return false;
     BackwardWeights<T> bw{B * P, P, B, c, start, w.tile, w.ref_coef, sigma, ref_sqnorm, aux,
                           w.xn, w.mg, grad_lse, w.cov_part, start == 0};
     if (!ex.run(bw, "stf_bwd_weights")) return false;
     // px += coef R_c.
-    GemmArgs<T> g = gemm_args<T>(B, D, c, w.tile, c, 1, r, D, 1, w.px, D);
+    GemmArgs<T> g = accumulate_product<T>(pl, c, w.tile, r, w.px, w.partial);
     g.accumulate = start > 0;
-    if (!ex.gemm(g, "stf_gemm_accumulate")) return false;
+    if (!launch_gemm(ex, g, "stf_gemm_accumulate")) return false;
     if (ref_grad) {
       T* gr = grad_ref + start * D;
       if (!ex.run(ColumnSum<T>{c, B, c, w.ref_coef, w.colsum}, "stf_bwd_colsum")) return false;
       // grad_r = W^T G: A[j, i] = w_ij (the weights sit in rows B..2B-1), B = grad_mu (B, D).
-      if (!ex.gemm(gemm_args<T>(c, D, B, w.tile + B * c, 1, c, grad_mu, D, 1, gr, D), "stf_gemm_ref")) return false;
+      if (!launch_gemm(ex, gemm_args<T>(c, D, B, w.tile + B * c, 1, c, grad_mu, D, 1, gr, D), "stf_gemm_ref"))
+        return false;
       // grad_r += A^T X - (sum_i a_ij) r_j.
       GemmArgs<T> h = gemm_args<T>(c, D, B, w.ref_coef, 1, c, x, D, 1, gr, D);
       h.accumulate = true;
       h.sub_scale = w.colsum;
       h.sub_mat = r;
       h.ld_sub = D;
-      if (!ex.gemm(h, "stf_gemm_ref")) return false;
+      if (!launch_gemm(ex, h, "stf_gemm_ref")) return false;
     }
   }
   if (!ex.run(BackwardSigma<T>{B, P, w.cov_part, aux, grad_lse, sigma, grad_sigma_out}, "stf_bwd_sigma")) return false;
