@@ -26,7 +26,7 @@ NVCC = ptxas_report.find_nvcc()
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (PATH, $CUDA_HOME/bin): CUDA build not checked")
 
 # Every kernel stf.cu instantiates: the tiled product and each per-thread functor, float and double.
-FUNCTORS = ("StateInit", "ForwardLogits", "ForwardExp", "ForwardMerge", "ForwardFinalize", "ScaleRows", "RowDots",
+FUNCTORS = ("StateInit", "ForwardLogits", "ForwardExp", "ForwardMerge", "ForwardFinalize", "ScaleRows", "RowDotParts", "RowDotSum",
             "BackwardWeights", "ColumnSum", "BackwardSigma", "BackwardX", "GemmSplitReduce")
 EXPECTED = {f"void gemm_kernel<{t}>" for t in ("float", "double")} | {
     f"void thread_kernel<{f}<{t}> >" for f in FUNCTORS for t in ("float", "double")

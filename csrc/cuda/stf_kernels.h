@@ -171,20 +171,23 @@ CDM_HD void gemm_multiply(const GemmSmem<T>& s, int tid, GemmAcc<T>& acc) {
 // mu_i . g_i computed this way cancels bit for bit against g_i . r_j when mu_i = r_j (sigma -> 0),
 // which the centred backward form w (c - mg) / sigma^2 needs: one ulp of mismatch there is
 // multiplied by 1 / sigma^2 = 2.5e5 at sigma = 0.002.
+// The sum over one K range [r0, r1) (one split of the product).
+template <typename T>
+CDM_HD T gemm_dot_range(const T* a, const T* b, int64_t r0, int64_t r1) {
+  T acc = T(0);
+  for (int64_t k0 = r0; k0 < r1; k0 += GEMM_BK) {
+    const int64_t k1 = k0 + GEMM_BK < r1 ? k0 + GEMM_BK : r1;
+    T part = T(0);
+    for (int64_t k = k0; k < k1; ++k) part = fmadd(a[k], b[k], part);
+    acc += part;
+  }
+  return acc;
+}
+
 template <typename T>
 CDM_HD T gemm_dot(const T* a, const T* b, int64_t K, int64_t k_len) {
   T total = T(0);
-  for (int64_t r0 = 0; r0 < K; r0 += k_len) {
-    const int64_t r1 = r0 + k_len < K ? r0 + k_len : K;
-    T acc = T(0);
-    for (int64_t k0 = r0; k0 < r1; k0 += GEMM_BK) {
-      const int64_t k1 = k0 + GEMM_BK < r1 ? k0 + GEMM_BK : r1;
-      T part = T(0);
-      for (int64_t k = k0; k < k1; ++k) part = fmadd(a[k], b[k], part);
-      acc += part;
-    }
-    total += acc;
-  }
+  for (int64_t r0 = 0; r0 < K; r0 += k_len) total += gemm_dot_range(a, b, r0, r0 + k_len < K ? r0 + k_len : K);
   return total;
 }
 
@@ -286,24 +289,48 @@ struct WideAcc {
 };
 
 // Per row: ||x_i||^2 (in double, see WideAcc), and (backward) mu_i . g_i (as the product rounds it,
-// see gemm_dot). One thread per row: O(B D) once per call.
+// see gemm_dot). O(B D) once per call, in two steps so that a small batch still has parallelism:
+// RowDotParts sums each K range of the logits product's split (Q = its number of ranges; Q = 1
+// when the product is not split, which happens when B is large), RowDotSum adds the ranges in
+// order, exactly as gemm_dot does.
 template <typename T>
-struct RowDots {
-  int64_t threads;  // B
-  int64_t D;
+struct RowDotParts {
+  int64_t threads;  // B * Q
+  int64_t D, Q, k_len;
   const T* x;
   const T* mu;  // null in the forward pass
   const T* g;
-  T* xn;  // (B,)
-  T* mg;  // (B,) or null
-  int64_t k_len;  // split of the logits product, so mg rounds as its entries g_i . r_j do
-  CDM_HD void operator()(int64_t i) const {
+  T* parts;  // (B, Q) parts of ||x||^2, then (B, Q) parts of mu . g
+  CDM_HD void operator()(int64_t t) const {
     typedef typename WideAcc<T>::type W;
+    const int64_t i = t / Q, q = t % Q;
+    const int64_t r0 = q * k_len, r1 = r0 + k_len < D ? r0 + k_len : D;
     const T* xi = x + i * D;
     W a = W(0);
-    for (int64_t k = 0; k < D; ++k) a += W(xi[k]) * W(xi[k]);
+    for (int64_t k = r0; k < r1; ++k) a += W(xi[k]) * W(xi[k]);
+    parts[t] = T(a);
+    if (mu != nullptr) parts[threads + t] = gemm_dot_range(g + i * D, mu + i * D, r0, r1);
+  }
+};
+
+template <typename T>
+struct RowDotSum {
+  int64_t threads;  // B
+  int64_t Q;
+  const T* parts;
+  T* xn;  // (B,)
+  T* mg;  // (B,) or null
+  CDM_HD void operator()(int64_t i) const {
+    typedef typename WideAcc<T>::type W;
+    W a = W(0);
+    for (int64_t q = 0; q < Q; ++q) a += W(parts[i * Q + q]);
     xn[i] = T(a);
-    if (mg != nullptr) mg[i] = gemm_dot(g + i * D, mu + i * D, D, k_len);
+    if (mg != nullptr) {
+      const T* mp = parts + threads * Q + i * Q;
+      T total = T(0);
+      for (int64_t q = 0; q < Q; ++q) total += mp[q];
+      mg[i] = total;
+    }
   }
 };
 
@@ -520,7 +547,8 @@ struct BackwardX {
 struct Plan {
   int64_t B, D, n, c, P;
   int64_t sm_count;
-  int64_t k_len_logits;  // K split of the logits products, the same for every chunk (see RowDots)
+  int64_t k_len_logits;  // K split of the logits products, the same for every chunk (see RowDotParts)
+  int64_t Q;             // its number of K ranges
   int64_t partial;       // elements of the split-K partial sums, the largest any product needs
 };
 
@@ -542,6 +570,7 @@ inline Plan make_plan(int64_t B, int64_t D, int64_t n, int64_t chunk_size, int64
   pl.sm_count = sm_count > 0 ? sm_count : 1;
   const int64_t c = pl.c;
   pl.k_len_logits = gemm_split_len(gemm_tiles(B, c), D, pl.sm_count);
+  pl.Q = gemm_splits(D, pl.k_len_logits);
   const int64_t logits = gemm_splits(D, pl.k_len_logits) * B * c;
   // A shorter last chunk has fewer K (accumulate) or fewer tiles of the same K ranges (logits):
   // never more partial sums than a full chunk. The reference-gradient products (K = B, c x D
@@ -558,9 +587,9 @@ template <typename T>
 struct ForwardWorkspace {
   RowState<T>* state;
   RowState<T>* part_state;
-  T *part_max, *alpha, *xn, *inv_l, *tile, *acc, *partial;
+  T *part_max, *alpha, *xn, *inv_l, *tile, *acc, *partial, *row_parts;
   static int64_t size(const Plan& p) {
-    return 4 * p.B + 4 * p.B * p.P + p.B * p.P + 3 * p.B + p.B * p.c + p.B * p.D + p.partial;
+    return 4 * p.B + 4 * p.B * p.P + p.B * p.P + 3 * p.B + p.B * p.c + p.B * p.D + p.partial + 2 * p.B * p.Q;
   }
   static ForwardWorkspace carve(T* base, const Plan& p) {
     ForwardWorkspace w;
@@ -573,16 +602,18 @@ struct ForwardWorkspace {
     w.inv_l = q, q += p.B;
     w.tile = q, q += p.B * p.c;
     w.acc = q, q += p.B * p.D;
-    w.partial = q;
+    w.partial = q, q += p.partial;
+    w.row_parts = q;
     return w;
   }
 };
 
 template <typename T>
 struct BackwardWorkspace {
-  T *xn, *mg, *cov_part, *tile, *ref_coef, *colsum, *px, *partial;
+  T *xn, *mg, *cov_part, *tile, *ref_coef, *colsum, *px, *partial, *row_parts;
   static int64_t size(const Plan& p, bool ref_grad) {
-    return 2 * p.B + p.B * p.P + 2 * p.B * p.c + (ref_grad ? p.B * p.c + p.c : 0) + p.B * p.D + p.partial;
+    return 2 * p.B + p.B * p.P + 2 * p.B * p.c + (ref_grad ? p.B * p.c + p.c : 0) + p.B * p.D + p.partial +
+           2 * p.B * p.Q;
   }
   static BackwardWorkspace carve(T* base, const Plan& p, bool ref_grad) {
     BackwardWorkspace w;
@@ -594,7 +625,8 @@ struct BackwardWorkspace {
     w.ref_coef = ref_grad ? q : nullptr, q += ref_grad ? p.B * p.c : 0;
     w.colsum = ref_grad ? q : nullptr, q += ref_grad ? p.c : 0;
     w.px = q, q += p.B * p.D;
-    w.partial = q;
+    w.partial = q, q += p.partial;
+    w.row_parts = q;
     return w;
   }
 };
@@ -649,7 +681,9 @@ bool forward_run(Exec& ex, const Plan& pl, const T* x, const T* sigma, const T* 
     g.row_scale = w.alpha;
     if (!launch_gemm(ex, g, "stf_gemm_accumulate")) return false;
   }
-  if (!ex.run(RowDots<T>{B, D, x, nullptr, nullptr, w.xn, nullptr, pl.k_len_logits}, "stf_row_dots")) return false;
+  if (!ex.run(RowDotParts<T>{B * pl.Q, D, pl.Q, pl.k_len_logits, x, nullptr, nullptr, w.row_parts}, "stf_row_dots"))
+    return false;
+  if (!ex.run(RowDotSum<T>{B, pl.Q, w.row_parts, w.xn, nullptr}, "stf_row_dot_sum")) return false;
   if (!ex.run(ForwardFinalize<T>{B, w.state, w.xn, sigma, w.inv_l, lse, aux}, "stf_fwd_finalize")) return false;
   return ex.run(ScaleRows<T>{B * D, D, w.acc, w.inv_l, mu}, "stf_fwd_scale");
 }
@@ -662,7 +696,9 @@ bool backward_run(Exec& ex, const Plan& pl, const T* grad_mu, const T* grad_lse,
   const int64_t B = pl.B, D = pl.D, P = pl.P;
   const bool ref_grad = grad_ref != nullptr;
   BackwardWorkspace<T> w = BackwardWorkspace<T>::carve(workspace, pl, ref_grad);
-  if (!ex.run(RowDots<T>{B, D, x, mu, grad_mu, w.xn, w.mg, pl.k_len_logits}, "stf_row_dots")) return false;
+  if (!ex.run(RowDotParts<T>{B * pl.Q, D, pl.Q, pl.k_len_logits, x, mu, grad_mu, w.row_parts}, "stf_row_dots"))
+    return false;
+  if (!ex.run(RowDotSum<T>{B, pl.Q, w.row_parts, w.xn, w.mg}, "stf_row_dot_sum")) return false;
   for (int64_t start = 0; start < pl.n; start += pl.c) {
     const int64_t c = pl.n - start < pl.c ? pl.n - start : pl.c;
     const T* r = ref + start * D;
