@@ -20,6 +20,8 @@
 //   4. merge the P partial states into the row state, alpha = exp(m_old - m_new)   B threads
 //   5. acc (B, D) = alpha * acc + E (B, c) R_c  tiled matrix product, D tiled by the grid
 // and finishes with mu = acc / l. The backward pass streams the same chunks with its own weights.
+// A product with fewer output tiles than 2 blocks per SM (small B) also splits its K axis across
+// blocks and adds the partial sums in order afterwards (gemm_split_len, GemmSplitReduce).
 // All global indices are 64-bit: B * D, B * c and n * D may exceed 2^31.
 #pragma once
 
@@ -282,7 +284,8 @@ void gemm_set_split(GemmArgs<T>& g, int64_t k_len, T* partial) {
 
 // Accumulator of the long row sum ||x_i||^2: double for float inputs. A float sum
 // of D = 3072 terms in sequence loses ~sqrt(D) ulps, and lse = zlse - ||x||^2 / (2 sigma^2)
-// multiplies that by 1 / sigma^2; in double it costs nothing measurable (O(B D) once per call).
+// multiplies that by 1 / sigma^2. The double work is O(B D) once per call, against O(B n D) for
+// the products.
 template <typename T>
 struct WideAcc {
   typedef double type;
