@@ -86,7 +86,7 @@ def _extensions():
     archs = [a.strip() for a in os.environ.get("CDM_CUDA_ARCHS", "80;90").replace(",", ";").split(";") if a.strip()]
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")  # PTX for newer GPUs
-    defines = ["-DCDM_WITH_CUDA", f'-DCDM_CUDA_ARCHS="{";".join(archs)}"']
+    defines = ["-DCDM_WITH_CUDA", f'-DCDM_CUDA_ARCHS="{",".join(archs)}"']
     nvcc = ["-O3", "-Xptxas", "-v", "-lineinfo", *gencode, *defines]
     ext = CUDAExtension(
         "cdm_kernels._C",

@@ -287,7 +287,7 @@ def _check_sigma(sigma, B: int, x: Tensor, dtype: torch.dtype) -> Tensor:
             f"sigma must have shape (B,) or (B, 1, ..., 1) with B = {B} (x.shape[0]), or be a float; "
             f"got shape {tuple(sigma.shape)}"
         )
-    sigma = sigma.reshape(B).to(dtype)
+    sigma = sigma.reshape(B).to(dtype).contiguous()
     # One host sync, on purpose: a non-positive or non-finite noise level gives silently wrong targets.
     if not torch.compiler.is_compiling() and B > 0:
         bad = ~(torch.isfinite(sigma) & (sigma > 0))
@@ -318,14 +318,15 @@ def _prepare(x, sigma, ref, chunk_size, backend, ref_norms):
         raise ValueError("ref is empty: the stable target needs at least one reference (n >= 1)")
     B = x.shape[0]
     dtype = _compute_dtype(x.dtype)
+    D = math.prod(x.shape[1:])
     sigma = _check_sigma(sigma, B, x, dtype)
     if chunk_size is None:
-        chunk_size = default_chunk_size(B, n, max(1, x[0].numel() if B else 1))
+        chunk_size = default_chunk_size(B, n, D)
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     name = resolve_backend(x.device, backend)
-    x2 = x.reshape(B, -1).to(dtype).contiguous()
-    r2 = ref.reshape(n, -1).to(dtype).contiguous()
+    x2 = x.reshape(B, D).to(dtype).contiguous()
+    r2 = ref.reshape(n, D).to(dtype).contiguous()
     if ref_norms is None:
         ref_norms = (r2.detach() * r2.detach()).sum(1)
     else:

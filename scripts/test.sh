@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Sets up .venv and builds the extension (scripts/setup.sh), then runs the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/python -m pytest -q -ra "$@"
