@@ -26,6 +26,15 @@ CPU_SOURCES = _sources("csrc/*.cpp", "csrc/cpu/*.cpp")
 CUDA_SOURCES = _sources("csrc/cuda/*.cu", "csrc/cuda/*.cpp")
 
 
+def _toolkit_include_dirs(cuda_home):
+    # The toolkit's own headers must come before pip's: pip's cuda_runtime_api.h includes
+    # crt/host_defines.h, which only the toolkit ships, and the host compiler (for the .cpp glue that
+    # includes ATen/cuda headers) does not know nvcc's include directory.
+    candidates = [os.path.join(cuda_home, "include"), os.path.join(cuda_home, "cuda", "include")]
+    candidates += sorted(glob.glob(os.path.join(cuda_home, "cuda-*", "include")), reverse=True)
+    return [d for d in candidates if os.path.exists(os.path.join(d, "crt", "host_defines.h"))][:1]
+
+
 def _cuda_include_dirs():
     # pip's nvidia packages carry the CUDA library headers the system toolkit lacks (cusparse.h, ...).
     spec = importlib.util.find_spec("nvidia")
@@ -82,7 +91,7 @@ def _extensions():
     ext = CUDAExtension(
         "cdm_kernels._C",
         CPU_SOURCES + CUDA_SOURCES,
-        include_dirs=include_dirs + _cuda_include_dirs(),
+        include_dirs=include_dirs + _toolkit_include_dirs(CUDA_HOME) + _cuda_include_dirs(),
         library_dirs=_cuda_library_dirs(CUDA_HOME),
         extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc},
     )

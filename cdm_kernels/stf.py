@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import stf_reference
-from ._ext import has_cpu_kernels
+from ._ext import has_cpu_kernels, has_cuda_kernels
 
 __all__ = [
     "STFStats",
@@ -220,6 +220,21 @@ if has_cpu_kernels():
         )
 
     register_backend("cpu", "cpu", _cpu_forward, _cpu_backward)
+
+if has_cuda_kernels():
+    # csrc/cuda/stf.cu: exact float32/float64 products on CUDA cores (no tensor-core modes).
+
+    def _cuda_forward(x, sigma, ref, ref_sqnorm, chunk_size, precision):
+        _ieee_only("cuda", precision)
+        return torch.ops.cdm_kernels_C.stf_forward_cuda(x, sigma, ref, ref_sqnorm, chunk_size)
+
+    def _cuda_backward(grad_mu, grad_lse, x, sigma, ref, ref_sqnorm, mu, aux, chunk_size, precision, ref_grad):
+        _ieee_only("cuda", precision)
+        return torch.ops.cdm_kernels_C.stf_backward_cuda(
+            grad_mu, grad_lse, x, sigma, ref, ref_sqnorm, mu, aux, chunk_size, ref_grad
+        )
+
+    register_backend("cuda", "cuda", _cuda_forward, _cuda_backward, precisions=("ieee",))
 
 
 # ----------------------------------------------------------------------------------------------

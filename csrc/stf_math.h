@@ -32,9 +32,11 @@ CDM_HD double fexp(double v) { return exp(v); }
 CDM_HD float flog(float v) { return logf(v); }
 CDM_HD double flog(double v) { return log(v); }
 
+// From the INFINITY macro rather than std::numeric_limits, whose constexpr host functions device
+// code may only call under nvcc's --expt-relaxed-constexpr.
 template <typename T>
 CDM_HD T neg_inf() {
-  return -std::numeric_limits<T>::infinity();
+  return -static_cast<T>(INFINITY);
 }
 
 // max that propagates NaN from either side, so a NaN row stays NaN whatever the order of a reduction.

@@ -1,0 +1,161 @@
+"""The CUDA sources compile with nvcc for sm_80 and sm_90, and ptxas reports no spills and no
+shared-memory overflow for any kernel (there is no GPU here: this is how such a regression shows).
+
+Runs nvcc itself through tools/ptxas_report.py, prints the per-kernel figures (see them with -s) and
+writes the report into a temporary directory; the committed copy is
+benchmarks/results/ptxas_report.md (refresh it with `python tools/ptxas_report.py`).
+Skipped, visibly, only when nvcc is absent.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location("ptxas_report", os.path.join(ROOT, "tools", "ptxas_report.py"))
+ptxas_report = importlib.util.module_from_spec(_spec)
+sys.modules["ptxas_report"] = ptxas_report  # dataclasses look their module up while it executes
+_spec.loader.exec_module(ptxas_report)
+
+NVCC = ptxas_report.find_nvcc()
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (PATH, $CUDA_HOME/bin): CUDA build not checked")
+
+# Every kernel stf.cu instantiates: the tiled product and each per-thread functor, float and double.
+FUNCTORS = ("StateInit", "ForwardLogits", "ForwardExp", "ForwardMerge", "ForwardFinalize", "ScaleRows", "RowDotParts", "RowDotSum",
+            "BackwardWeights", "ColumnSum", "BackwardSigma", "BackwardX", "GemmSplitReduce")
+EXPECTED = {f"void gemm_kernel<{t}>" for t in ("float", "double")} | {
+    f"void thread_kernel<{f}<{t}> >" for f in FUNCTORS for t in ("float", "double")
+}
+
+
+SAMPLE = """\
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_80'
+ptxas info    : Function properties for _Z3fooPf
+    8 bytes stack frame, 12 bytes spill stores, 16 bytes spill loads
+ptxas info    : Used 40 registers, used 1 barriers, 8320 bytes smem, 400 bytes cmem[0]
+ptxas info    : Compiling entry function '_Z3barv' for 'sm_80'
+ptxas info    : Function properties for _Z3barv
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 8 registers, used 0 barriers, 352 bytes cmem[0]
+"""
+
+
+def test_parser_reads_every_figure():
+    # Independent of nvcc: the parser must see spills and shared memory, or the build test is vacuous.
+    recs = {r.mangled: r for r in ptxas_report.parse_ptxas(SAMPLE, "x.cu")}
+    foo, bar = recs["_Z3fooPf"], recs["_Z3barv"]
+    assert (foo.registers, foo.stack, foo.spill_stores, foo.spill_loads, foo.smem, foo.barriers) == (
+        40, 8, 12, 16, 8320, 1)
+    assert (bar.registers, bar.spill_stores, bar.spill_loads, bar.smem, bar.barriers) == (8, 0, 0, 0, 0)
+    foo.name, bar.name = "foo", "bar"
+    assert ptxas_report.problems([foo, bar]) == ["sm_80 foo: spills 12 bytes stored / 16 loaded"]
+    foo.spill_stores = foo.spill_loads = 0
+    foo.smem = 49153
+    assert ptxas_report.problems([foo]) == ["sm_80 foo: 49153 bytes of shared memory > 49152"]
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    if NVCC is None:
+        pytest.skip("nvcc not found (PATH, $CUDA_HOME/bin): CUDA build not checked")
+    work = tmp_path_factory.mktemp("ptxas")
+    recs = ptxas_report.collect(("80", "90"), NVCC, str(work))
+    text = ptxas_report.markdown(recs, NVCC)
+    (work / "ptxas_report.md").write_text(text)
+    print("\n" + text)
+    return recs
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_every_kernel_is_compiled_for_each_arch(records, arch):
+    names = {r.name for r in records if r.arch == arch}
+    assert EXPECTED <= names, f"missing kernels for {arch}: {sorted(EXPECTED - names)}"
+
+
+@needs_nvcc
+def test_no_spills_and_shared_memory_within_sm80_limit(records):
+    assert ptxas_report.problems(records) == []
+    assert all(r.smem <= ptxas_report.STATIC_SMEM_LIMIT for r in records)
+    # The tiled product is the only kernel with shared memory and barriers: 2 tiles of 16 x 65 words.
+    for r in records:
+        if r.name.startswith("void gemm_kernel"):
+            word = 4 if "float" in r.name else 8
+            assert r.smem == 2 * 16 * 65 * word and r.barriers == 1
+
+
+@needs_nvcc
+def test_nvcc_compiles_without_warnings(tmp_path):
+    # A warning here has meant device code calling host-only functions (e.g. std::numeric_limits).
+    import subprocess
+
+    for src in ptxas_report.cuda_sources():
+        cmd = [NVCC, "-cubin", "-arch=sm_80", *ptxas_report.NVCC_FLAGS, "-I", os.path.join(ROOT, "csrc"), src,
+               "-o", str(tmp_path / "w.cubin")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        warnings = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "warning" in ln.lower()]
+        assert warnings == [], warnings
+
+
+@needs_nvcc
+def test_committed_report_lists_the_current_kernels(records):
+    path = os.path.join(ROOT, "benchmarks", "results", "ptxas_report.md")
+    with open(path) as f:
+        committed = set(re.findall(r"\| (sm_\d+) \| `([^`]+)` \|", f.read()))
+    current = {(r.arch, r.name) for r in records}
+    assert committed == current, "benchmarks/results/ptxas_report.md is stale: run python tools/ptxas_report.py"
+
+
+def _header_functions(text: str) -> set[str]:
+    return set(re.findall(r"CDM_HD\s+(?:[\w:<>]+\s+)+?(\w+)\s*\(", text))
+
+
+def test_cuda_kernels_call_every_shared_function():
+    # Why csrc/cuda/stf_math_check.cu could go: the kernels themselves instantiate every
+    # __host__ __device__ function of stf_math.h (directly or through another one), so nvcc checks
+    # all of them for the device.
+    with open(os.path.join(ROOT, "csrc", "stf_math.h")) as f:
+        math_h = f.read()
+    with open(os.path.join(ROOT, "csrc", "cuda", "stf_kernels.h")) as f:
+        kernels_h = f.read()
+    functions = _header_functions(math_h)
+    assert {"logit", "state_add", "state_merge", "state_finalize", "backward_weight", "grad_sigma"} <= functions
+    bodies = {}
+    for name in functions:
+        m = re.search(r"CDM_HD\s+(?:[\w:<>]+\s+)+?" + name + r"\s*\([^)]*\)\s*\{(.*?)\n\}", math_h, re.S)
+        bodies[name] = m.group(1) if m else ""
+    used = {f for f in functions if re.search(r"\b" + f + r"\s*[<(]", kernels_h)}
+    changed = True
+    while changed:
+        more = {f for f in functions - used for u in used if re.search(r"\b" + f + r"\s*[<(]", bodies[u])}
+        changed = bool(more)
+        used |= more
+    assert functions - used == set()
+
+
+def test_cuda_ops_are_registered_for_the_cuda_key_only():
+    # Without a GPU the built extension can still show that its CUDA ops exist, have the CPU ops'
+    # schemas, serve the "cuda" backend, and are not dispatched for CPU tensors.
+    import torch
+
+    import cdm_kernels
+    from cdm_kernels.stf import available_backends
+
+    if not cdm_kernels.has_cuda_kernels():
+        pytest.skip(f"extension built without CUDA kernels: {cdm_kernels.extension_status()}")
+    ops = torch.ops.cdm_kernels_C
+    for name in ("stf_forward", "stf_backward"):
+        cuda_schema = str(getattr(ops, f"{name}_cuda").default._schema)
+        cpu_schema = str(getattr(ops, f"{name}_cpu").default._schema)
+        assert cuda_schema.replace(f"{name}_cuda", name) == cpu_schema.replace(f"{name}_cpu", name)
+    assert available_backends("cuda")[0] == "cuda"
+    assert "cuda" not in available_backends("cpu")
+    x, sigma, ref = torch.randn(2, 3), torch.ones(2), torch.randn(4, 3)
+    with pytest.raises(NotImplementedError, match="stf_forward_cuda' with arguments from the 'CPU' backend"):
+        ops.stf_forward_cuda(x, sigma, ref, (ref * ref).sum(1), 2)
