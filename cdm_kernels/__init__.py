@@ -22,3 +22,24 @@ __all__ = [
     "stf_score",
     "stf_target",
 ]
+
+# Consistency rollouts, EDM sampler steps, Philox noise and the martingale loss (math.md 2-3).
+from .random import randn
+from .rollout import (
+    available_rollout_backends,
+    consistency_rollout,
+    martingale_loss,
+    resolve_rollout_backend,
+    rollout_step,
+)
+from .schedule import edm_schedule
+
+__all__ += [
+    "available_rollout_backends",
+    "consistency_rollout",
+    "edm_schedule",
+    "martingale_loss",
+    "randn",
+    "resolve_rollout_backend",
+    "rollout_step",
+]
