@@ -4,6 +4,9 @@ Public API:
     stf_target, stf_score, ref_sqnorm, STFStats   the stable target (math.md section 1)
     resolve_backend, available_backends           which backend runs on a device
     extension_status                              whether the compiled kernels are loaded
+    EDMLoss, STFLoss, CDMLoss, STFCDMLoss         training losses (math.md sections 2 and 3)
+    ReferenceBank                                 references (and cached norms) for the STF losses
+    stf_target_sharded                            the stable target over references split across processes
 """
 
 from ._ext import extension_status, has_cpu_kernels, has_cuda_kernels
@@ -43,3 +46,9 @@ __all__ += [
     "resolve_rollout_backend",
     "rollout_step",
 ]
+
+# Training losses (EDM, STF, CDM, STF+CDM) and the stable target over sharded references.
+from .distributed import stf_target_sharded
+from .losses import CDMLoss, EDMLoss, ReferenceBank, STFCDMLoss, STFLoss
+
+__all__ += ["CDMLoss", "EDMLoss", "ReferenceBank", "STFCDMLoss", "STFLoss", "stf_target_sharded"]
