@@ -309,6 +309,7 @@ def edm_sampler(
     S_max: float = float("inf"),
     S_noise: float = 1.0,
     generator: torch.Generator | None = None,
+    backend: str = "auto",
 ) -> Tensor:
     """EDM's Heun sampler (Karras et al. 2022, Algorithm 2), deterministic when S_churn = 0.
 
@@ -319,11 +320,12 @@ def edm_sampler(
       Heun:   unless t' = 0, x' = x_hat + (t' - t_hat) (d + d') / 2, d' = (x' - D(x'; t')) / t'.
 
     Args:
-        net: the denoiser, called as net(x (B, *S) float32, sigma (B,) float32, class_labels) -> (B, *S).
+        net: the denoiser, called as net(x (B, *S) float64, sigma (B,) float64, class_labels) -> (B, *S).
         latents: (B, *S) standard normal noise (scaled by t_0 = sigma_max here).
         class_labels: passed through to `net`.
         generator: a CPU torch.Generator from which the churn steps draw their Philox seeds (no global
             random state is used, so sampling during training does not change the training run).
+        backend: the `rollout_step` backend ("auto", "reference", "cpu", "triton", "cuda").
     The steps are `cdm_kernels.rollout_step` (kinds "churn", "euler", "heun"), in float64.
     Returns x at t_N = 0, shape (B, *S), float64.
     """
@@ -333,8 +335,8 @@ def edm_sampler(
     B = latents.shape[0]
 
     def denoise(x: Tensor, t: Tensor) -> Tensor:
-        sigma = t.to(torch.float32).expand(B)
-        return net(x.to(torch.float32), sigma, class_labels).to(torch.float64)
+        # float64 in (EDMPrecond casts to its own precision), float64 out, as in EDM's sampler.
+        return net(x, t.expand(B), class_labels).to(torch.float64)
 
     x_next = latents.to(torch.float64) * t_steps[0]
     for i in range(num_steps):
@@ -344,15 +346,18 @@ def edm_sampler(
             # Churn's noise comes from the kernel's Philox stream, keyed by a seed drawn from `generator`.
             x_hat, t_hat = rollout_step(
                 x_cur, None, t_cur, kind="churn", num_steps=num_steps, S_churn=S_churn, S_min=S_min,
-                S_max=S_max, S_noise=S_noise, generator=generator,
+                S_max=S_max, S_noise=S_noise, generator=generator, backend=backend,
             )
         else:
             x_hat, t_hat = x_cur, t_cur
         denoised = denoise(x_hat, t_hat)
-        x_next = rollout_step(x_hat, denoised, t_hat, t_next, kind="euler")
+        # seed=0: the deterministic kinds use no noise, and an explicit seed keeps rollout_step from
+        # drawing one from the global generator (which would perturb a training run that samples).
+        x_next = rollout_step(x_hat, denoised, t_hat, t_next, kind="euler", seed=0, backend=backend)
         if i < num_steps - 1:
             denoised_next = denoise(x_next, t_next)
-            x_next = rollout_step(x_hat, denoised, t_hat, t_next, kind="heun", x_euler=x_next, denoised_euler=denoised_next)
+            x_next = rollout_step(x_hat, denoised, t_hat, t_next, kind="heun", x_euler=x_next, denoised_euler=denoised_next,
+                                  seed=0, backend=backend)
     return x_next
 
 
