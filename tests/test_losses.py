@@ -273,6 +273,32 @@ def test_stfcdm_with_bank_draws_the_bank_before_eps():
     torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-12)
 
 
+def test_cdm_with_a_zero_length_rollout_is_the_edm_loss():
+    # eps = 0: sigma_min = sigma, every step has h = 0, so x_final = x_t and D1a = D1b = D0. The
+    # draws of sigma and n come first in both losses, so the same generator gives the same samples.
+    images, net = _images(B=3), TinyDenoiser()
+    cdm = CDMLoss(num_steps=3, eps_min=0.0, eps_max=0.0)(net, images, generator=torch.Generator().manual_seed(3))
+    edm = EDMLoss()(net, images, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(cdm, edm, rtol=1e-14, atol=0)
+
+
+def test_sigma_min_is_floored_at_0002_and_capped_at_sigma():
+    loss_fn = CDMLoss(eps_min=0.01, eps_max=0.05)
+    sigma = torch.tensor([1e-4, 0.002, 0.01, 0.04, 1.0, 80.0], dtype=F64)
+    g = torch.Generator().manual_seed(0)
+    got = loss_fn.sample_sigma_min(sigma, g)
+    eps = 0.01 + 0.04 * torch.rand(sigma.shape, generator=torch.Generator().manual_seed(0), dtype=F64)
+    want = torch.tensor([max(min(s - e, s), 0.002) if s >= 0.002 else s for s, e in zip(sigma.tolist(), eps.tolist())], dtype=F64)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert got[0] == sigma[0] and got[1] == 0.002 and (got[4:] < sigma[4:]).all()
+    # A sample drawn below the floor still trains: its rollout has length zero (no consistency term).
+    images, net = _images(B=2), TinyDenoiser()
+    args = dict(P_mean=-10.0, P_std=0.0)
+    cdm = CDMLoss(num_steps=3, **args)(net, images, generator=torch.Generator().manual_seed(4))
+    edm = EDMLoss(**args)(net, images, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(cdm, edm, rtol=1e-14, atol=0)
+
+
 class GaussianDenoiser(nn.Module):
     """The exact denoiser of data y ~ N(m, s^2 I): D(x; sigma) = m + s^2 / (s^2 + sigma^2) (x - m)."""
 
