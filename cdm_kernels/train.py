@@ -41,7 +41,7 @@ import torch.distributed as dist
 from .data import BatchOrder, get_batch, load_dataset
 from .edm import EDMPrecond, edm_sampler, save_image_grid
 
-__all__ = ["TrainConfig", "main", "parse_args", "train"]
+__all__ = ["LOSSES", "TrainConfig", "build_loss", "build_model", "main", "parse_args", "process_seed", "train"]
 
 LOSSES = ("edm", "stf", "cdm", "stf+cdm")
 
@@ -294,6 +294,11 @@ class _Dist:
         return out
 
 
+def process_seed(seed: int, rank: int) -> int:
+    """The seed of the global random generators of process `rank` (its noise, references, rollouts)."""
+    return seed * 7919 + 1 + rank
+
+
 def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else torch.device("cpu")
@@ -307,7 +312,11 @@ def _resolve_device(name: str) -> torch.device:
 
 
 def train(c: TrainConfig, on_step: Callable[[int, dict], None] | None = None) -> dict:
-    """Runs (or resumes) a training run; returns a summary dict (steps, images, seconds, loss, paths).
+    """Runs (or resumes) a training run.
+
+    Returns a summary dict: steps, images, seconds, images_per_second, loss (the last step's mean
+    per-element loss, averaged over the processes), the paths of the last snapshot (samples, plot,
+    checkpoint) and the trained `net` and its `ema` (EDMPrecond modules).
 
     `on_step(step, record)` is called after every completed step (used by tests to stop a run)."""
     _check_config(c)
@@ -332,9 +341,9 @@ def train(c: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
     opt = torch.optim.Adam(net.parameters(), lr=c.lr, betas=(0.9, 0.999), eps=1e-8)
     order = BatchOrder(len(ds), c.seed, xflip=c.xflip, rank=dd.rank, world_size=dd.world)
     # Every process draws its own noise; the seeds differ by rank.
-    torch.manual_seed(c.seed * 7919 + 1 + dd.rank)
-    np.random.seed((c.seed * 7919 + 1 + dd.rank) % (1 << 32))
-    random.seed(c.seed * 7919 + 1 + dd.rank)
+    torch.manual_seed(process_seed(c.seed, dd.rank))
+    np.random.seed(process_seed(c.seed, dd.rank) % (1 << 32))
+    random.seed(process_seed(c.seed, dd.rank))
 
     bank_images = ds.images.to(device)
     if c.xflip:
@@ -383,6 +392,8 @@ def train(c: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
     def snapshot() -> dict:
         paths = {}
         rng = dd.gather(_rng_state(device))
+        # DDP keeps the replicas equal; a checksum per process in the checkpoint shows that they are.
+        checksums = dd.gather(float(sum(p.detach().double().sum() for p in net.parameters())))
         if main_proc:
             if c.grid:
                 grid = sample_grid(ema, c.grid, label_dim, c.seed, c.sample_steps, device)
@@ -402,6 +413,7 @@ def train(c: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
                     "rng": rng,
                     "data_order": order.state_dict(),
                     "world_size": dd.world,
+                    "param_checksums": checksums,
                     "config": json.loads(json.dumps(dataclasses.asdict(c))),
                 },
                 paths["checkpoint"],
@@ -481,6 +493,8 @@ def train(c: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
         "images_per_second": done * c.batch / max(seconds, 1e-9),
         "loss": last_loss,
         **paths,
+        "net": net,
+        "ema": ema,
     }
     if main_proc:
         print(
