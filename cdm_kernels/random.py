@@ -54,19 +54,24 @@ def seed_from_generator(generator: torch.Generator | None = None) -> int:
     return int(torch.randint(0, 1 << 62, (1,), generator=generator).item())
 
 
-def philox_randn_reference(numel: int, seed: int, offset: int = 0) -> np.ndarray:
-    """float32 array of `numel` normals; a direct numpy transcription of Triton's tl.randn."""
-    check_seed_offset(seed, offset, numel, "philox_randn_reference")
-    idx = np.arange(numel, dtype=np.uint64) + np.uint64(offset)
-    c0, c1 = idx & _M32, idx >> np.uint64(32)
-    c2 = np.zeros_like(c0)
-    c3 = np.zeros_like(c0)
-    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
+def philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Philox 4x32-10 on uint64 numpy arrays holding 32-bit words: the four output words."""
+    c0, c1, c2, c3 = (np.asarray(v, dtype=np.uint64) for v in (c0, c1, c2, c3))
+    k0, k1 = np.uint64(k0), np.uint64(k1)
     A, B = np.uint64(PHILOX_ROUND_A), np.uint64(PHILOX_ROUND_B)
     for _ in range(10):
         p0, p2 = A * c0, B * c2  # exact: 32 x 32 bits fits in 64
         c0, c1, c2, c3 = (p2 >> np.uint64(32)) ^ c1 ^ k0, p2 & _M32, (p0 >> np.uint64(32)) ^ c3 ^ k1, p0 & _M32
         k0, k1 = (k0 + np.uint64(PHILOX_KEY_A)) & _M32, (k1 + np.uint64(PHILOX_KEY_B)) & _M32
+    return c0, c1, c2, c3
+
+
+def philox_randn_reference(numel: int, seed: int, offset: int = 0) -> np.ndarray:
+    """float32 array of `numel` normals; a direct numpy transcription of Triton's tl.randn."""
+    check_seed_offset(seed, offset, numel, "philox_randn_reference")
+    idx = np.arange(numel, dtype=np.uint64) + np.uint64(offset)
+    zero = np.zeros_like(idx)
+    c0, c1, _, _ = philox4x32_10(idx & _M32, idx >> np.uint64(32), zero, zero, seed & 0xFFFFFFFF, seed >> 32)
 
     def uniform(r):
         s = r.astype(np.uint32).view(np.int32)

@@ -77,7 +77,10 @@ def edm_schedule(sigma_max, sigma_min, num_steps: int, rho: float = 7.0) -> Tens
     k = torch.arange(num_steps, dtype=torch.float64, device=device) / (num_steps - 1)
     a, b = hi64.unsqueeze(-1) ** (1.0 / rho), lo64.unsqueeze(-1) ** (1.0 / rho)
     t = (a + k * (b - a)) ** rho
-    # Pin the endpoints: pow(pow(s, 1/rho), rho) is s only to within a few ulps.
+    # Pin the endpoints and keep every level inside them: pow(pow(s, 1/rho), rho) is s only to
+    # within a few ulps, which could otherwise make t_1 > t_0 when sigma_min = sigma_max.
+    lo_, hi_ = lo64.unsqueeze(-1), hi64.unsqueeze(-1)
+    t = torch.minimum(torch.maximum(t, lo_), hi_)
     t[..., 0] = hi64
     t[..., -1] = lo64
     return t.to(out_dtype)
