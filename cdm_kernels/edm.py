@@ -361,22 +361,27 @@ def edm_sampler(
     return x_next
 
 
-def save_image_grid(images: Tensor, path: str, ncols: int | None = None) -> None:
-    """Writes (B, C, H, W) images in [-1, 1] as one PNG grid (C = 1 or 3), rows of `ncols` images."""
+def save_image_grid(images: Tensor, path: str, ncols: int | None = None, pad: int = 1, min_width: int = 512) -> None:
+    """Writes (B, C, H, W) images in [-1, 1] as one PNG grid (C = 1 or 3), rows of `ncols` images.
+
+    Images are separated by `pad` pixels of mid-gray; small images are enlarged (nearest neighbour,
+    an integer factor) until the grid is at least `min_width` pixels wide, so 8x8 digits are legible."""
     from PIL import Image
 
     B, C, H, W = images.shape
+    if C not in (1, 3):
+        raise ValueError(f"images must have 1 or 3 channels, got shape {tuple(images.shape)}")
     ncols = ncols or max(1, int(math.ceil(math.sqrt(B))))
     nrows = -(-B // ncols)
     x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    grid = torch.zeros(C, nrows * H, ncols * W, dtype=torch.uint8)
+    grid = torch.full((C, nrows * (H + pad) + pad, ncols * (W + pad) + pad), 128, dtype=torch.uint8)
     for i in range(B):
         r, c = divmod(i, ncols)
-        grid[:, r * H:(r + 1) * H, c * W:(c + 1) * W] = x[i]
+        top, left = pad + r * (H + pad), pad + c * (W + pad)
+        grid[:, top:top + H, left:left + W] = x[i]
     arr = grid.permute(1, 2, 0).numpy()
     img = Image.fromarray(arr[:, :, 0] if C == 1 else arr, "L" if C == 1 else "RGB")
-    # Small images (8x8 digits) are unreadable at 1:1; scale up to at least ~256 pixels wide.
-    zoom = max(1, 256 // max(ncols * W, 1))
+    zoom = max(1, -(-min_width // img.width))
     if zoom > 1:
         img = img.resize((img.width * zoom, img.height * zoom), Image.NEAREST)
     img.save(path)

@@ -69,7 +69,7 @@ class TrainConfig:
     snap: int = 250                   # snapshot (grid, plot, checkpoint) every this many steps
     resume: str | None = None         # a checkpoint file, or an output folder (its latest checkpoint)
     device: str = "auto"              # "auto", "cpu" or "cuda"
-    cond: bool = True                 # class-conditional when the data set has labels
+    cond: bool = False                # class-conditional (needs labels; not with the STF losses)
     xflip: bool = False               # x-flip augmentation (off for digits: a flipped digit is not one)
     model_channels: int = 32
     channel_mult: tuple[int, ...] = (1, 2)
@@ -330,7 +330,16 @@ def train(c: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
         raise ValueError(f"batch ({c.batch}) must be divisible by the number of processes ({dd.world})")
     local_batch = c.batch // dd.world
 
+    if c.cond and c.loss in ("stf", "stf+cdm"):
+        # The stable target pools references of every class: at high noise it is the mean of all
+        # images whatever the label, which would teach a conditional model to ignore its label.
+        raise ValueError(
+            f"--cond cannot be used with loss {c.loss!r}: the stable target averages references of every "
+            "class, so it is the target of an unconditional model; train unconditionally, or use 'edm'/'cdm'"
+        )
     ds = load_dataset(c.data, use_labels=c.cond)
+    if c.cond and ds.labels is None:
+        raise ValueError(f"--cond needs labels, but the data set {c.data!r} has none (see cdm_kernels.data)")
     label_dim = ds.label_dim
     total_steps = c.steps if c.steps is not None else max(1, c.images // c.batch)
 
@@ -531,7 +540,7 @@ def parse_args(argv=None) -> TrainConfig:
     g.add_argument("--data", default=d.data, help="'digits' (built in), a folder of images, a .zip, or a .npy/.npz")
     g.add_argument("--outdir", default=d.outdir, help="output folder (log, plots, sample grids, checkpoints)")
     g.add_argument("--xflip", action="store_true", help="x-flip augmentation")
-    g.add_argument("--uncond", action="store_true", help="ignore the labels (unconditional model)")
+    g.add_argument("--cond", action="store_true", help="class-conditional model (edm and cdm losses; needs labels)")
     g = p.add_argument_group("loss")
     g.add_argument("--loss", default=d.loss, choices=LOSSES)
     g.add_argument("--batch", type=int, default=d.batch, help="global batch size")
@@ -568,7 +577,7 @@ def parse_args(argv=None) -> TrainConfig:
         data=a.data, outdir=a.outdir, loss=a.loss, batch=a.batch, rbatch=a.rbatch, cdm_steps=a.cdm_steps,
         lambda_m=a.lambda_m, eps_min=a.eps_min, eps_max=a.eps_max, lr=a.lr, lr_rampup=a.lr_rampup,
         ema_halflife=a.ema_halflife, ema_rampup=a.ema_rampup, images=a.images, steps=a.steps, seed=a.seed,
-        snap=a.snap, resume=a.resume, device=a.device, cond=not a.uncond, xflip=a.xflip,
+        snap=a.snap, resume=a.resume, device=a.device, cond=a.cond, xflip=a.xflip,
         model_channels=a.channels, channel_mult=a.channel_mult, num_blocks=a.blocks, attn_resolutions=a.attn,
         dropout=a.dropout, sample_steps=a.sample_steps, grid=a.grid, backend=a.backend, progress=not a.no_progress,
         threads=a.threads,

@@ -180,13 +180,17 @@ def test_sampler_runs_the_network_with_labels():
 
 def test_save_image_grid(tmp_path):
     imgs = torch.linspace(-1, 1, 6 * 3 * 4 * 4).reshape(6, 3, 4, 4)
-    save_image_grid(imgs, str(tmp_path / "g.png"), ncols=3)
+    save_image_grid(imgs, str(tmp_path / "g.png"), ncols=3, pad=1, min_width=100)
     im = Image.open(tmp_path / "g.png")
-    zoom = 256 // 12
-    assert im.size == (12 * zoom, 8 * zoom) and im.mode == "RGB"
+    w, h = 3 * 5 + 1, 2 * 5 + 1  # 4 pixels an image plus 1 of padding
+    zoom = -(-100 // w)
+    assert im.size == (w * zoom, h * zoom) and im.mode == "RGB"
     arr = np.asarray(im)
-    # image 4 (row 1, column 1), pixel (0, 0), channel 0, read back through the zoom
+    # image 4 (row 1, column 1), its pixel (0, 0), channel 0, read back through padding and zoom
     expect = round((float(imgs[4, 0, 0, 0]) + 1) * 127.5)
-    assert arr[4 * zoom, 4 * zoom, 0] == expect
+    assert arr[6 * zoom, 6 * zoom, 0] == expect
+    assert arr[5 * zoom, 5 * zoom, 0] == 128  # padding
     save_image_grid(torch.zeros(2, 1, 8, 8), str(tmp_path / "gray.png"))
     assert Image.open(tmp_path / "gray.png").mode == "L"
+    with pytest.raises(ValueError, match=r"images must have 1 or 3 channels, got shape \(2, 2, 8, 8\)"):
+        save_image_grid(torch.zeros(2, 2, 8, 8), str(tmp_path / "bad.png"))

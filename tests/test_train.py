@@ -28,12 +28,12 @@ def tiny(outdir, **kw):
 
 def _initial_weights(c):
     torch.manual_seed(c.seed)
-    return build_model(c, 8, 1, 10).state_dict()
+    return build_model(c, 8, 1, 10 if c.cond else 0).state_dict()
 
 
 @pytest.mark.parametrize("loss", LOSSES)
 def test_one_step_of_each_loss_changes_every_weight_and_is_finite(tmp_path, loss):
-    c = tiny(tmp_path, loss=loss, steps=1)
+    c = tiny(tmp_path, loss=loss, steps=1, cond=loss in ("edm", "cdm"))  # conditioning where it applies
     records = []
     summary = train(c, on_step=lambda step, rec: records.append(rec))
     assert len(records) == 1 and records[0]["step"] == 1
@@ -134,11 +134,11 @@ def test_command_line(tmp_path, capsys):
         "--loss", "cdm", "--batch", "8", "--rbatch", "16", "--cdm-steps", "3", "--lambda-m", "1.5", "--eps-max",
         "0.1", "--lr", "0.001", "--lr-rampup", "100", "--ema-halflife", "50", "--steps", "1", "--seed", "3",
         "--snap", "5", "--channels", "8", "--channel-mult", "1,2", "--attn", "4", "--grid", "4", "--sample-steps",
-        "2", "--outdir", str(tmp_path), "--no-progress", "--threads", "1", "--uncond",
+        "2", "--outdir", str(tmp_path), "--no-progress", "--threads", "1", "--cond",
     ]
     c = parse_args(argv)
     assert (c.loss, c.batch, c.rbatch, c.cdm_steps, c.lambda_m, c.eps_max, c.seed, c.channel_mult, c.cond) == (
-        "cdm", 8, 16, 3, 1.5, 0.1, 3, (1, 2), False
+        "cdm", 8, 16, 3, 1.5, 0.1, 3, (1, 2), True
     )
     main(argv)
     out = capsys.readouterr().out
@@ -172,8 +172,15 @@ def test_resume_from_an_empty_folder(tmp_path):
         train(tiny(tmp_path / "run", resume=str(tmp_path / "empty")))
 
 
-def test_class_labels_reach_the_model(tmp_path):
-    s = train(tiny(tmp_path, steps=1))
+def test_class_conditioning(tmp_path):
+    s = train(tiny(tmp_path, steps=1, cond=True))
     assert s["net"].label_dim == load_dataset("digits").label_dim == 10
-    s = train(tiny(tmp_path / "u", steps=1, cond=False))
+    s = train(tiny(tmp_path / "u", steps=1))
     assert s["net"].label_dim == 0
+    with pytest.raises(ValueError, match=r"--cond cannot be used with loss 'stf\+cdm': the stable target averages"):
+        train(tiny(tmp_path / "s", loss="stf+cdm", cond=True))
+    import numpy as np
+
+    np.save(tmp_path / "nolabels.npy", np.zeros((20, 8, 8), np.uint8))
+    with pytest.raises(ValueError, match=r"--cond needs labels, but the data set .* has none"):
+        train(tiny(tmp_path / "n", data=str(tmp_path / "nolabels.npy"), cond=True))
