@@ -198,9 +198,9 @@ class _StableTargetMixin:
                 f"the bank holds references of shape {tuple(rest.shape[1:])} but the images have shape {tuple(y.shape[1:])}"
             )
         rest = rest.to(device=y.device, dtype=y.dtype)
-        refs = torch.cat([y, rest])
-        norms = torch.cat([ref_sqnorm(y), rest_sqnorm.to(device=y.device, dtype=ref_sqnorm(y).dtype)])
-        return refs, norms
+        y_sqnorm = ref_sqnorm(y)  # only the minibatch's norms are new; the bank's are cached
+        norms = torch.cat([y_sqnorm, rest_sqnorm.to(device=y.device, dtype=y_sqnorm.dtype)])
+        return torch.cat([y, rest]), norms
 
     def stable_target(self, x: Tensor, sigma: Tensor, refs: Tensor, norms: Tensor) -> Tensor:
         """mu(x; sigma) over `refs` (or over the union of every process's refs when sharded)."""
@@ -223,9 +223,10 @@ class STFLoss(EDMLoss, _StableTargetMixin):
     over a reference batch r of `rbatch` rows whose first B rows are the minibatch's own clean
     (augmented) images y. The rest comes from `ref=` (a (rbatch, *S) tensor whose first B rows are
     replaced by y, as in the authors' code) or, without it, from `bank.sample(rbatch - B)`.
-    The target is computed under no_grad with `cdm_kernels.stf_target`; with `sharded=True` it is the
-    target over the union of every process's reference batch in `group`
-    (`cdm_kernels.distributed.stf_target_sharded`).
+    The target is computed under no_grad with `cdm_kernels.stf_target` (`backend`, `chunk_size` are
+    its arguments); with `sharded=True` it is the target over the union of every process's
+    reference batch in `group` (`cdm_kernels.distributed.stf_target_sharded`, which streams with the
+    reference implementation's partial states whatever `backend` says).
 
     Draws, in this order: ln sigma, n (as EDMLoss), then the bank's sample (one randperm).
     """

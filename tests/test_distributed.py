@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cdm_kernels import STFLoss, stf_target, stf_target_sharded
+from cdm_kernels import STFCDMLoss, STFLoss, stf_target, stf_target_sharded
 
 
 def _problem(batch_sizes, shard_sizes, shape=(3, 5), dtype=torch.float64):
@@ -62,6 +62,24 @@ def _worker(rank, world, init_file, out_dir, batch_sizes, shard_sizes, mode):
                 g = torch.Generator().manual_seed(100 + rank)
                 loss = loss_fn(net, images, ref=torch.cat([images, rest]), generator=g)
                 out = {"loss": loss}
+            elif mode == "stfcdm":
+                # The sharded STF+CDM loss equals the single-process one whose reference batch is
+                # this process's images, then its shard, then every other process's reference batch
+                # (the target does not depend on the order of the references), with the same draws.
+                images = x[xs]
+                others = [torch.cat([x[_slices(batch_sizes)[q]], ref[_slices(shard_sizes)[q]]]) for q in range(world) if q != rank]
+                net = lambda x_, s_, labels=None, augment_labels=None: x_ / (1 + s_**2)  # noqa: E731
+                args = dict(num_steps=3, eps_min=0.1, eps_max=0.3, P_mean=0.0, P_std=1.0)
+                sharded = STFCDMLoss(**args, sharded=True)(
+                    net, images, ref=torch.cat([images, ref[rs]]), generator=torch.Generator().manual_seed(7 + rank)
+                )
+                single = STFCDMLoss(**args)(
+                    net, images, ref=torch.cat([images, ref[rs], *others]), generator=torch.Generator().manual_seed(7 + rank)
+                )
+                local = STFCDMLoss(**args)(
+                    net, images, ref=torch.cat([images, ref[rs]]), generator=torch.Generator().manual_seed(7 + rank)
+                )
+                out = {"sharded": sharded, "single": single, "local": local}
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -143,6 +161,13 @@ def test_stf_loss_sharded_uses_every_process_reference_batch(tmp_path):
         weight = (s**2 + 0.25) / (s * 0.5) ** 2
         want = weight * (0.5 * x_noisy - mu) ** 2
         torch.testing.assert_close(outs[r]["loss"], want, rtol=1e-10, atol=1e-12)
+
+
+def test_stfcdm_loss_sharded_equals_single_process_over_the_union(tmp_path):
+    outs = _run(tmp_path, (3, 2, 4), (2, 5, 1), mode="stfcdm")
+    for o in outs:
+        torch.testing.assert_close(o["sharded"], o["single"], rtol=1e-11, atol=1e-13)
+        assert (o["local"] - o["single"]).abs().max() > 1e-4  # the other processes' references count
 
 
 def test_requires_grad_is_refused_before_any_collective():
