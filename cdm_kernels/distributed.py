@@ -5,7 +5,8 @@ stable target of a query must still be taken over the union of all slices; the l
 partial states makes that exact with a handful of collectives and no process ever holding the union:
 
   1. all_gather every process's queries x and noise levels sigma (padded to the largest batch);
-  2. each process computes the partial state (m, l, l2, t, a) of ALL queries over its local shard;
+  2. each process computes the partial state (m, l, l2, t, a) of ALL queries over its local shard,
+     with the fused stable-target op of its device (`cdm_kernels::stf_forward`, any backend);
   3. all_reduce(MAX) of m, rescale the local sums to the global m, all_reduce(SUM) of (l, l2, t, a);
   4. finalize, and keep the rows of the local queries.
 
@@ -21,7 +22,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import stf_reference
-from .stf import _check_float, _check_sigma, _compute_dtype, default_chunk_size
+from .stf import PRECISIONS, _check_float, _check_sigma, _compute_dtype, default_chunk_size, resolve_backend
 
 __all__ = ["stf_target_sharded"]
 
@@ -36,6 +37,25 @@ def _all_gather_padded(t: Tensor, rows: int, max_rows: int, world: int, group) -
     return torch.cat(out)
 
 
+def _shard_state(xs: Tensor, sigmas: Tensor, r2: Tensor, norms: Tensor, chunk_size, backend, precision):
+    """The partial state of every query over this process's shard, from the fused forward op.
+
+    The op returns the shard's finished softmax; written as a partial state whose reference level
+    is the shard's own log-normaliser zlse (instead of the row maximum), e_ij = w_ij, so
+        m = zlse,  l = 1,  a = mu,  l2 = sum_j w_ij^2 = 1 / n_eff,
+        t = sum_j w_ij (z_ij - zlse) = (||x_i||^2 - d_bar_i) / (2 sigma_i^2) - zlse
+    (d_ij = ||x_i||^2 - 2 sigma_i^2 z_ij), which merges exactly like the streaming state.
+    """
+    if r2.shape[0] == 0:
+        return stf_reference.empty_state(xs)
+    chunk = chunk_size or default_chunk_size(xs.shape[0], r2.shape[0], xs.shape[1])
+    mu, _, aux = torch.ops.cdm_kernels.stf_forward(xs, sigmas, r2, norms, chunk, backend, precision)
+    zlse = aux[:, stf_reference.AUX_ZLSE]
+    s2 = sigmas * sigmas
+    t = ((xs * xs).sum(1) - aux[:, stf_reference.AUX_DBAR]) / (2 * s2) - zlse
+    return stf_reference.State(zlse, torch.ones_like(zlse), 1.0 / aux[:, stf_reference.AUX_NEFF], t, mu)
+
+
 def stf_target_sharded(
     x: Tensor,
     sigma: Tensor | float,
@@ -44,6 +64,8 @@ def stf_target_sharded(
     *,
     ref_sqnorm: Tensor | None = None,
     chunk_size: int | None = None,
+    backend: str = "auto",
+    precision: str = "ieee",
     return_lse: bool = False,
 ):
     """The stable target of this process's queries over the union of every process's references.
@@ -62,6 +84,8 @@ def stf_target_sharded(
         group: the torch.distributed process group (None: the default group).
         ref_sqnorm: optional cached ||r_j||^2 of the shard, shape (n_local,) (`cdm_kernels.ref_sqnorm`).
         chunk_size: references per streaming chunk; None picks one.
+        backend, precision: of the local computation, as in `stf_target` ("auto" picks the fastest
+            backend registered for x's device).
         return_lse: also return lse_i = log sum_j exp(-||x_i - r_j||^2 / (2 sigma_i^2)), shape (B,).
 
     Returns mu with x's shape and dtype (and lse in the compute dtype if asked), equal to
@@ -90,6 +114,9 @@ def stf_target_sharded(
         raise TypeError(f"ref_shard has dtype {ref_shard.dtype} but x has dtype {x.dtype}; they must match")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    name = resolve_backend(x.device, backend)
     B, n_local = x.shape[0], ref_shard.shape[0]
     dtype = _compute_dtype(x.dtype)
     sig = _check_sigma(sigma, B, x, dtype)
@@ -125,11 +152,7 @@ def stf_target_sharded(
     xs = _all_gather_padded(x2, B, B_max, world, group)  # (world B_max, D)
     sigmas = _all_gather_padded(sig, B, B_max, world, group)  # (world B_max,)
 
-    if n_local > 0:
-        chunk = chunk_size or default_chunk_size(xs.shape[0], n_local, D)
-        state = stf_reference.partial_state(xs, sigmas, r2, norms, chunk)
-    else:
-        state = stf_reference.empty_state(xs)
+    state = _shard_state(xs, sigmas, r2.contiguous(), norms.contiguous(), chunk_size, name, precision)
 
     # Exact merge across processes: bring every local state to the global row maximum (merging with
     # an empty state held at that maximum rescales l, l2, t and a and leaves an empty shard at 0),

@@ -209,7 +209,7 @@ class _StableTargetMixin:
                 from .distributed import stf_target_sharded
 
                 return stf_target_sharded(
-                    x, sigma, refs, group=self.group, ref_sqnorm=norms, chunk_size=self.chunk_size
+                    x, sigma, refs, group=self.group, ref_sqnorm=norms, chunk_size=self.chunk_size, backend=self.backend
                 )
             return stf_target(x, sigma, refs, ref_sqnorm=norms, chunk_size=self.chunk_size, backend=self.backend)
 
@@ -225,8 +225,7 @@ class STFLoss(EDMLoss, _StableTargetMixin):
     replaced by y, as in the authors' code) or, without it, from `bank.sample(rbatch - B)`.
     The target is computed under no_grad with `cdm_kernels.stf_target` (`backend`, `chunk_size` are
     its arguments); with `sharded=True` it is the target over the union of every process's
-    reference batch in `group` (`cdm_kernels.distributed.stf_target_sharded`, which streams with the
-    reference implementation's partial states whatever `backend` says).
+    reference batch in `group` (`cdm_kernels.distributed.stf_target_sharded`).
 
     Draws, in this order: ln sigma, n (as EDMLoss), then the bank's sample (one randperm).
     """

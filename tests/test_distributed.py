@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cdm_kernels import STFCDMLoss, STFLoss, stf_target, stf_target_sharded
+from cdm_kernels import STFCDMLoss, STFLoss, available_backends, stf_target, stf_target_sharded
 
 
 def _problem(batch_sizes, shard_sizes, shape=(3, 5), dtype=torch.float64):
@@ -47,8 +47,10 @@ def _worker(rank, world, init_file, out_dir, batch_sizes, shard_sizes, mode):
         x, sigma, ref = _problem(batch_sizes, shard_sizes)
         xs, rs = _slices(batch_sizes)[rank], _slices(shard_sizes)[rank]
         with torch.no_grad():
-            if mode == "target":
-                mu, lse = stf_target_sharded(x[xs], sigma[xs], ref[rs], return_lse=True, chunk_size=3)
+            if mode.startswith("target:"):
+                mu, lse = stf_target_sharded(
+                    x[xs], sigma[xs], ref[rs], return_lse=True, chunk_size=3, backend=mode.split(":")[1]
+                )
                 out = {"mu": mu, "lse": lse}
             elif mode == "float32":
                 mu = stf_target_sharded(x[xs].float(), sigma[xs].float(), ref[rs].float())
@@ -85,7 +87,7 @@ def _worker(rank, world, init_file, out_dir, batch_sizes, shard_sizes, mode):
         dist.destroy_process_group()
 
 
-def _run(tmp_path, batch_sizes, shard_sizes, mode="target"):
+def _run(tmp_path, batch_sizes, shard_sizes, mode):
     world = len(batch_sizes)
     # fork, not spawn: the children inherit the imported torch instead of importing it again
     # (seconds each on a loaded machine); safe here because nothing has touched CUDA.
@@ -107,17 +109,18 @@ def _naive(x, sigma, ref):
     return (w @ ref.reshape(ref.shape[0], -1)).reshape(x.shape), torch.logsumexp(logit, dim=1)
 
 
+@pytest.mark.parametrize("backend", available_backends("cpu"))
 @pytest.mark.parametrize(
     "batch_sizes, shard_sizes",
     [((4, 7), (9, 5)), ((5, 2, 6), (3, 0, 11))],
     ids=["2 processes", "3 processes, one shard empty"],
 )
-def test_sharded_equals_single_process_over_the_union(tmp_path, batch_sizes, shard_sizes):
+def test_sharded_equals_single_process_over_the_union(tmp_path, batch_sizes, shard_sizes, backend):
     x, sigma, ref = _problem(batch_sizes, shard_sizes)
     want_mu, want_lse = stf_target(x, sigma, ref, return_lse=True)
     naive_mu, naive_lse = _naive(x, sigma, ref)
     torch.testing.assert_close(want_mu, naive_mu, rtol=1e-10, atol=1e-12)  # the judge itself
-    outs = _run(tmp_path, batch_sizes, shard_sizes)
+    outs = _run(tmp_path, batch_sizes, shard_sizes, mode=f"target:{backend}")
     got_mu = torch.cat([o["mu"] for o in outs])
     got_lse = torch.cat([o["lse"] for o in outs])
     assert got_mu.dtype == torch.float64 and got_mu.shape == x.shape
@@ -188,6 +191,10 @@ def test_bad_input_messages():
         stf_target_sharded(x, 1.0, torch.randn(4, 3), ref_sqnorm=torch.ones(3))
     with pytest.raises(ValueError, match="chunk_size must be a positive int or None, got 0"):
         stf_target_sharded(x, 1.0, torch.randn(4, 3), chunk_size=0)
+    with pytest.raises(ValueError, match=r"precision must be one of \('ieee', 'tf32', 'bf16'\), got 'fp8'"):
+        stf_target_sharded(x, 1.0, torch.randn(4, 3), precision="fp8")
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        stf_target_sharded(x, 1.0, torch.randn(4, 3), backend="gpu")
 
 
 @pytest.mark.skipif(dist.is_initialized(), reason="a process group is already initialized in this process")
