@@ -42,12 +42,19 @@ def _worker(rank, world, init_file, out_dir, batch_sizes, shard_sizes, mode):
     # A forked child must not enter the OpenMP/MKL thread pool its parent already started (it
     # deadlocks); one thread is plenty for these sizes.
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    nccl = mode == "nccl"
+    if nccl:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if nccl else "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         x, sigma, ref = _problem(batch_sizes, shard_sizes)
         xs, rs = _slices(batch_sizes)[rank], _slices(shard_sizes)[rank]
         with torch.no_grad():
-            if mode.startswith("target:"):
+            if nccl:  # every tensor on this process's GPU, as in multi-GPU training
+                dev = torch.device("cuda", rank)
+                mu, lse = stf_target_sharded(x[xs].to(dev), sigma[xs].to(dev), ref[rs].to(dev), return_lse=True)
+                out = {"mu": mu.cpu(), "lse": lse.cpu()}
+            elif mode.startswith("target:"):
                 mu, lse = stf_target_sharded(
                     x[xs], sigma[xs], ref[rs], return_lse=True, chunk_size=3, backend=mode.split(":")[1]
                 )
@@ -96,7 +103,7 @@ def _run(tmp_path, batch_sizes, shard_sizes, mode):
         args=(world, str(tmp_path / "rendezvous"), str(tmp_path), batch_sizes, shard_sizes, mode),
         nprocs=world,
         join=True,
-        start_method="fork" if not torch.cuda.is_initialized() else "spawn",
+        start_method="spawn" if mode == "nccl" or torch.cuda.is_initialized() else "fork",
     )
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
@@ -133,6 +140,16 @@ def test_sharded_equals_single_process_over_the_union(tmp_path, batch_sizes, sha
     # The union matters: a process's own shard alone gives a different target.
     local_only = stf_target(x[: batch_sizes[0]], sigma[: batch_sizes[0]], ref[: shard_sizes[0]])
     assert (local_only - want_mu[: batch_sizes[0]]).abs().max() > 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs for NCCL")
+def test_sharded_over_nccl_on_two_gpus(tmp_path):
+    batch_sizes, shard_sizes = (4, 7), (9, 5)
+    x, sigma, ref = _problem(batch_sizes, shard_sizes)
+    want_mu = _naive(x, sigma, ref)[0]
+    outs = _run(tmp_path, batch_sizes, shard_sizes, mode="nccl")
+    torch.testing.assert_close(torch.cat([o["mu"] for o in outs]), want_mu, rtol=1e-10, atol=1e-12)
 
 
 def test_sharded_float32_within_float32_error(tmp_path):

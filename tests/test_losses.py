@@ -22,6 +22,13 @@ from cdm_kernels.random import philox_randn_reference
 
 F64 = torch.float64
 SD = 0.5  # sigma_data
+# The transcription tests run on the CPU here and on a GPU where there is one (same code, the
+# draws replayed from a generator on that device).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _gen(seed, device="cpu"):
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 class TinyDenoiser(nn.Module):
@@ -56,20 +63,20 @@ class TinyDenoiser(nn.Module):
 
 def flip_pipe(images):
     """A deterministic augmentation: horizontal flip of odd samples; labels [flipped, 1]."""
-    flipped = torch.arange(images.shape[0]) % 2 == 1
+    flipped = torch.arange(images.shape[0], device=images.device) % 2 == 1
     y = torch.where(flipped[:, None, None, None], images.flip(-1), images)
     labels = torch.stack([flipped.to(images.dtype), torch.ones(images.shape[0], dtype=images.dtype)], 1)
     return y, labels
 
 
-def _images(B=4, shape=(2, 4, 4), seed=11):
+def _images(B=4, shape=(2, 4, 4), seed=11, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return torch.rand((B, *shape), generator=g, dtype=F64) * 2 - 1
+    return (torch.rand((B, *shape), generator=g, dtype=F64) * 2 - 1).to(device)
 
 
-def _labels(B, seed=12):
+def _labels(B, seed=12, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return torch.nn.functional.one_hot(torch.randint(0, 3, (B,), generator=g), 3).to(F64)
+    return torch.nn.functional.one_hot(torch.randint(0, 3, (B,), generator=g), 3).to(device, F64)
 
 
 def _weight(sigma):
@@ -85,10 +92,10 @@ def _naive_target(x, sigma, refs):
 
 
 def _replay_noise(g, images, P_mean, P_std, augment_pipe=None):
-    rnd = torch.randn((images.shape[0], 1, 1, 1), generator=g, dtype=F64)
+    rnd = torch.randn((images.shape[0], 1, 1, 1), generator=g, dtype=F64, device=images.device)
     sigma = torch.exp(rnd * P_std + P_mean)
     y, aug = augment_pipe(images) if augment_pipe else (images, None)
-    n = torch.randn(y.shape, generator=g, dtype=F64) * sigma
+    n = torch.randn(y.shape, generator=g, dtype=F64, device=y.device) * sigma
     return sigma, y, aug, y + n
 
 
@@ -97,10 +104,11 @@ def _replay_noise(g, images, P_mean, P_std, augment_pipe=None):
 # ------------------------------------------------------------------------------------------------
 
 
-def test_edm_loss_matches_transcription_with_augmentation_and_labels():
-    images, labels, net = _images(), _labels(4), TinyDenoiser()
-    loss = EDMLoss()(net, images, labels, flip_pipe, generator=torch.Generator().manual_seed(7))
-    sigma, y, aug, x = _replay_noise(torch.Generator().manual_seed(7), images, -1.2, 1.2, flip_pipe)
+@pytest.mark.parametrize("device", DEVICES)
+def test_edm_loss_matches_transcription_with_augmentation_and_labels(device):
+    images, labels, net = _images(device=device), _labels(4, device=device), TinyDenoiser().to(device)
+    loss = EDMLoss()(net, images, labels, flip_pipe, generator=_gen(7, device))
+    sigma, y, aug, x = _replay_noise(_gen(7, device), images, -1.2, 1.2, flip_pipe)
     want = _weight(sigma) * (net(x, sigma, labels, augment_labels=aug) - y) ** 2
     assert loss.shape == images.shape and loss.dtype == F64
     torch.testing.assert_close(loss, want, rtol=1e-13, atol=0)
@@ -119,12 +127,13 @@ def test_edm_loss_draws_from_the_global_generator_without_one():
     assert not torch.equal(a, EDMLoss()(net, images))
 
 
-def test_stf_loss_with_ref_matches_transcription():
-    images, net = _images(), TinyDenoiser()
-    ref = _images(B=10, seed=21)
+@pytest.mark.parametrize("device", DEVICES)
+def test_stf_loss_with_ref_matches_transcription(device):
+    images, net = _images(device=device), TinyDenoiser().to(device)
+    ref = _images(B=10, seed=21, device=device)
     ref_before = ref.clone()
-    loss = STFLoss(rbatch=10)(net, images, augment_pipe=flip_pipe, ref=ref, generator=torch.Generator().manual_seed(8))
-    sigma, y, aug, x = _replay_noise(torch.Generator().manual_seed(8), images, -1.2, 1.2, flip_pipe)
+    loss = STFLoss(rbatch=10)(net, images, augment_pipe=flip_pipe, ref=ref, generator=_gen(8, device))
+    sigma, y, aug, x = _replay_noise(_gen(8, device), images, -1.2, 1.2, flip_pipe)
     # The minibatch's own (augmented) images replace the first B rows of the reference batch.
     mu = _naive_target(x, sigma, torch.cat([y, ref[4:]]))
     want = _weight(sigma) * (net(x, sigma, None, augment_labels=aug) - mu) ** 2
@@ -132,14 +141,15 @@ def test_stf_loss_with_ref_matches_transcription():
     assert torch.equal(ref, ref_before)  # the caller's tensor is not written to
 
 
-def test_stf_loss_with_bank_matches_transcription():
-    images, net = _images(), TinyDenoiser()
-    pool = _images(B=20, seed=22)
+@pytest.mark.parametrize("device", DEVICES)
+def test_stf_loss_with_bank_matches_transcription(device):
+    images, net = _images(device=device), TinyDenoiser().to(device)
+    pool = _images(B=20, seed=22, device=device)
     loss_fn = STFLoss(P_mean=-0.5, P_std=1.0, rbatch=9, bank=ReferenceBank(pool))
-    loss = loss_fn(net, images, generator=torch.Generator().manual_seed(9))
-    g = torch.Generator().manual_seed(9)
+    loss = loss_fn(net, images, generator=_gen(9, device))
+    g = _gen(9, device)
     sigma, y, _, x = _replay_noise(g, images, -0.5, 1.0)
-    rest = pool[torch.randperm(20, generator=g)[:5]]
+    rest = pool[torch.randperm(20, generator=g, device=device)[:5]]
     mu = _naive_target(x, sigma, torch.cat([y, rest]))
     torch.testing.assert_close(loss, _weight(sigma) * (net(x, sigma) - mu) ** 2, rtol=1e-12, atol=1e-14)
 
@@ -181,28 +191,28 @@ def test_reference_bank_samples_distinct_rows_with_their_norms():
 
 
 def _edm_schedule_f64(hi, lo, N, rho=7.0):
-    k = torch.arange(N, dtype=F64) / (N - 1)
+    k = torch.arange(N, dtype=F64, device=hi.device) / (N - 1)
     a, b = hi[:, None] ** (1 / rho), lo[:, None] ** (1 / rho)
     return (a + k * (b - a)) ** rho
 
 
-def _philox(numel, seed, offset):
-    z = randn(numel, seed, offset, dtype=F64)
+def _philox(numel, seed, offset, device="cpu"):
+    z = randn(numel, seed, offset, dtype=F64, device=device)
     ref = torch.from_numpy(philox_randn_reference(numel, seed, offset).astype(np.float64))
-    torch.testing.assert_close(z, ref, rtol=0, atol=2e-6)  # the numbers are the Philox spec's
+    torch.testing.assert_close(z.cpu(), ref, rtol=0, atol=2e-6)  # the numbers are the Philox spec's
     return z
 
 
 def _cdm_transcription(net, images, labels, augment_pipe, seed, *, num_steps, lambda_m, eps_min, eps_max,
                        P_mean, P_std, ref=None):
     """math.md section 3, steps 1-6, in float64, replaying the loss's draws from Generator(seed)."""
-    g = torch.Generator().manual_seed(seed)
+    g = _gen(seed, images.device)
     sigma, y, aug, x_t = _replay_noise(g, images, P_mean, P_std, augment_pipe)
     B, K = images.shape[0], 2
     target = y if ref is None else _naive_target(x_t, sigma, torch.cat([y, ref[B:]]))
-    eps = eps_min + (eps_max - eps_min) * torch.rand(sigma.shape, generator=g, dtype=F64)
+    eps = eps_min + (eps_max - eps_min) * torch.rand(sigma.shape, generator=g, dtype=F64, device=g.device)
     sigma_min = torch.minimum((sigma - eps).clamp_min(0.002), sigma)
-    philox_seed = int(torch.randint(0, 1 << 62, (1,), generator=g))
+    philox_seed = int(torch.randint(0, 1 << 62, (1,), generator=g, device=g.device))
     t = _edm_schedule_f64(sigma.reshape(B), sigma_min.reshape(B), num_steps)
     rep = lambda v: None if v is None else torch.cat([v] * K)  # noqa: E731  trajectory-major
     D0 = net(x_t, sigma, labels, augment_labels=aug)
@@ -210,7 +220,7 @@ def _cdm_transcription(net, images, labels, augment_pipe, seed, *, num_steps, la
     numel = x_t.numel()
     for k in range(num_steps - 1):
         t0, t1 = rep(t[:, k]).reshape(-1, 1, 1, 1), rep(t[:, k + 1]).reshape(-1, 1, 1, 1)
-        z = _philox(K * numel, philox_seed, k * K * numel)
+        z = _philox(K * numel, philox_seed, k * K * numel, images.device)
         x = x + 2 * (t1 - t0) * (x - net(x, t0, rep(labels), augment_labels=rep(aug))) / t0 \
             + torch.sqrt(2 * (t1 - t0).abs() * t0) * z.reshape(x.shape)
     D1 = net(x, rep(sigma_min), rep(labels), augment_labels=rep(aug))
@@ -221,9 +231,10 @@ def _cdm_transcription(net, images, labels, augment_pipe, seed, *, num_steps, la
 CDM_ARGS = dict(num_steps=4, lambda_m=1.5, eps_min=0.1, eps_max=0.6, P_mean=-0.3, P_std=1.0)
 
 
-def test_cdm_loss_matches_transcription_with_labels_and_augmentation():
-    images, labels, net = _images(B=3), _labels(3), TinyDenoiser()
-    loss = CDMLoss(**CDM_ARGS)(net, images, labels, flip_pipe, generator=torch.Generator().manual_seed(4))
+@pytest.mark.parametrize("device", DEVICES)
+def test_cdm_loss_matches_transcription_with_labels_and_augmentation(device):
+    images, labels, net = _images(B=3, device=device), _labels(3, device=device), TinyDenoiser().to(device)
+    loss = CDMLoss(**CDM_ARGS)(net, images, labels, flip_pipe, generator=_gen(4, device))
     calls = net.calls
     # D0, then num_steps - 1 rollout evaluations of 2B rows, then one 2B evaluation at sigma_min.
     assert [c[0].shape[0] for c in calls] == [3, 6, 6, 6, 6]
@@ -238,10 +249,11 @@ def test_cdm_loss_matches_transcription_with_labels_and_augmentation():
     torch.testing.assert_close(x0[3:], calls[0][0], rtol=0, atol=0)
 
 
-def test_stfcdm_loss_matches_transcription():
-    images, net = _images(B=3), TinyDenoiser()
-    ref = _images(B=7, seed=24)
-    loss = STFCDMLoss(**CDM_ARGS)(net, images, augment_pipe=flip_pipe, ref=ref, generator=torch.Generator().manual_seed(6))
+@pytest.mark.parametrize("device", DEVICES)
+def test_stfcdm_loss_matches_transcription(device):
+    images, net = _images(B=3, device=device), TinyDenoiser().to(device)
+    ref = _images(B=7, seed=24, device=device)
+    loss = STFCDMLoss(**CDM_ARGS)(net, images, augment_pipe=flip_pipe, ref=ref, generator=_gen(6, device))
     net.calls = []
     want = _cdm_transcription(net, images, None, flip_pipe, 6, ref=ref, **CDM_ARGS)
     torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-12)
@@ -366,12 +378,13 @@ def _conv_net():
     return net
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["edm", "stf", "cdm", "stfcdm"])
-def test_gradients_reach_every_parameter(kind):
-    images = _images().float()
-    labels = _labels(4).float()
-    ref = _images(B=8, seed=26).float()
-    net = _conv_net()
+def test_gradients_reach_every_parameter(kind, device):
+    images = _images(device=device).float()
+    labels = _labels(4, device=device).float()
+    ref = _images(B=8, seed=26, device=device).float()
+    net = _conv_net().to(device)
     fns = {
         "edm": lambda: EDMLoss()(net, images, labels, flip_pipe),
         "stf": lambda: STFLoss()(net, images, labels, flip_pipe, ref=ref),
