@@ -52,3 +52,10 @@ from .distributed import stf_target_sharded
 from .losses import CDMLoss, EDMLoss, ReferenceBank, STFCDMLoss, STFLoss
 
 __all__ += ["CDMLoss", "EDMLoss", "ReferenceBank", "STFCDMLoss", "STFLoss", "stf_target_sharded"]
+
+# EDM model, sampler, data sets and the training loop (`python -m cdm_kernels.train`).
+from .data import ImageDataset, load_dataset
+from .edm import EDMPrecond, UNet, edm_sampler
+from .train import TrainConfig, train
+
+__all__ += ["EDMPrecond", "ImageDataset", "TrainConfig", "UNet", "edm_sampler", "load_dataset", "train"]

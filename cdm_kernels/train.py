@@ -517,6 +517,59 @@ def train(c: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
     return summary
 
 
+def profile_training(c: TrainConfig, steps: int = 5, warmup: int = 1) -> dict:
+    """Profiles `steps` training steps (after `warmup` steps) with torch.profiler on the CPU and
+    splits their wall time into the cdm_kernels ops (every top-level `cdm_kernels::*` or
+    `cdm_kernels_C::*` op, forward and backward: the stable target, rollout steps, the martingale
+    loss, Philox noise) and the rest (the network, the optimizer, the loop).
+
+    Returns {"seconds_per_step", "kernel_seconds_per_step", "kernel_share", "by_op": {name: s/step}}.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CPU])
+    marks = {}
+
+    def on_step(step, record):
+        if step == warmup:
+            marks["t0"] = time.perf_counter()
+            prof.start()
+        elif step == warmup + steps:
+            prof.stop()
+            marks["t1"] = time.perf_counter()
+
+    import tempfile
+
+    # One more step than profiled: the run's final snapshot (a checkpoint write) falls outside.
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = dataclasses.replace(c, steps=warmup + steps + 1, snap=10**9, grid=0, progress=False, resume=None, outdir=tmp)
+        train(cfg, on_step=on_step)
+    wall = marks["t1"] - marks["t0"]
+
+    def is_kernel(name: str) -> bool:
+        return name.startswith(("cdm_kernels::", "cdm_kernels_C::"))
+
+    by_op: dict[str, float] = {}
+    for ev in prof.events():
+        if not is_kernel(ev.name):
+            continue
+        parent, nested = ev.cpu_parent, False
+        while parent is not None:  # count an op once, not again for the ops it calls
+            if is_kernel(parent.name):
+                nested = True
+                break
+            parent = parent.cpu_parent
+        if not nested:
+            by_op[ev.name] = by_op.get(ev.name, 0.0) + ev.cpu_time_total * 1e-6 / steps
+    kernel = sum(by_op.values())
+    return {
+        "seconds_per_step": wall / steps,
+        "kernel_seconds_per_step": kernel,
+        "kernel_share": kernel / (wall / steps),
+        "by_op": dict(sorted(by_op.items(), key=lambda kv: -kv[1])),
+    }
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
@@ -529,7 +582,8 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected a comma-separated list of ints, got {text!r}") from None
 
 
-def parse_args(argv=None) -> TrainConfig:
+def parse_args(argv=None, with_profile: bool = False):
+    """The TrainConfig of a command line (and the --profile step count if `with_profile`)."""
     d = TrainConfig()
     p = argparse.ArgumentParser(
         prog="cdm-train",
@@ -572,8 +626,10 @@ def parse_args(argv=None) -> TrainConfig:
     g.add_argument("--grid", type=int, default=d.grid, help="images in each snapshot grid (0: none)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="instead of training, profile N steps and print the share of time in cdm_kernels ops")
     a = p.parse_args(argv)
-    return TrainConfig(
+    c = TrainConfig(
         data=a.data, outdir=a.outdir, loss=a.loss, batch=a.batch, rbatch=a.rbatch, cdm_steps=a.cdm_steps,
         lambda_m=a.lambda_m, eps_min=a.eps_min, eps_max=a.eps_max, lr=a.lr, lr_rampup=a.lr_rampup,
         ema_halflife=a.ema_halflife, ema_rampup=a.ema_rampup, images=a.images, steps=a.steps, seed=a.seed,
@@ -582,11 +638,25 @@ def parse_args(argv=None) -> TrainConfig:
         dropout=a.dropout, sample_steps=a.sample_steps, grid=a.grid, backend=a.backend, progress=not a.no_progress,
         threads=a.threads,
     )
+    return (c, a.profile) if with_profile else c
 
 
 def main(argv=None) -> None:
     """Entry point of `python -m cdm_kernels.train` and `cdm-train`."""
-    train(parse_args(argv))
+    c, profile_steps = parse_args(argv, with_profile=True)
+    if profile_steps:
+        r = profile_training(c, steps=profile_steps)
+        print(
+            f"profile of {profile_steps} steps, loss {c.loss}, batch {c.batch}"
+            + (f", rbatch {c.rbatch}" if "stf" in c.loss else "")
+            + (f", {c.cdm_steps} rollout points" if "cdm" in c.loss else "")
+            + f": {r['seconds_per_step'] * 1e3:.1f} ms a step, {r['kernel_seconds_per_step'] * 1e3:.1f} ms "
+            f"({100 * r['kernel_share']:.1f}%) in cdm_kernels ops"
+        )
+        for name, sec in r["by_op"].items():
+            print(f"  {name:48s} {sec * 1e3:9.2f} ms/step")
+        return
+    train(c)
 
 
 if __name__ == "__main__":
