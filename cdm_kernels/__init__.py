@@ -53,9 +53,9 @@ from .losses import CDMLoss, EDMLoss, ReferenceBank, STFCDMLoss, STFLoss
 
 __all__ += ["CDMLoss", "EDMLoss", "ReferenceBank", "STFCDMLoss", "STFLoss", "stf_target_sharded"]
 
-# EDM model, sampler, data sets and the training loop (`python -m cdm_kernels.train`).
+# EDM model, sampler and data sets. The training loop is the submodule cdm_kernels.train (not
+# imported here, so that `python -m cdm_kernels.train` runs it as __main__ without a second copy).
 from .data import ImageDataset, load_dataset
 from .edm import EDMPrecond, UNet, edm_sampler
-from .train import TrainConfig, train
 
-__all__ += ["EDMPrecond", "ImageDataset", "TrainConfig", "UNet", "edm_sampler", "load_dataset", "train"]
+__all__ += ["EDMPrecond", "ImageDataset", "UNet", "edm_sampler", "load_dataset"]
