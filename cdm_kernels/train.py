@@ -386,8 +386,14 @@ def train(c: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
 
     ddp = net
     if dd.active:
+        import inspect
+
+        # The only buffer (the Fourier frequencies) is equal everywhere and never changes: no need
+        # to broadcast it before every forward pass (the keyword was renamed in recent torch).
+        params = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+        no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
         ddp = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+            net, device_ids=[device.index] if device.type == "cuda" else None, **no_sync
         )
 
     if main_proc:
