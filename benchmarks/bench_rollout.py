@@ -7,7 +7,9 @@ machine are noisy; ratios much less so):
   2. Noise alone: cdm_kernels.randn vs torch.randn of the same size.
   3. Euler step and Heun correction vs a plain tensor copy moving the same bytes (Euler: x and D
      read, x' written = 3 arrays; Heun: x, D, x_euler, D_euler read, x' written = 5 arrays).
-Every peer is first checked to compute the same thing on the benchmark's inputs.
+Every peer is first checked to compute the same thing on the benchmark's inputs. Each row is
+measured at 1 thread and at torch's default thread count, ours and the peer at the same count (on a
+loaded 2-core machine, torch's multi-threaded copies can lose a scheduler slice at a barrier).
 
     PYTHONPATH=. python benchmarks/bench_rollout.py [--min-run-time 1.0] [--csv out.csv]
 """
@@ -35,9 +37,10 @@ class Config:
 CONFIGS = [Config((256, 3, 32, 32)), Config((128, 3, 64, 64))]
 
 
-def median_seconds(fn, min_run_time: float) -> float:
+def median_seconds(fn, min_run_time: float, threads: int) -> float:
+    torch.set_num_threads(threads)
     fn()  # warm-up (allocator, thread pool, Triton/extension first call)
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
@@ -47,7 +50,7 @@ def authors_sde_step(x64, D, t, tn):
     return x64 + 2 * (tn - t) * (x64 - D64) / t + torch.sqrt(2 * (t - tn).abs() * t) * torch.randn_like(x64)
 
 
-def run(cfg: Config, backend: str, min_run_time: float):
+def run(cfg: Config, backend: str, min_run_time: float, threads: int):
     B = cfg.shape[0]
     x = torch.randn(cfg.shape, dtype=cfg.dtype)
     D = torch.randn(cfg.shape, dtype=cfg.dtype)
@@ -71,10 +74,10 @@ def run(cfg: Config, backend: str, min_run_time: float):
     rows = []
 
     def add(name, ours_fn, peer_name, peer_fn, bytes_moved=None):
-        t_ours = median_seconds(ours_fn, min_run_time)
-        t_peer = median_seconds(peer_fn, min_run_time)
+        t_ours = median_seconds(ours_fn, min_run_time, threads)
+        t_peer = median_seconds(peer_fn, min_run_time, threads)
         gbs = bytes_moved / t_ours / 1e9 if bytes_moved else float("nan")
-        rows.append(dict(shape="x".join(map(str, cfg.shape)), op=name, ours_ms=t_ours * 1e3, peer=peer_name,
+        rows.append(dict(shape="x".join(map(str, cfg.shape)), threads=threads, op=name, ours_ms=t_ours * 1e3, peer=peer_name,
                          peer_ms=t_peer * 1e3, ratio=t_peer / t_ours, ours_GBps=gbs))
 
     add("sde step, in-kernel noise (fp32)",
@@ -104,20 +107,23 @@ def main():
     parser.add_argument("--csv", default=None, help="also write the rows to this CSV file")
     args = parser.parse_args()
     backend = cdm_kernels.resolve_rollout_backend("cpu", args.backend)
-    env = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-           f"backend {backend}; {cdm_kernels.extension_status()}")
+    default_threads = torch.get_num_threads()
+    env = (f"{platform.processor() or platform.machine()}, torch {torch.__version__}, backend {backend}; "
+           f"{cdm_kernels.extension_status()}")
     all_rows = []
-    for cfg in CONFIGS:
-        rows, errs = run(cfg, backend, args.min_run_time)
-        all_rows += rows
-        print(f"checked {cfg.shape}: |fused sde - authors' formula, same noise| = {errs['err_sde']:.2e}, "
-              f"|fused euler - fp64 euler| = {errs['err_euler']:.2e}")
+    for threads in sorted({1, default_threads}):
+        for cfg in CONFIGS:
+            rows, errs = run(cfg, backend, args.min_run_time, threads)
+            all_rows += rows
+            print(f"checked {cfg.shape}: |fused sde - authors' formula, same noise| = {errs['err_sde']:.2e}, "
+                  f"|fused euler - fp64 euler| = {errs['err_euler']:.2e}")
+    torch.set_num_threads(default_threads)
     print(f"\n{env}\n")
-    print("| shape | op | ours (ms) | peer | peer (ms) | speed-up (peer / ours) | ours GB/s |")
-    print("|---|---|---:|---|---:|---:|---:|")
+    print("| shape | threads | op | ours (ms) | peer | peer (ms) | peer time / ours | ours GB/s |")
+    print("|---|---:|---|---:|---|---:|---:|---:|")
     for r in all_rows:
         gbs = "" if r["ours_GBps"] != r["ours_GBps"] else f"{r['ours_GBps']:.1f}"
-        print(f"| {r['shape']} | {r['op']} | {r['ours_ms']:.3f} | {r['peer']} | {r['peer_ms']:.3f} | {r['ratio']:.2f} | {gbs} |")
+        print(f"| {r['shape']} | {r['threads']} | {r['op']} | {r['ours_ms']:.3f} | {r['peer']} | {r['peer_ms']:.3f} | {r['ratio']:.2f} | {gbs} |")
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=[*all_rows[0].keys(), "env"])

@@ -352,14 +352,13 @@ def _check_levels(kind: str, t_cur: Tensor, t_next: Tensor | None) -> None:
         raise ValueError(f"t_cur must be positive and finite for every sample; t_cur[{i}] = {t_cur[i].item()}")
     if t_next is None:
         return
-    lowest = 0.0
     ok = torch.isfinite(t_next) & ((t_next > 0) if kind == "heun" else (t_next >= 0))
     bad = ~ok
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
         need = "positive (the Heun correction divides by t_next)" if kind == "heun" else "non-negative"
         raise ValueError(f"t_next must be finite and {need} for every sample; t_next[{i}] = {t_next[i].item()}")
-    bad = t_next > t_cur + lowest
+    bad = t_next > t_cur
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
         raise ValueError(

@@ -26,20 +26,123 @@ namespace {
 constexpr int64_t kTile = 256;
 constexpr int64_t kGrain = 1 << 15;  // elements per parallel task
 
-// Fills z[0..n) with tl.randn(seed, counter0 + i). Compiled twice, for AVX2 (8 lanes: twice the
-// speed of SSE2 on the 32 x 32 -> 64-bit products) and baseline x86-64, picked at load time. No
-// FMA in either, so both give the same bits.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-__attribute__((target_clones("avx2", "default")))
+#if defined(__GNUC__) && defined(__x86_64__)
+#define CDM_ROLLOUT_AVX2 1
+#include <immintrin.h>
+
+// Philox 4x32-10 for 8 consecutive counters at once, with AVX2: the 32 x 32 -> 64-bit products
+// as two _mm256_mul_epu32 (even and odd lanes), which GCC's auto-vectoriser does not find (its
+// version of philox::philox_2words was several times slower here). Same words as philox.h: the tests
+// compare the results with Triton's tl.randn through cdm_kernels.randn. Counters lo .. lo + 7 must
+// not wrap past 2^32 (the caller checks), so the high counter word is the same for all 8.
+__attribute__((target("avx2"))) void uniforms_avx2(uint32_t lo, uint32_t hi, uint64_t seed, float* u0,
+                                                   float* u1) {
+  const __m256i A = _mm256_set1_epi32(static_cast<int>(philox::kRoundA));
+  const __m256i B = _mm256_set1_epi32(static_cast<int>(philox::kRoundB));
+  const __m256i odd_mask = _mm256_set_epi32(-1, 0, -1, 0, -1, 0, -1, 0);
+  __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(lo)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  __m256i c1 = _mm256_set1_epi32(static_cast<int>(hi));
+  __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    // (hi, lo) halves of A * c0 and B * c2 in every lane.
+    const __m256i p0e = _mm256_mul_epu32(c0, A), p0o = _mm256_mul_epu32(_mm256_srli_epi64(c0, 32), A);
+    const __m256i p2e = _mm256_mul_epu32(c2, B), p2o = _mm256_mul_epu32(_mm256_srli_epi64(c2, 32), B);
+    const __m256i hi0 = _mm256_or_si256(_mm256_srli_epi64(p0e, 32), _mm256_and_si256(p0o, odd_mask));
+    const __m256i lo0 = _mm256_or_si256(_mm256_andnot_si256(odd_mask, p0e), _mm256_slli_epi64(p0o, 32));
+    const __m256i hi2 = _mm256_or_si256(_mm256_srli_epi64(p2e, 32), _mm256_and_si256(p2o, odd_mask));
+    const __m256i lo2 = _mm256_or_si256(_mm256_andnot_si256(odd_mask, p2e), _mm256_slli_epi64(p2o, 32));
+    c0 = _mm256_xor_si256(_mm256_xor_si256(hi2, c1), _mm256_set1_epi32(static_cast<int>(k0)));
+    c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
+    c1 = lo2;
+    c3 = lo0;
+    k0 += philox::kKeyA;
+    k1 += philox::kKeyB;
+  }
+  // philox::uniform: int32 view, negatives folded by ~ (s ^ (s >> 31)), scaled in float32.
+  const __m256 scale = _mm256_set1_ps(philox::kUniformScale);
+  const __m256i s0 = _mm256_xor_si256(c0, _mm256_srai_epi32(c0, 31));
+  const __m256i s1 = _mm256_xor_si256(c1, _mm256_srai_epi32(c1, 31));
+  _mm256_storeu_ps(u0, _mm256_mul_ps(_mm256_cvtepi32_ps(s0), scale));
+  _mm256_storeu_ps(u1, _mm256_mul_ps(_mm256_cvtepi32_ps(s1), scale));
+}
+
+// The same with AVX-512F: 16 counters at once.
+__attribute__((target("avx512f"))) void uniforms_avx512(uint32_t lo, uint32_t hi, uint64_t seed, float* u0,
+                                                       float* u1) {
+  const __m512i A = _mm512_set1_epi32(static_cast<int>(philox::kRoundA));
+  const __m512i B = _mm512_set1_epi32(static_cast<int>(philox::kRoundB));
+  const __mmask16 odd = 0xAAAA;
+  __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(lo)),
+                                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  __m512i c1 = _mm512_set1_epi32(static_cast<int>(hi));
+  __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    const __m512i p0e = _mm512_mul_epu32(c0, A), p0o = _mm512_mul_epu32(_mm512_srli_epi64(c0, 32), A);
+    const __m512i p2e = _mm512_mul_epu32(c2, B), p2o = _mm512_mul_epu32(_mm512_srli_epi64(c2, 32), B);
+    const __m512i hi0 = _mm512_mask_blend_epi32(odd, _mm512_srli_epi64(p0e, 32), p0o);
+    const __m512i lo0 = _mm512_mask_blend_epi32(odd, p0e, _mm512_slli_epi64(p0o, 32));
+    const __m512i hi2 = _mm512_mask_blend_epi32(odd, _mm512_srli_epi64(p2e, 32), p2o);
+    const __m512i lo2 = _mm512_mask_blend_epi32(odd, p2e, _mm512_slli_epi64(p2o, 32));
+    c0 = _mm512_xor_si512(_mm512_xor_si512(hi2, c1), _mm512_set1_epi32(static_cast<int>(k0)));
+    c2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3), _mm512_set1_epi32(static_cast<int>(k1)));
+    c1 = lo2;
+    c3 = lo0;
+    k0 += philox::kKeyA;
+    k1 += philox::kKeyB;
+  }
+  const __m512 scale = _mm512_set1_ps(philox::kUniformScale);
+  const __m512i s0 = _mm512_xor_si512(c0, _mm512_srai_epi32(c0, 31));
+  const __m512i s1 = _mm512_xor_si512(c1, _mm512_srai_epi32(c1, 31));
+  _mm512_storeu_ps(u0, _mm512_mul_ps(_mm512_cvtepi32_ps(s0), scale));
+  _mm512_storeu_ps(u1, _mm512_mul_ps(_mm512_cvtepi32_ps(s1), scale));
+}
+
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+}
+
+bool cpu_has_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+}
 #endif
-void philox_tile(uint64_t seed, uint64_t counter0, int64_t n, float* z) {
-  float u0[kTile], u1[kTile];
-  for (int64_t i = 0; i < n; ++i) philox::uniforms(seed, counter0 + static_cast<uint64_t>(i), &u0[i], &u1[i]);
+
+// Fills z[0..n) with tl.randn(seed, counter0 + i). The Box-Muller loop is compiled for AVX-512,
+// AVX2 and baseline x86-64, picked at load time. The AVX-512 clone may contract multiply-adds
+// into FMAs, so results can differ by an ulp between CPU types (never in the Philox words).
+#if defined(CDM_ROLLOUT_AVX2) && !defined(__clang__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+void box_muller_tile(int64_t n, float* u0, float* u1, float* z) {
   for (int64_t i = 0; i < n; ++i) {  // vectorised: log and cos are branch-free polynomials
     u0[i] = philox::box_muller_radius_sq(u0[i]);
     u1[i] = philox::box_muller_cos(u1[i]);
   }
   for (int64_t i = 0; i < n; ++i) z[i] = sqrtf(u0[i]) * u1[i];  // scalar: sqrtf's errno check
+}
+
+void philox_tile(uint64_t seed, uint64_t counter0, int64_t n, float* z) {
+  float u0[kTile], u1[kTile];
+  int64_t i = 0;
+#if defined(CDM_ROLLOUT_AVX2)
+  const uint64_t lo = counter0 & 0xFFFFFFFFull;
+  const bool same_hi = lo + static_cast<uint64_t>(n) <= (1ull << 32);  // high word constant in the tile
+  if (same_hi && cpu_has_avx512()) {
+    for (; i + 16 <= n; i += 16) {
+      uniforms_avx512(static_cast<uint32_t>(lo + i), static_cast<uint32_t>(counter0 >> 32), seed, u0 + i, u1 + i);
+    }
+  }
+  if (same_hi && cpu_has_avx2()) {
+    for (; i + 8 <= n; i += 8) {
+      uniforms_avx2(static_cast<uint32_t>(lo + i), static_cast<uint32_t>(counter0 >> 32), seed, u0 + i, u1 + i);
+    }
+  }
+#endif
+  for (; i < n; ++i) philox::uniforms(seed, counter0 + static_cast<uint64_t>(i), &u0[i], &u1[i]);
+  box_muller_tile(n, u0, u1, z);
 }
 
 at::Tensor philox_randn_cpu(const at::Tensor& anchor, at::IntArrayRef shape, int64_t seed, int64_t offset) {
