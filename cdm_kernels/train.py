@@ -60,13 +60,13 @@ class TrainConfig:
     eps_min: float = 0.0              # CDM: sigma_min = max(sigma - eps, 0.002), eps ~ U[eps_min, eps_max]
     eps_max: float = 0.05
     lr: float = 2e-3
-    lr_rampup: int = 10_000           # images of linear learning-rate warm-up
+    lr_rampup: int = 1_000            # images of linear learning-rate warm-up
     ema_halflife: int = 5_000         # images; EDM's half-life of the EMA weights
     ema_rampup: float = 0.05          # the half-life is at most this fraction of the images seen
-    images: int = 64_000              # duration in training images (steps = images / batch)
+    images: int = 19_200              # duration in training images (steps = images / batch)
     steps: int | None = None          # duration in steps (overrides images)
     seed: int = 0
-    snap: int = 250                   # snapshot (grid, plot, checkpoint) every this many steps
+    snap: int = 100                   # snapshot (grid, plot, checkpoint) every this many steps
     resume: str | None = None         # a checkpoint file, or an output folder (its latest checkpoint)
     device: str = "auto"              # "auto", "cpu" or "cuda"
     cond: bool = False                # class-conditional (needs labels; not with the STF losses)
@@ -221,7 +221,8 @@ def _plot_losses(log_path: str, png_path: str) -> None:
     if len(losses) >= w > 1:
         smooth = np.convolve(losses, np.ones(w) / w, mode="valid")
         ax.plot(steps[w - 1:], smooth, lw=1.5, label=f"mean of {w} steps")
-    ax.set_yscale("log")
+    # the CDM loss has a martingale term that may be negative: log scale only for positive losses
+    ax.set_yscale("log" if min(losses) > 0 else "linear")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (mean per element)")
     ax.grid(alpha=0.3)
@@ -249,8 +250,8 @@ def _truncate_log(log_path: str, last_step: int) -> None:
 def sample_grid(net, num: int, label_dim: int, seed: int, num_steps: int, device) -> torch.Tensor:
     """`num` images from `net` with the deterministic Heun sampler, from noise of a generator keyed
     by `seed` (the global random state is untouched); labels cycle 0, 1, ..., label_dim - 1."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    latents = torch.randn(num, net.img_channels, net.img_resolution, net.img_resolution, generator=g, device=device)
+    g = torch.Generator().manual_seed(seed)  # on the CPU: the same latents on every device
+    latents = torch.randn(num, net.img_channels, net.img_resolution, net.img_resolution, generator=g).to(device)
     labels = torch.arange(num, device=device) % label_dim if label_dim else None
     return edm_sampler(net, latents, labels, num_steps=num_steps, generator=g).float()
 
@@ -429,6 +430,8 @@ def train(c: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
                     "data_order": order.state_dict(),
                     "world_size": dd.world,
                     "param_checksums": checksums,
+                    "image_shape": [ds.channels, ds.resolution, ds.resolution],
+                    "label_dim": label_dim,
                     "config": json.loads(json.dumps(dataclasses.asdict(c))),
                 },
                 paths["checkpoint"],
@@ -523,6 +526,30 @@ def train(c: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
     return summary
 
 
+def sample_checkpoint(path: str, out_png: str, num: int = 100, num_steps: int = 18, seed: int = 0,
+                      device: str = "auto", S_churn: float = 0.0) -> torch.Tensor:
+    """Samples `num` images from the EMA weights of a checkpoint (file or run folder) with EDM's Heun
+    sampler and writes them as a grid to `out_png`; returns the images (num, C, R, R) in [-1, 1]."""
+    ckpt_path = find_checkpoint(path)
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    cfg = dict(ckpt["config"])
+    for key in ("channel_mult", "attn_resolutions"):
+        cfg[key] = tuple(cfg[key])
+    c = TrainConfig(**cfg)
+    dev = _resolve_device(device)
+    C, R, _ = ckpt["image_shape"]
+    net = build_model(c, R, C, ckpt["label_dim"]).to(dev)
+    net.load_state_dict(ckpt["ema"])
+    net.eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(num, C, R, R, generator=g).to(dev)
+    labels = torch.arange(num, device=dev) % ckpt["label_dim"] if ckpt["label_dim"] else None
+    images = edm_sampler(net, latents, labels, num_steps=num_steps, S_churn=S_churn, S_min=0.05, S_max=50.0,
+                         generator=g).float().clamp(-1, 1)
+    save_image_grid(images, out_png, ncols=int(math.ceil(math.sqrt(num))))
+    return images
+
+
 def profile_training(c: TrainConfig, steps: int = 5, warmup: int = 1) -> dict:
     """Profiles `steps` training steps (after `warmup` steps) with torch.profiler on the CPU and
     splits their wall time into the cdm_kernels ops (every top-level `cdm_kernels::*` or
@@ -589,7 +616,8 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def parse_args(argv=None, with_profile: bool = False):
-    """The TrainConfig of a command line (and the --profile step count if `with_profile`)."""
+    """The TrainConfig of a command line (and the parsed namespace, for --profile and --sample-only,
+    if `with_profile`)."""
     d = TrainConfig()
     p = argparse.ArgumentParser(
         prog="cdm-train",
@@ -632,6 +660,9 @@ def parse_args(argv=None, with_profile: bool = False):
     g.add_argument("--grid", type=int, default=d.grid, help="images in each snapshot grid (0: none)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--sample-only", metavar="PNG", default=None,
+                   help="instead of training, sample --grid images from the EMA weights of --resume into PNG")
+    g.add_argument("--churn", type=float, default=0.0, help="S_churn of the --sample-only sampler (0: deterministic)")
     g.add_argument("--profile", type=int, default=0, metavar="N",
                    help="instead of training, profile N steps and print the share of time in cdm_kernels ops")
     a = p.parse_args(argv)
@@ -644,12 +675,20 @@ def parse_args(argv=None, with_profile: bool = False):
         dropout=a.dropout, sample_steps=a.sample_steps, grid=a.grid, backend=a.backend, progress=not a.no_progress,
         threads=a.threads,
     )
-    return (c, a.profile) if with_profile else c
+    return (c, a) if with_profile else c
 
 
 def main(argv=None) -> None:
     """Entry point of `python -m cdm_kernels.train` and `cdm-train`."""
-    c, profile_steps = parse_args(argv, with_profile=True)
+    c, a = parse_args(argv, with_profile=True)
+    profile_steps = a.profile
+    if a.sample_only:
+        if not c.resume:
+            raise SystemExit("--sample-only needs --resume (a checkpoint file or a run folder)")
+        sample_checkpoint(c.resume, a.sample_only, num=c.grid or 100, num_steps=c.sample_steps, seed=c.seed,
+                          device=c.device, S_churn=a.churn)
+        print(f"wrote {c.grid or 100} samples of {find_checkpoint(c.resume)} to {a.sample_only}")
+        return
     if profile_steps:
         r = profile_training(c, steps=profile_steps)
         print(

@@ -104,8 +104,9 @@ def test_output_folder_and_checkpoint_contents(tmp_path):
     ckpt = torch.load(summary["checkpoint"], weights_only=True)  # tensors and plain data only
     assert set(ckpt) == {
         "model", "ema", "optimizer", "step", "images_seen", "rng", "data_order", "world_size", "param_checksums",
-        "config",
+        "config", "image_shape", "label_dim",
     }
+    assert ckpt["image_shape"] == [1, 8, 8] and ckpt["label_dim"] == 0
     assert ckpt["config"]["loss"] == "stf" and ckpt["world_size"] == 1
     assert set(ckpt["rng"][0]) == {"torch", "numpy", "python"}
     with open(tmp_path / "log.jsonl") as f:
@@ -144,6 +145,14 @@ def test_command_line(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "digits: 1797 images of 1x8x8" in out and "done: 1 steps (8 images) of loss cdm" in out
     assert os.path.exists(tmp_path / "checkpoint-0000001.pt")
+    # sampling from the run's EMA weights, the way the snapshot grid was made: the same images
+    png = str(tmp_path / "again.png")
+    main(["--sample-only", png, "--resume", str(tmp_path), "--grid", "4", "--sample-steps", "2", "--seed", "3"])
+    assert "wrote 4 samples" in capsys.readouterr().out
+    from PIL import Image
+    import numpy as np
+
+    assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(tmp_path / "samples-0000001.png")))
 
 
 @pytest.mark.parametrize(
