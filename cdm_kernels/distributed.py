@@ -140,14 +140,23 @@ def stf_target_sharded(
 
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
-    # Batch and shard sizes of every process: the only host synchronisation, needed for the shapes.
-    sizes = torch.tensor([B, n_local], dtype=torch.int64, device=x.device)
+    if rank < 0:
+        raise RuntimeError("stf_target_sharded: this process is not a member of `group`")
+    # Batch size, shard size and D of every process: the only host synchronisation, needed for the
+    # shapes (and so that a mismatch is a clear error on every process rather than a hang).
+    sizes = torch.tensor([B, n_local, D], dtype=torch.int64, device=x.device)
     all_sizes = [torch.empty_like(sizes) for _ in range(world)]
     dist.all_gather(all_sizes, sizes, group=group)
     all_sizes = torch.stack(all_sizes).tolist()
-    if sum(n for _, n in all_sizes) == 0:
+    dims = [d for _, _, d in all_sizes]
+    if len(set(dims)) > 1:
+        raise ValueError(
+            f"every process must pass x and ref_shard with the same number of elements per sample; "
+            f"got D = {dims} (by rank in the group)"
+        )
+    if sum(n for _, n, _ in all_sizes) == 0:
         raise ValueError("every process's ref_shard is empty: the stable target needs at least one reference")
-    B_max = max(b for b, _ in all_sizes)
+    B_max = max(b for b, _, _ in all_sizes)
 
     xs = _all_gather_padded(x2, B, B_max, world, group)  # (world B_max, D)
     sigmas = _all_gather_padded(sig, B, B_max, world, group)  # (world B_max,)

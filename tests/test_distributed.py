@@ -8,6 +8,7 @@ works on its own slice, and saves its rows; the parent compares them in float64 
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 
@@ -45,7 +46,11 @@ def _worker(rank, world, init_file, out_dir, batch_sizes, shard_sizes, mode):
     nccl = mode == "nccl"
     if nccl:
         torch.cuda.set_device(rank)
-    dist.init_process_group("nccl" if nccl else "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # A short timeout: a test that breaks a collective fails in seconds instead of hanging.
+    dist.init_process_group(
+        "nccl" if nccl else "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
     try:
         x, sigma, ref = _problem(batch_sizes, shard_sizes)
         xs, rs = _slices(batch_sizes)[rank], _slices(shard_sizes)[rank]
@@ -54,6 +59,14 @@ def _worker(rank, world, init_file, out_dir, batch_sizes, shard_sizes, mode):
                 dev = torch.device("cuda", rank)
                 mu, lse = stf_target_sharded(x[xs].to(dev), sigma[xs].to(dev), ref[rs].to(dev), return_lse=True)
                 out = {"mu": mu.cpu(), "lse": lse.cpu()}
+            elif mode in ("mismatch", "all empty"):
+                # Collective errors: raised on every process, none left waiting.
+                D = 3 + (rank if mode == "mismatch" else 0)
+                try:
+                    stf_target_sharded(torch.zeros(2, D, dtype=torch.float64), 1.0, torch.zeros(0 if mode == "all empty" else 2, D, dtype=torch.float64))
+                    out = {"error": None}
+                except ValueError as exc:
+                    out = {"error": str(exc)}
             elif mode.startswith("target:"):
                 mu, lse = stf_target_sharded(
                     x[xs], sigma[xs], ref[rs], return_lse=True, chunk_size=3, backend=mode.split(":")[1]
@@ -188,6 +201,19 @@ def test_stfcdm_loss_sharded_equals_single_process_over_the_union(tmp_path):
     for o in outs:
         torch.testing.assert_close(o["sharded"], o["single"], rtol=1e-11, atol=1e-13)
         assert (o["local"] - o["single"]).abs().max() > 1e-4  # the other processes' references count
+
+
+def test_collective_errors_reach_every_process(tmp_path):
+    outs = _run(tmp_path, (2, 2), (2, 2), mode="mismatch")
+    for o in outs:
+        assert o["error"] == (
+            "every process must pass x and ref_shard with the same number of elements per sample; "
+            "got D = [3, 4] (by rank in the group)"
+        )
+    (tmp_path / "b").mkdir()
+    outs = _run(tmp_path / "b", (2, 2, 2), (1, 1, 1), mode="all empty")
+    for o in outs:
+        assert o["error"] == "every process's ref_shard is empty: the stable target needs at least one reference"
 
 
 def test_requires_grad_is_refused_before_any_collective():
