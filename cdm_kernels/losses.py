@@ -308,7 +308,7 @@ class CDMLoss(EDMLoss):
         eps = self.eps_min + (self.eps_max - self.eps_min) * u
         return torch.minimum((sigma - eps).clamp_min(SIGMA_MIN_FLOOR), sigma)
 
-    def _martingale(self, net, x_t, sigma, y, target, labels, augment_labels, generator) -> Tensor:
+    def _martingale(self, net, x_t, sigma, target, labels, augment_labels, generator) -> Tensor:
         B = x_t.shape[0]
         D0 = net(x_t, sigma, labels, augment_labels=augment_labels)
         sigma_min = self.sample_sigma_min(sigma, generator)
@@ -346,7 +346,7 @@ class CDMLoss(EDMLoss):
 
     def __call__(self, net, images, labels=None, augment_pipe=None, *, generator=None) -> Tensor:
         sigma, y, augment_labels, x_t = self._noisy(images, augment_pipe, generator)
-        return self._martingale(net, x_t, sigma, y, y, labels, augment_labels, generator)
+        return self._martingale(net, x_t, sigma, y, labels, augment_labels, generator)
 
 
 class STFCDMLoss(CDMLoss, _StableTargetMixin):
@@ -382,4 +382,4 @@ class STFCDMLoss(CDMLoss, _StableTargetMixin):
         sigma, y, augment_labels, x_t = self._noisy(images, augment_pipe, generator)
         refs, norms = self._reference_batch(y, ref, generator)
         mu = self.stable_target(x_t.detach(), sigma, refs, norms)
-        return self._martingale(net, x_t, sigma, y, mu, labels, augment_labels, generator)
+        return self._martingale(net, x_t, sigma, mu, labels, augment_labels, generator)
