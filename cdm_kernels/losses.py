@@ -328,18 +328,12 @@ class CDMLoss(EDMLoss):
                 augment_labels = aug_K[:B].repeat(rows // B, *([1] * (aug_K.dim() - 1)))
             return net(x, s, class_labels, augment_labels=augment_labels)
 
-        # A zero-length rollout (sigma_min = sigma) leaves x_t as it is. Its rows run with a
-        # placeholder end level and are then replaced by x_t: a constant schedule would reach the
-        # step's t_next <= t_cur check with rounding-level increases, and a per-row subset would
-        # need a host sync.
-        still = sigma_min >= sigma
         with torch.no_grad():
             x_final, _ = consistency_rollout(
-                net_rollout, x_t.detach(), sigma.detach(), torch.where(still, 0.5 * sigma, sigma_min),
-                self.num_steps, num_trajectories=K, labels=labels, seed=_rollout_seed(generator),
+                net_rollout, x_t.detach(), sigma.detach(), sigma_min, self.num_steps, num_trajectories=K,
+                labels=labels, seed=_rollout_seed(generator),
             )
-            x_final = torch.where(still, x_t.detach(), x_final.to(x_t.dtype))  # (K, B, *S)
-        x_final = x_final.reshape(K * B, *x_t.shape[1:])
+        x_final = x_final.reshape(K * B, *x_t.shape[1:]).to(x_t.dtype)
         D1 = net(x_final, repeat(sigma_min), repeat(labels), augment_labels=aug_K)
         D1a, D1b = D1[:B], D1[B:]
         return martingale_loss(D0, D1a, D1b, target, self.weight(sigma), lambda_m=self.lambda_m)
