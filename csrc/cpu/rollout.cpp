@@ -99,6 +99,24 @@ __attribute__((target("avx512f"))) void uniforms_avx512(uint32_t lo, uint32_t hi
   _mm512_storeu_ps(u1, _mm512_mul_ps(_mm512_cvtepi32_ps(s1), scale));
 }
 
+// z = sqrt(r2) * c with vector square roots (correctly rounded, as sqrtf): GCC keeps sqrtf scalar
+// because of errno, and that scalar loop cost as much as the whole log/cos loop.
+__attribute__((target("avx512f"))) void radius_times_cos_avx512(int64_t n, const float* r2, const float* c, float* z) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    _mm512_storeu_ps(z + i, _mm512_mul_ps(_mm512_sqrt_ps(_mm512_loadu_ps(r2 + i)), _mm512_loadu_ps(c + i)));
+  }
+  for (; i < n; ++i) z[i] = sqrtf(r2[i]) * c[i];
+}
+
+__attribute__((target("avx2"))) void radius_times_cos_avx2(int64_t n, const float* r2, const float* c, float* z) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(z + i, _mm256_mul_ps(_mm256_sqrt_ps(_mm256_loadu_ps(r2 + i)), _mm256_loadu_ps(c + i)));
+  }
+  for (; i < n; ++i) z[i] = sqrtf(r2[i]) * c[i];
+}
+
 bool cpu_has_avx2() {
   static const bool has = __builtin_cpu_supports("avx2");
   return has;
@@ -116,12 +134,11 @@ bool cpu_has_avx512() {
 #if defined(CDM_ROLLOUT_AVX2) && !defined(__clang__)
 __attribute__((target_clones("avx512f", "avx2", "default")))
 #endif
-void box_muller_tile(int64_t n, float* u0, float* u1, float* z) {
+void box_muller_tile(int64_t n, float* u0, float* u1) {
   for (int64_t i = 0; i < n; ++i) {  // vectorised: log and cos are branch-free polynomials
     u0[i] = philox::box_muller_radius_sq(u0[i]);
     u1[i] = philox::box_muller_cos(u1[i]);
   }
-  for (int64_t i = 0; i < n; ++i) z[i] = sqrtf(u0[i]) * u1[i];  // scalar: sqrtf's errno check
 }
 
 void philox_tile(uint64_t seed, uint64_t counter0, int64_t n, float* z) {
@@ -142,7 +159,12 @@ void philox_tile(uint64_t seed, uint64_t counter0, int64_t n, float* z) {
   }
 #endif
   for (; i < n; ++i) philox::uniforms(seed, counter0 + static_cast<uint64_t>(i), &u0[i], &u1[i]);
-  box_muller_tile(n, u0, u1, z);
+  box_muller_tile(n, u0, u1);  // u0 <- -2 log u0, u1 <- cos(2 pi u1)
+#if defined(CDM_ROLLOUT_AVX2)
+  if (cpu_has_avx512()) return radius_times_cos_avx512(n, u0, u1, z);
+  if (cpu_has_avx2()) return radius_times_cos_avx2(n, u0, u1, z);
+#endif
+  for (int64_t j = 0; j < n; ++j) z[j] = sqrtf(u0[j]) * u1[j];
 }
 
 at::Tensor philox_randn_cpu(const at::Tensor& anchor, at::IntArrayRef shape, int64_t seed, int64_t offset) {
