@@ -28,6 +28,11 @@ constexpr int64_t kGrain = 1 << 15;  // elements per parallel task
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #define CDM_ROLLOUT_AVX2 1
+// GCC 12's AVX-512 intrinsics initialise their "undefined" operand from itself, which
+// -Wuninitialized reports inside the header once per call: silenced for the intrinsics only.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
 // Philox 4x32-10 for 8 consecutive counters at once, with AVX2: the 32 x 32 -> 64-bit products
@@ -116,6 +121,8 @@ __attribute__((target("avx2"))) void radius_times_cos_avx2(int64_t n, const floa
   }
   for (; i < n; ++i) z[i] = sqrtf(r2[i]) * c[i];
 }
+
+#pragma GCC diagnostic pop
 
 bool cpu_has_avx2() {
   static const bool has = __builtin_cpu_supports("avx2");
