@@ -4,8 +4,9 @@
 // (csrc/philox.h, keyed by seed and offset + flat index) and writes x' once. Work is split over
 // both cores with at::parallel_for in flat-index ranges; within a range, per row, the coefficients
 // come from rollout_math.h once and the element loops run in tiles of kTile: first the Philox
-// words and uniforms (integer arithmetic the compiler vectorises), then Box-Muller, then the
-// multiply-adds, so no tile-sized temporary ever leaves the L1 cache.
+// words and uniforms (explicit AVX-512/AVX2 on x86-64, philox.h's scalar code elsewhere), then
+// Box-Muller (philox.h's branch-free log/cos, auto-vectorised), then the multiply-adds, so no
+// tile-sized temporary ever leaves the L1 cache.
 //
 // This file also defines the schemas of every rollout op of cdm_kernels_C; the CUDA
 // implementations register against them in csrc/cuda/rollout_cuda.cpp.
