@@ -278,16 +278,18 @@ class EDMPrecond(nn.Module):
 
 def edm_sigma_steps(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, *,
                     dtype=torch.float64, device=None) -> Tensor:
-    """EDM's sampling noise levels t_0 > ... > t_{N-1} (the rho schedule, math.md section 2) and t_N = 0.
-
-    Returns shape (num_steps + 1,)."""
+    """EDM's sampling noise levels t_0 > ... > t_{N-1} (the rho schedule, math.md section 2,
+    `cdm_kernels.edm_schedule`) and t_N = 0. Returns shape (num_steps + 1,)."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if not (0 < sigma_min < sigma_max):
         raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
-    k = torch.arange(num_steps, dtype=dtype, device=device)
-    denom = max(num_steps - 1, 1)
-    t = (sigma_max ** (1 / rho) + k / denom * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    if num_steps == 1:
+        t = torch.tensor([sigma_max], dtype=dtype, device=device)
+    else:
+        from .schedule import edm_schedule
+
+        t = edm_schedule(float(sigma_max), float(sigma_min), num_steps, rho).to(device=device, dtype=dtype)
     return torch.cat([t, t.new_zeros(1)])
 
 

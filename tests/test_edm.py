@@ -136,7 +136,7 @@ def _heun_factor(num_steps):
 def test_deterministic_heun_sampler_is_the_exact_discrete_map(backend):
     g = torch.Generator().manual_seed(5)
     latents = torch.randn(64, 1, 4, 4, generator=g, dtype=torch.float64)
-    for n in (2, 18):
+    for n in (1, 2, 18):  # n = 1: a single Euler step to 0, x = D(x; 80)
         x = edm_sampler(gaussian_denoiser, latents, num_steps=n, backend=backend)
         expect = M + _heun_factor(n) * (80.0 * latents - M)
         # float64 throughout: only rounding of a few dozen operations on |x| <= ~400
