@@ -114,11 +114,15 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 def _atomic_save(obj, path: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # readers see the old file or the complete new one, never half of one
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # readers see the old file or the complete new one, never half of one
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def find_checkpoint(path: str) -> str:

@@ -193,3 +193,30 @@ def test_class_conditioning(tmp_path):
     np.save(tmp_path / "nolabels.npy", np.zeros((20, 8, 8), np.uint8))
     with pytest.raises(ValueError, match=r"--cond needs labels, but the data set .* has none"):
         train(tiny(tmp_path / "n", data=str(tmp_path / "nolabels.npy"), cond=True))
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    from cdm_kernels import train as train_mod
+
+    path = str(tmp_path / "checkpoint-0000001.pt")
+    train_mod._atomic_save({"step": 1, "w": torch.ones(3)}, path)
+
+    def failing_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(train_mod.torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        train_mod._atomic_save({"step": 2, "w": torch.zeros(3)}, path)
+    assert os.listdir(tmp_path) == ["checkpoint-0000001.pt"]  # no temporary file left
+    assert torch.load(path, weights_only=True)["step"] == 1  # the previous snapshot is intact
+
+
+def test_profile_splits_a_step_into_kernels_and_the_rest(tmp_path):
+    from cdm_kernels.train import profile_training
+
+    r = profile_training(tiny(tmp_path, loss="stf+cdm"), steps=1)
+    assert {"cdm_kernels::stf_forward", "cdm_kernels::rollout_step", "cdm_kernels::martingale_loss"} <= set(r["by_op"])
+    assert 0 < r["kernel_seconds_per_step"] < r["seconds_per_step"] and 0 < r["kernel_share"] < 1
+    assert r["kernel_seconds_per_step"] == pytest.approx(sum(r["by_op"].values()))
+    assert not os.path.exists(tmp_path / "log.jsonl")  # the profile writes into a temporary folder
