@@ -346,6 +346,13 @@ def _check_levels(kind: str, t_cur: Tensor, t_next: Tensor | None) -> None:
     # One host sync, on purpose: a reversed or non-positive level gives silently wrong samples.
     if torch.compiler.is_compiling() or t_cur.numel() == 0:
         return
+    # The common case, every level valid, costs one combined test and one sync; the messages below
+    # are only worked out when something is wrong.
+    ok = torch.isfinite(t_cur) & (t_cur > 0)
+    if t_next is not None:
+        ok &= torch.isfinite(t_next) & ((t_next > 0) if kind == "heun" else (t_next >= 0)) & (t_next <= t_cur)
+    if bool(ok.all()):
+        return
     bad = ~(torch.isfinite(t_cur) & (t_cur > 0))
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
@@ -454,10 +461,12 @@ def rollout_step(
             raise ValueError(f"noise is only used by kind='sde' or 'churn', got kind={kind!r}")
         _check_like(noise, "noise", x)
         seed_v, offset_v = 0, 0
-    else:
+    elif stochastic:
         seed_v = seed_from_generator(generator) if seed is None else seed
         offset_v = offset
         check_seed_offset(seed_v, offset_v, x.numel(), "rollout_step")
+    else:  # deterministic steps draw no noise
+        seed_v, offset_v = 0, 0
     name = resolve_rollout_backend(x.device, backend)
 
     M = x[0].numel() if B else 0
