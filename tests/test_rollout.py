@@ -532,3 +532,19 @@ def test_cuda_backends_match_reference(kind):
             out, tn = out
         expected, bound = _expected(kind, x, D, xe, De, t, tn, z)
         _assert_close(out, expected, bound, torch.float32, f"{kind} on {backend}")
+
+
+@pytest.mark.gpu
+def test_cuda_in_kernel_noise_and_martingale_loss():
+    for backend in available_rollout_backends("cuda"):
+        x, D, _, _, _ = (None if v is None else v.cuda() for v in _inputs((3, 2, 33, 33), torch.float32, "sde"))
+        t, tn = (v.cuda() for v in _levels(3, torch.float32))
+        out = cdm_kernels.rollout_step(x, D, t, tn, kind="sde", seed=2**33 + 1, offset=2**32 - 7, backend=backend)
+        z = cdm_kernels.randn(x.shape, 2**33 + 1, 2**32 - 7, device="cuda", backend="triton" if backend == "triton" else "auto")
+        expected, bound = _expected("sde", x, D, None, None, t, tn, z)
+        _assert_close(out, expected, bound, torch.float32, f"sde on {backend} with in-kernel noise")
+        D0, D1a, D1b, y = (v.cuda().requires_grad_() for v in _loss_inputs((3, 2, 5, 5), torch.float64))
+        w = (torch.rand(3, 1, 1, 1, dtype=torch.float64, device="cuda") + 0.5).requires_grad_()
+        assert torch.autograd.gradcheck(
+            lambda *a: cdm_kernels.martingale_loss(*a, backend=backend), (D0, D1a, D1b, y, w)
+        )
