@@ -4,6 +4,9 @@ Public API:
     stf_target, stf_score, ref_sqnorm, STFStats   the stable target (math.md section 1)
     resolve_backend, available_backends           which backend runs on a device
     extension_status                              whether the compiled kernels are loaded
+    EDMLoss, STFLoss, CDMLoss, STFCDMLoss         training losses (math.md sections 2 and 3)
+    ReferenceBank                                 references (and cached norms) for the STF losses
+    stf_target_sharded                            the stable target over references split across processes
 """
 
 import importlib.util
@@ -29,3 +32,37 @@ __all__ = [
     "stf_score",
     "stf_target",
 ]
+
+# Consistency rollouts, EDM sampler steps, Philox noise and the martingale loss (math.md 2-3).
+from .random import randn
+from .rollout import (
+    available_rollout_backends,
+    consistency_rollout,
+    martingale_loss,
+    resolve_rollout_backend,
+    rollout_step,
+)
+from .schedule import edm_schedule
+
+__all__ += [
+    "available_rollout_backends",
+    "consistency_rollout",
+    "edm_schedule",
+    "martingale_loss",
+    "randn",
+    "resolve_rollout_backend",
+    "rollout_step",
+]
+
+# Training losses (EDM, STF, CDM, STF+CDM) and the stable target over sharded references.
+from .distributed import stf_target_sharded
+from .losses import CDMLoss, EDMLoss, ReferenceBank, STFCDMLoss, STFLoss
+
+__all__ += ["CDMLoss", "EDMLoss", "ReferenceBank", "STFCDMLoss", "STFLoss", "stf_target_sharded"]
+
+# EDM model, sampler and data sets. The training loop is the submodule cdm_kernels.train (not
+# imported here, so that `python -m cdm_kernels.train` runs it as __main__ without a second copy).
+from .data import ImageDataset, load_dataset
+from .edm import EDMPrecond, UNet, edm_sampler
+
+__all__ += ["EDMPrecond", "ImageDataset", "UNet", "edm_sampler", "load_dataset"]

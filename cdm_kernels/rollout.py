@@ -1,0 +1,613 @@
+"""Consistency rollouts (Daras et al. 2023; math.md section 3) and EDM's sampler steps as fused ops.
+
+Layers, as for every op of the package:
+  kernel    csrc/cpu/rollout.cpp, csrc/cuda/rollout.cu (arithmetic in csrc/rollout_math.h,
+            noise in csrc/philox.h), cdm_kernels/triton/rollout.py, rollout_reference.py
+  launcher  the per-backend functions registered with `register_backend`
+  op        `cdm_kernels::rollout_step`, `cdm_kernels::martingale_loss` and
+            `cdm_kernels::martingale_loss_backward` (torch.library: one schema each, a kernel per
+            device type, a fake implementation, the autograd formula)
+  public    `rollout_step`, `consistency_rollout`, `martingale_loss` below: checks, shapes, dtypes.
+
+A fused step reads x and D(x) once, draws its noise in the kernel from Philox keyed by
+(seed, offset + flat element index), and writes x' once. `cdm_kernels.randn(x.shape, seed, offset)`
+reproduces that noise outside the kernel.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import rollout_reference as ref
+from ._ext import has_cpu_kernels, has_cuda_kernels
+from .random import check_seed_offset, randn, seed_from_generator
+from .schedule import edm_schedule
+
+__all__ = [
+    "KINDS",
+    "available_rollout_backends",
+    "consistency_rollout",
+    "martingale_loss",
+    "register_backend",
+    "resolve_rollout_backend",
+    "rollout_step",
+]
+
+KINDS = ("sde", "euler", "heun", "churn")
+BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
+_AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+
+
+class _Backend(NamedTuple):
+    step: Callable
+    loss_forward: Callable
+    loss_backward: Callable
+
+
+_BACKENDS: dict[tuple[str, str], _Backend] = {}
+
+
+def register_backend(name: str, device_type: str, step: Callable, loss_forward: Callable, loss_backward: Callable):
+    """Registers launchers for (`name`, `device_type`).
+
+    step(x, denoised, t_cur, t_next, x_euler, denoised_euler, noise, seed, offset, kind, s_noise) -> x'
+        x, denoised, x_euler, denoised_euler, noise: (B, M) contiguous, one float dtype (float32 or
+        float64; x_euler/denoised_euler only for "heun", noise None to draw Philox noise from
+        (seed, offset + b*M + j)); t_cur, t_next (B,) of that dtype ("churn": t_next is t_hat).
+    loss_forward(D0, D1a, D1b, y, weight, lambda_m) -> loss (B, M); weight (B,) per row or (B, M).
+    loss_backward(grad, D0, D1a, D1b, y, weight, lambda_m) -> (grad_D0, grad_D1a, grad_D1b).
+    """
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"backend name must be one of {BACKEND_NAMES}, got {name!r}")
+    _BACKENDS[(name, device_type)] = _Backend(step, loss_forward, loss_backward)
+
+
+def available_rollout_backends(device: torch.device | str = "cpu") -> list[str]:
+    """The rollout backends that can run on `device`, in the order "auto" prefers them."""
+    dt = torch.device(device).type
+    order = _AUTO_ORDER.get(dt, ("reference",))
+    return [n for n in dict.fromkeys((*order, *BACKEND_NAMES)) if (n, dt) in _BACKENDS]
+
+
+def resolve_rollout_backend(device: torch.device | str = "cpu", backend: str = "auto") -> str:
+    """The backend `rollout_step(..., backend=backend)` uses for tensors on `device`."""
+    dt = torch.device(device).type
+    if backend == "auto":
+        names = available_rollout_backends(device)
+        if not names:
+            raise RuntimeError(f"no rollout backend is registered for device type {dt!r}")
+        return names[0]
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
+    if (backend, dt) not in _BACKENDS:
+        raise ValueError(
+            f"backend {backend!r} is not available for {dt} tensors (available: {available_rollout_backends(device)})"
+        )
+    return backend
+
+
+# ----------------------------------------------------------------------------------------------
+# The registered ops
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("cdm_kernels::rollout_step", mutates_args=())
+def _rollout_step_op(
+    x: Tensor,
+    denoised: Tensor,
+    t_cur: Tensor,
+    t_next: Tensor,
+    x_euler: Tensor | None,
+    denoised_euler: Tensor | None,
+    noise: Tensor | None,
+    seed: int,
+    offset: int,
+    kind: str,
+    s_noise: float,
+    backend: str,
+) -> Tensor:
+    raise NotImplementedError(f"cdm_kernels::rollout_step has no kernel for {x.device.type!r}")
+
+
+@torch.library.custom_op("cdm_kernels::martingale_loss", mutates_args=())
+def _loss_op(D0: Tensor, D1a: Tensor, D1b: Tensor, y: Tensor, weight: Tensor, lambda_m: float, backend: str) -> Tensor:
+    raise NotImplementedError(f"cdm_kernels::martingale_loss has no kernel for {D0.device.type!r}")
+
+
+@torch.library.custom_op("cdm_kernels::martingale_loss_backward", mutates_args=())
+def _loss_backward_op(
+    grad: Tensor, D0: Tensor, D1a: Tensor, D1b: Tensor, y: Tensor, weight: Tensor, lambda_m: float, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    raise NotImplementedError(f"cdm_kernels::martingale_loss_backward has no kernel for {D0.device.type!r}")
+
+
+def _register_device_kernels(device_type: str) -> None:
+    def step(x, denoised, t_cur, t_next, x_euler, denoised_euler, noise, seed, offset, kind, s_noise, backend):
+        return _BACKENDS[(backend, device_type)].step(
+            x, denoised, t_cur, t_next, x_euler, denoised_euler, noise, seed, offset, kind, s_noise
+        )
+
+    def loss_forward(D0, D1a, D1b, y, weight, lambda_m, backend):
+        return _BACKENDS[(backend, device_type)].loss_forward(D0, D1a, D1b, y, weight, lambda_m)
+
+    def loss_backward(grad, D0, D1a, D1b, y, weight, lambda_m, backend):
+        return _BACKENDS[(backend, device_type)].loss_backward(grad, D0, D1a, D1b, y, weight, lambda_m)
+
+    _rollout_step_op.register_kernel(device_type)(step)
+    _loss_op.register_kernel(device_type)(loss_forward)
+    _loss_backward_op.register_kernel(device_type)(loss_backward)
+
+
+for _device_type in ("cpu", "cuda"):
+    _register_device_kernels(_device_type)
+
+
+@_rollout_step_op.register_fake
+def _(x, denoised, t_cur, t_next, x_euler, denoised_euler, noise, seed, offset, kind, s_noise, backend):
+    return torch.empty_like(x)
+
+
+@_loss_op.register_fake
+def _(D0, D1a, D1b, y, weight, lambda_m, backend):
+    return torch.empty_like(D0)
+
+
+@_loss_backward_op.register_fake
+def _(grad, D0, D1a, D1b, y, weight, lambda_m, backend):
+    return torch.empty_like(D0), torch.empty_like(D0), torch.empty_like(D0)
+
+
+def step_coefficients(kind: str, t_cur: Tensor, t_next: Tensor, s_noise: float):
+    """Per-sample (B,) partial derivatives of x' for the autograd formula (the step is linear):
+    (dx'/dx, dx'/dD, dx'/dx_euler, dx'/dD_euler, dx'/dz); entries that do not apply are None."""
+    h = t_next - t_cur
+    if kind == "sde":
+        g = 2 * h / t_cur
+        return 1 + g, -g, None, None, torch.sqrt(2 * h.abs() * t_cur)
+    if kind == "euler":
+        g = h / t_cur
+        return 1 + g, -g, None, None, None
+    if kind == "heun":
+        a, b = 0.5 * h / t_cur, 0.5 * h / t_next
+        return 1 + a, -a, b, -b, None
+    return torch.ones_like(t_cur), None, None, None, torch.sqrt(t_next * t_next - t_cur * t_cur) * s_noise
+
+
+def _step_setup_context(ctx, inputs, output):
+    x, denoised, t_cur, t_next, x_euler, denoised_euler, noise, seed, offset, kind, s_noise, backend = inputs
+    ctx.save_for_backward(t_cur, t_next)
+    ctx.kind, ctx.s_noise = kind, s_noise
+
+
+def _step_backward(ctx, grad):
+    t_cur, t_next = ctx.saved_tensors
+    coefs = step_coefficients(ctx.kind, t_cur, t_next, ctx.s_noise)
+    # Inputs 0, 1, 4, 5, 6 are the tensors the step is linear in.
+    grads = [None] * 12
+    for slot, c in zip((0, 1, 4, 5, 6), coefs):
+        if c is not None and ctx.needs_input_grad[slot]:
+            grads[slot] = grad * c.unsqueeze(1)
+    return tuple(grads)
+
+
+_rollout_step_op.register_autograd(_step_backward, setup_context=_step_setup_context)
+
+
+def _loss_setup_context(ctx, inputs, output):
+    D0, D1a, D1b, y, weight, lambda_m, backend = inputs
+    ctx.save_for_backward(D0, D1a, D1b, y, weight)
+    ctx.lambda_m, ctx.backend = lambda_m, backend
+
+
+def _loss_backward(ctx, grad):
+    D0, D1a, D1b, y, weight = ctx.saved_tensors
+    grad = grad.contiguous()
+    g0, ga, gb = _loss_backward_op(grad, D0, D1a, D1b, y, weight, ctx.lambda_m, ctx.backend)
+    w = weight.unsqueeze(1) if weight.dim() == 1 else weight
+    gy = -2 * grad * w * (D0 - y) if ctx.needs_input_grad[3] else None
+    gw = None
+    if ctx.needs_input_grad[4]:
+        gw = grad * (D0 - y) ** 2
+        gw = gw.sum(1) if weight.dim() == 1 else gw
+    return g0, ga, gb, gy, gw, None, None
+
+
+_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backends
+# ----------------------------------------------------------------------------------------------
+
+
+def _reference_step(x, denoised, t_cur, t_next, x_euler, denoised_euler, noise, seed, offset, kind, s_noise):
+    if noise is None and kind in ("sde", "churn"):
+        noise = randn(x.shape, seed, offset, device=x.device, dtype=x.dtype)
+    if kind == "sde":
+        return ref.sde_step(x, denoised, t_cur, t_next, noise)
+    if kind == "euler":
+        return ref.euler_step(x, denoised, t_cur, t_next)
+    if kind == "heun":
+        return ref.heun_step(x, denoised, x_euler, denoised_euler, t_cur, t_next)
+    return ref.churn_step(x, t_cur, t_next, s_noise, noise)
+
+
+def _row_weight(weight: Tensor) -> Tensor:
+    return weight.unsqueeze(1) if weight.dim() == 1 else weight
+
+
+def _reference_loss_forward(D0, D1a, D1b, y, weight, lambda_m):
+    return ref.martingale_loss(D0, D1a, D1b, y, _row_weight(weight), lambda_m)
+
+
+def _reference_loss_backward(grad, D0, D1a, D1b, y, weight, lambda_m):
+    return ref.martingale_loss_grads(grad, D0, D1a, D1b, y, _row_weight(weight), lambda_m)
+
+
+register_backend("reference", "cpu", _reference_step, _reference_loss_forward, _reference_loss_backward)
+register_backend("reference", "cuda", _reference_step, _reference_loss_forward, _reference_loss_backward)
+
+
+def _c_step(x, denoised, t_cur, t_next, x_euler, denoised_euler, noise, seed, offset, kind, s_noise):
+    return torch.ops.cdm_kernels_C.rollout_step(
+        x, denoised, t_cur, t_next, x_euler, denoised_euler, noise, seed, offset, KINDS.index(kind), s_noise
+    )
+
+
+def _c_loss_forward(D0, D1a, D1b, y, weight, lambda_m):
+    return torch.ops.cdm_kernels_C.martingale_loss(D0, D1a, D1b, y, weight, lambda_m)
+
+
+def _c_loss_backward(grad, D0, D1a, D1b, y, weight, lambda_m):
+    return tuple(torch.ops.cdm_kernels_C.martingale_loss_backward(grad, D0, D1a, D1b, y, weight, lambda_m))
+
+
+if has_cpu_kernels() and hasattr(torch.ops.cdm_kernels_C, "rollout_step"):
+    register_backend("cpu", "cpu", _c_step, _c_loss_forward, _c_loss_backward)
+if has_cuda_kernels() and hasattr(torch.ops.cdm_kernels_C, "rollout_step"):
+    register_backend("cuda", "cuda", _c_step, _c_loss_forward, _c_loss_backward)
+
+
+def _triton_step(*args):
+    from .triton import rollout as tr
+
+    return tr.rollout_step(*args)
+
+
+def _triton_loss_forward(*args):
+    from .triton import rollout as tr
+
+    return tr.martingale_loss_forward(*args)
+
+
+def _triton_loss_backward(*args):
+    from .triton import rollout as tr
+
+    return tr.martingale_loss_backward(*args)
+
+
+try:
+    import triton  # noqa: F401
+
+    register_backend("triton", "cuda", _triton_step, _triton_loss_forward, _triton_loss_backward)
+    if os.environ.get("TRITON_INTERPRET") == "1":  # Triton kernels on CPU tensors, for testing
+        register_backend("triton", "cpu", _triton_step, _triton_loss_forward, _triton_loss_backward)
+except ImportError:  # pragma: no cover
+    pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Public functions
+# ----------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_tensor(t, name: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype, got {t.dtype}")
+
+
+def _check_like(t, name: str, x: Tensor, xname: str = "x") -> None:
+    _check_tensor(t, name)
+    if tuple(t.shape) != tuple(x.shape):
+        raise ValueError(f"{name} must have the shape of {xname}, {tuple(x.shape)}; got {tuple(t.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but {xname} is on {x.device}; put them on one device")
+
+
+def _noise_level(t, name: str, B: int, x: Tensor, dtype: torch.dtype) -> Tensor:
+    """A per-sample level as (B,) in the compute dtype, from a float, a (B,) or a (B, 1, ..., 1)."""
+    if isinstance(t, (int, float)) and not isinstance(t, bool):
+        return torch.full((B,), float(t), dtype=dtype, device=x.device)
+    _check_tensor(t, name)
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}; put them on one device")
+    if t.dim() == 0:
+        return t.to(dtype).expand(B)
+    if t.shape[0] != B or t.numel() != B:
+        raise ValueError(
+            f"{name} must be a float or have shape (B,) or (B, 1, ..., 1) with B = {B} (x.shape[0]); "
+            f"got shape {tuple(t.shape)}"
+        )
+    return t.reshape(B).to(dtype)
+
+
+def _check_levels(kind: str, t_cur: Tensor, t_next: Tensor | None) -> None:
+    # One host sync, on purpose: a reversed or non-positive level gives silently wrong samples.
+    if torch.compiler.is_compiling() or t_cur.numel() == 0:
+        return
+    # The common case, every level valid, costs one combined test and one sync; the messages below
+    # are only worked out when something is wrong.
+    ok = torch.isfinite(t_cur) & (t_cur > 0)
+    if t_next is not None:
+        ok &= torch.isfinite(t_next) & ((t_next > 0) if kind == "heun" else (t_next >= 0)) & (t_next <= t_cur)
+    if bool(ok.all()):
+        return
+    bad = ~(torch.isfinite(t_cur) & (t_cur > 0))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"t_cur must be positive and finite for every sample; t_cur[{i}] = {t_cur[i].item()}")
+    if t_next is None:
+        return
+    ok = torch.isfinite(t_next) & ((t_next > 0) if kind == "heun" else (t_next >= 0))
+    bad = ~ok
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        need = "positive (the Heun correction divides by t_next)" if kind == "heun" else "non-negative"
+        raise ValueError(f"t_next must be finite and {need} for every sample; t_next[{i}] = {t_next[i].item()}")
+    bad = t_next > t_cur
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"a reverse step needs t_next <= t_cur; sample {i} has t_cur = {t_cur[i].item()}, "
+            f"t_next = {t_next[i].item()}"
+        )
+
+
+def rollout_step(
+    x: Tensor,
+    denoised: Tensor | None,
+    t_cur,
+    t_next=None,
+    *,
+    kind: str,
+    seed: int | None = None,
+    offset: int = 0,
+    noise: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    x_euler: Tensor | None = None,
+    denoised_euler: Tensor | None = None,
+    num_steps: int | None = None,
+    S_churn: float = 0.0,
+    S_min: float = 0.0,
+    S_max: float = float("inf"),
+    S_noise: float = 1.0,
+    backend: str = "auto",
+):
+    """One reverse-process step of EDM's samplers or of the consistency rollout, fused.
+
+    With h = t_next - t_cur per sample, d = (x - D) / t_cur:
+
+      kind="sde":   x' = x + 2 h d + sqrt(2 |h| t_cur) z         (math.md section 3 step 4)
+      kind="euler": x' = x + h d                                  (EDM Euler step)
+      kind="heun":  x' = x + h/2 (d + (x_euler - denoised_euler) / t_next)
+                    (EDM's 2nd-order correction: `x` and `denoised` = D(x; t_cur) are the state and
+                    prediction the Euler step started from, `x_euler` its result, `denoised_euler`
+                    = D(x_euler; t_next); t_next > 0.)
+      kind="churn": t_hat = t_cur (1 + gamma), gamma = min(S_churn / num_steps, sqrt 2 - 1) when
+                    S_min <= t_cur <= S_max else 0; x_hat = x + sqrt(t_hat^2 - t_cur^2) S_noise z.
+                    `denoised` and `t_next` are not used (pass None); returns (x_hat, t_hat).
+
+    Args:
+        x: state, (B, *S), any float dtype. denoised: D(x; t_cur), same shape/dtype/device.
+        t_cur, t_next: per-sample levels, floats or tensors (B,) or (B, 1, ..., 1);
+            t_cur > 0 and finite, 0 <= t_next <= t_cur (t_next > 0 for "heun"). Not differentiated.
+        noise: z of x's shape, or None to draw it in the kernel from Philox with `seed` and counters
+            offset .. offset + x.numel() - 1 (element (b, j) of the flattened (B, M) state uses
+            offset + b M + j; `cdm_kernels.randn(x.shape, seed, offset)` reproduces it).
+        seed: Philox key in [0, 2^63); None draws one from `generator` (torch's CPU generator).
+        backend: "auto", "reference", "cpu", "triton" or "cuda".
+
+    Returns x' with x's shape and dtype (and t_hat (B,) for "churn"). Arithmetic is float32 for
+    float16/bfloat16/float32 and float64 for float64. Differentiable in x, denoised, x_euler,
+    denoised_euler and noise (the step is linear in them).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    _check_tensor(x, "x")
+    if x.dim() < 1:
+        raise ValueError("x must have shape (B, *S) with at least one dimension, got a 0-d tensor")
+    B = x.shape[0]
+    dtype = _compute_dtype(x.dtype)
+    tc = _noise_level(t_cur, "t_cur", B, x, dtype)
+    if isinstance(t_cur, Tensor) and t_cur.requires_grad and torch.is_grad_enabled():
+        raise ValueError("t_cur must not require grad: rollout_step treats noise levels as constants")
+    if kind == "churn":
+        if num_steps is None or isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"kind='churn' needs num_steps, a positive int (gamma = S_churn / num_steps); got {num_steps!r}")
+        if not (S_churn >= 0 and S_noise >= 0):
+            raise ValueError(f"S_churn and S_noise must be >= 0, got S_churn={S_churn}, S_noise={S_noise}")
+        _check_levels(kind, tc, None)
+        tn = ref.churn_t_hat(tc, num_steps, S_churn, S_min, S_max)
+        denoised = x
+    else:
+        _check_like(denoised, "denoised", x)
+        if t_next is None:
+            raise ValueError(f"kind={kind!r} needs t_next")
+        tn = _noise_level(t_next, "t_next", B, x, dtype)
+        if isinstance(t_next, Tensor) and t_next.requires_grad and torch.is_grad_enabled():
+            raise ValueError("t_next must not require grad: rollout_step treats noise levels as constants")
+        _check_levels(kind, tc, tn)
+    if kind == "heun":
+        if x_euler is None or denoised_euler is None:
+            raise ValueError("kind='heun' needs x_euler (the Euler step's result) and denoised_euler = D(x_euler; t_next)")
+        _check_like(x_euler, "x_euler", x)
+        _check_like(denoised_euler, "denoised_euler", x)
+    elif x_euler is not None or denoised_euler is not None:
+        raise ValueError(f"x_euler and denoised_euler are only for kind='heun', got kind={kind!r}")
+    stochastic = kind in ("sde", "churn")
+    if noise is not None:
+        if not stochastic:
+            raise ValueError(f"noise is only used by kind='sde' or 'churn', got kind={kind!r}")
+        _check_like(noise, "noise", x)
+        seed_v, offset_v = 0, 0
+    elif stochastic:
+        seed_v = seed_from_generator(generator) if seed is None else seed
+        offset_v = offset
+        check_seed_offset(seed_v, offset_v, x.numel(), "rollout_step")
+    else:  # deterministic steps draw no noise
+        seed_v, offset_v = 0, 0
+    name = resolve_rollout_backend(x.device, backend)
+
+    M = x[0].numel() if B else 0
+
+    def flat(t):
+        return None if t is None else t.reshape(B, M).to(dtype).contiguous()
+
+    if x.numel() == 0:
+        out = x.to(dtype).reshape(B, M)
+    else:
+        out = _rollout_step_op(
+            flat(x), flat(denoised), tc.contiguous(), tn.contiguous(), flat(x_euler), flat(denoised_euler),
+            flat(noise), seed_v, offset_v, kind, float(S_noise), name,
+        )
+    out = out.reshape(x.shape).to(x.dtype)
+    return (out, tn.to(x.dtype) if x.dtype != dtype else tn) if kind == "churn" else out
+
+
+def consistency_rollout(
+    net: Callable,
+    x_t: Tensor,
+    sigma,
+    sigma_min,
+    num_steps: int = 6,
+    num_trajectories: int = 2,
+    labels: Tensor | None = None,
+    *,
+    rho: float = 7.0,
+    seed: int | None = None,
+    offset: int = 0,
+    generator: torch.Generator | None = None,
+    backend: str = "auto",
+):
+    """K independent reverse-SDE trajectories from the same x_t (math.md section 3 steps 3-4).
+
+    Per sample, the EDM schedule t_0 = sigma .. t_{N-1} = sigma_min (`edm_schedule`, rho); the K
+    trajectories run as one batch of K*B under torch.no_grad(), each step
+        x <- x + 2 (t_{k+1} - t_k) (x - net(x, t_k, labels)) / t_k + sqrt(2 |t_k - t_{k+1}| t_k) z_k
+    for k = 0 .. N-2, with fresh Philox noise (step k uses counters offset + k K x_t.numel() + i).
+
+    Args:
+        net: EDM denoiser, called as net(x, sigma, labels) with x (K*B, *S), sigma (K*B, 1, ..., 1)
+            in x's dtype and labels repeated K times (None stays None: unconditional nets work).
+        x_t: start states (B, *S). sigma, sigma_min: floats or (B,)/(B, 1, ..., 1) tensors,
+            0 < sigma_min <= sigma.
+        num_steps: schedule length N >= 2 (N - 1 network evaluations per trajectory).
+        num_trajectories: K >= 1.
+        labels: optional (B, ...) conditioning, repeated K times along the batch.
+        seed / generator / offset: the Philox noise (see `rollout_step`).
+
+    Returns (x_final, sigma_final): x_final (K, B, *S) in x_t's dtype, and sigma_final (B,), the
+    schedule's last level (sigma_min), at which D(x_final; sigma_final) is to be evaluated.
+    """
+    _check_tensor(x_t, "x_t")
+    if x_t.dim() < 1:
+        raise ValueError("x_t must have shape (B, *S), got a 0-d tensor")
+    if isinstance(num_trajectories, bool) or not isinstance(num_trajectories, int) or num_trajectories < 1:
+        raise ValueError(f"num_trajectories must be a positive int, got {num_trajectories!r}")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
+        raise ValueError(f"num_steps must be an int >= 2 (the schedule includes both endpoints), got {num_steps!r}")
+    B, K = x_t.shape[0], num_trajectories
+    dtype = _compute_dtype(x_t.dtype)
+    hi = _noise_level(sigma, "sigma", B, x_t, torch.float64)
+    lo = _noise_level(sigma_min, "sigma_min", B, x_t, torch.float64)
+    t = edm_schedule(hi, lo, num_steps, rho).to(dtype)  # (B, N)
+    if labels is not None:
+        if not isinstance(labels, Tensor) or labels.dim() < 1 or labels.shape[0] != B:
+            got = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+            raise ValueError(f"labels must be a tensor with first dimension B = {B}, got {got}")
+        labels = labels.repeat(K, *([1] * (labels.dim() - 1)))
+    if seed is None:
+        seed = seed_from_generator(generator)
+    check_seed_offset(seed, offset, (num_steps - 1) * K * x_t.numel(), "consistency_rollout")
+    bshape = (K * B,) + (1,) * (x_t.dim() - 1)
+    with torch.no_grad():
+        x = x_t.detach().unsqueeze(0).expand(K, *x_t.shape).reshape(K * B, *x_t.shape[1:])
+        for k in range(num_steps - 1):
+            t_cur, t_next = t[:, k].repeat(K), t[:, k + 1].repeat(K)
+            D = net(x, t_cur.to(x.dtype).reshape(bshape), labels)
+            x = rollout_step(
+                x, D.to(x.dtype), t_cur, t_next, kind="sde", seed=seed,
+                offset=offset + k * K * x_t.numel(), backend=backend,
+            )
+    return x.reshape(K, *x_t.shape), t[:, -1]
+
+
+def martingale_loss(
+    D0: Tensor, D1a: Tensor, D1b: Tensor, y: Tensor, weight, lambda_m: float = 2.0, *, backend: str = "auto"
+) -> Tensor:
+    """The consistency objective per element (math.md section 3 steps 1 and 6):
+
+        loss = weight (D0 - y)^2 + lambda_m (D1a - D0)(D1b - D0)
+
+    Args:
+        D0: D(x_t; sigma), (B, *S). D1a, D1b: D(x_final; sigma_min) of the two trajectories.
+        y: clean data. All four of one shape, device and float dtype.
+        weight: lambda(sigma), a float or a tensor broadcastable to D0's shape, e.g. (B, 1, 1, 1).
+        lambda_m: the martingale term's weight (default 2).
+
+    Returns the unreduced loss with D0's shape and dtype (float32 arithmetic at least). Backward
+    (fused): dD0 = 2 w (D0 - y) - lambda_m ((D1a - D0) + (D1b - D0)), dD1a = lambda_m (D1b - D0),
+    dD1b = lambda_m (D1a - D0); y and weight get their gradients too.
+    """
+    _check_tensor(D0, "D0")
+    for t, n in ((D1a, "D1a"), (D1b, "D1b"), (y, "y")):
+        _check_like(t, n, D0, "D0")
+        if t.dtype != D0.dtype:
+            raise TypeError(f"{n} has dtype {t.dtype} but D0 has dtype {D0.dtype}; they must match")
+    if isinstance(lambda_m, bool) or not isinstance(lambda_m, (int, float)) or not math.isfinite(lambda_m):
+        raise ValueError(f"lambda_m must be a finite number, got {lambda_m!r}")
+    if D0.dim() < 1:
+        raise ValueError("D0 must have shape (B, *S), got a 0-d tensor")
+    dtype = _compute_dtype(D0.dtype)
+    B = D0.shape[0]
+    M = D0[0].numel() if B else 0
+    if isinstance(weight, (int, float)) and not isinstance(weight, bool):
+        w = torch.full((B,), float(weight), dtype=dtype, device=D0.device)
+    else:
+        _check_tensor(weight, "weight")
+        if weight.device != D0.device:
+            raise ValueError(f"weight is on {weight.device} but D0 is on {D0.device}")
+        try:
+            shape = torch.broadcast_shapes(weight.shape, D0.shape)
+        except RuntimeError:
+            shape = None
+        if shape != D0.shape:
+            raise ValueError(
+                f"weight must broadcast to D0's shape {tuple(D0.shape)} (e.g. (B, 1, ..., 1)), got {tuple(weight.shape)}"
+            )
+        ws = (1,) * (D0.dim() - weight.dim()) + tuple(weight.shape)
+        if all(s == 1 for s in ws[1:]):  # one weight per sample: the kernel reads B values
+            w = weight.reshape(ws).expand(B, *ws[1:]).reshape(B).to(dtype)
+        else:
+            w = weight.expand(D0.shape).reshape(B, M).to(dtype)
+        w = w.contiguous()
+    name = resolve_rollout_backend(D0.device, backend)
+
+    def flat(t):
+        return t.reshape(B, M).to(dtype).contiguous()
+
+    if D0.numel() == 0:
+        return (D0 * 0).to(D0.dtype)
+    loss = _loss_op(flat(D0), flat(D1a), flat(D1b), flat(y), w, float(lambda_m), name)
+    return loss.reshape(D0.shape).to(D0.dtype)

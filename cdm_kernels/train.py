@@ -1,0 +1,712 @@
+"""A thin EDM-style training loop for the losses of cdm_kernels (EDM, STF, CDM, STF + CDM).
+
+    python -m cdm_kernels.train --loss stf+cdm --outdir runs/digits          # or: cdm-train ...
+    torchrun --nproc_per_node 2 -m cdm_kernels.train --loss stf ...          # data-parallel
+
+One step: draw the next global batch (`data.BatchOrder`; process r of P takes every P-th image),
+evaluate the per-element loss, backpropagate sum(loss) / (global batch) through DDP (which averages
+the gradients of the processes), set the learning rate lr * min(images / lr_rampup, 1), take an Adam
+step, and update the EMA of the weights with EDM's half-life rule
+beta = 0.5 ** (batch / max(min(ema_halflife, images * ema_rampup), 1e-8)).
+
+The output folder holds log.jsonl (one line a step), loss.png, samples-<step>.png (a grid from the
+EMA weights with EDM's Heun sampler) and checkpoint-<step>.pt at each snapshot. A checkpoint holds
+the model, the EMA, the optimizer, the step and images seen, every random state (torch, numpy,
+python, of every process) and the data order, as tensors and plain data only
+(`torch.load(path, weights_only=True)`); it is written to a temporary file and renamed, so a run
+killed at any moment leaves the last snapshot intact, and `--resume` continues it to the same
+weights, bit for bit, as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import glob
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .data import BatchOrder, get_batch, load_dataset
+from .edm import EDMPrecond, edm_sampler, save_image_grid
+
+__all__ = ["LOSSES", "TrainConfig", "build_loss", "build_model", "main", "parse_args", "process_seed", "train"]
+
+LOSSES = ("edm", "stf", "cdm", "stf+cdm")
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a training run (the command line maps one-to-one onto these fields)."""
+
+    data: str = "digits"              # "digits", a folder, a .zip or a .npy/.npz file
+    outdir: str = "runs/train"
+    loss: str = "stf+cdm"             # one of LOSSES
+    batch: int = 64                   # global batch (split over the processes)
+    rbatch: int = 1024                # STF reference batch per process (its own images first)
+    cdm_steps: int = 6                # CDM: points of each rollout schedule
+    lambda_m: float = 2.0             # CDM: weight of the martingale term
+    eps_min: float = 0.0              # CDM: sigma_min = max(sigma - eps, 0.002), eps ~ U[eps_min, eps_max]
+    eps_max: float = 0.05
+    lr: float = 2e-3
+    lr_rampup: int = 1_000            # images of linear learning-rate warm-up
+    ema_halflife: int = 5_000         # images; EDM's half-life of the EMA weights
+    ema_rampup: float = 0.05          # the half-life is at most this fraction of the images seen
+    images: int = 19_200              # duration in training images (steps = images / batch)
+    steps: int | None = None          # duration in steps (overrides images)
+    seed: int = 0
+    snap: int = 100                   # snapshot (grid, plot, checkpoint) every this many steps
+    resume: str | None = None         # a checkpoint file, or an output folder (its latest checkpoint)
+    device: str = "auto"              # "auto", "cpu" or "cuda"
+    cond: bool = False                # class-conditional (needs labels; not with the STF losses)
+    xflip: bool = False               # x-flip augmentation (off for digits: a flipped digit is not one)
+    model_channels: int = 32
+    channel_mult: tuple[int, ...] = (1, 2)
+    num_blocks: int = 1
+    attn_resolutions: tuple[int, ...] = (4,)
+    dropout: float = 0.0
+    sample_steps: int = 18            # Heun steps of the snapshot sampler
+    grid: int = 100                   # images in the snapshot grid
+    backend: str = "auto"             # stable-target backend (cdm_kernels.stf_target)
+    progress: bool = True             # tqdm bar on the first process
+    threads: int | None = None        # torch intra-op CPU threads (None: torch's default)
+
+
+# ----------------------------------------------------------------------------------------------
+# Random states and checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+def _rng_state(device: torch.device) -> dict:
+    """Every global random state of this process, as tensors and plain data (weights_only-safe)."""
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_kind, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss), float(np_gauss)],
+        "python": [py_version, list(py_state), py_gauss],
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, py_state, py_gauss = state["python"]
+    random.setstate((version, tuple(py_state), py_gauss))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _atomic_save(obj, path: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # readers see the old file or the complete new one, never half of one
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def find_checkpoint(path: str) -> str:
+    """A checkpoint file, or the latest checkpoint-<step>.pt of a folder."""
+    if os.path.isdir(path):
+        found = sorted(glob.glob(os.path.join(path, "checkpoint-*.pt")))
+        found = [p for p in found if re.fullmatch(r"checkpoint-\d+\.pt", os.path.basename(p))]
+        if not found:
+            raise FileNotFoundError(f"--resume {path!r}: the folder holds no checkpoint-<step>.pt")
+        return found[-1]
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--resume {path!r}: no such checkpoint file or folder")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_config(c: TrainConfig) -> None:
+    if c.loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {c.loss!r}")
+    for name in ("batch", "rbatch", "snap", "sample_steps", "model_channels", "num_blocks"):
+        v = getattr(c, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if c.steps is None and (not isinstance(c.images, int) or c.images < 1):
+        raise ValueError(f"images (the duration) must be a positive int, got {c.images!r}")
+    if c.steps is not None and (not isinstance(c.steps, int) or c.steps < 1):
+        raise ValueError(f"steps must be a positive int or None, got {c.steps!r}")
+    if not (c.lr > 0 and math.isfinite(c.lr)):
+        raise ValueError(f"lr must be positive and finite, got {c.lr}")
+    if c.lr_rampup < 0 or c.ema_halflife < 0 or c.ema_rampup < 0:
+        raise ValueError("lr_rampup, ema_halflife and ema_rampup must be >= 0")
+    if c.device not in ("auto", "cpu", "cuda") and not c.device.startswith("cuda:"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:i]', got {c.device!r}")
+    if c.threads is not None and (isinstance(c.threads, bool) or not isinstance(c.threads, int) or c.threads < 1):
+        raise ValueError(f"threads must be a positive int or None, got {c.threads!r}")
+    if c.grid < 0:
+        raise ValueError(f"grid must be >= 0, got {c.grid}")
+
+
+def build_loss(c: TrainConfig, bank_images: torch.Tensor, local_batch: int, group=None, sharded: bool = False):
+    """The loss object of `c.loss`, with a ReferenceBank of `bank_images` for the STF losses."""
+    from .losses import CDMLoss, EDMLoss, ReferenceBank, STFCDMLoss, STFLoss
+
+    cdm = dict(num_steps=c.cdm_steps, lambda_m=c.lambda_m, eps_min=c.eps_min, eps_max=c.eps_max)
+    if c.loss == "edm":
+        return EDMLoss()
+    if c.loss == "cdm":
+        return CDMLoss(**cdm)
+    if c.rbatch < local_batch:
+        raise ValueError(
+            f"rbatch ({c.rbatch}) must be at least the per-process batch ({local_batch}): the reference "
+            "batch starts with the minibatch's own images"
+        )
+    if c.rbatch - local_batch > bank_images.shape[0]:
+        raise ValueError(
+            f"rbatch ({c.rbatch}) needs {c.rbatch - local_batch} references besides the batch but the data "
+            f"set offers {bank_images.shape[0]}; lower --rbatch"
+        )
+    bank = ReferenceBank(bank_images)
+    stf = dict(rbatch=c.rbatch, bank=bank, backend=c.backend, sharded=sharded, group=group)
+    if c.loss == "stf":
+        return STFLoss(**stf)
+    return STFCDMLoss(**cdm, **stf)
+
+
+def build_model(c: TrainConfig, resolution: int, channels: int, label_dim: int) -> EDMPrecond:
+    return EDMPrecond(
+        resolution,
+        channels,
+        label_dim=label_dim,
+        model_channels=c.model_channels,
+        channel_mult=tuple(c.channel_mult),
+        num_blocks=c.num_blocks,
+        attn_resolutions=tuple(c.attn_resolutions),
+        dropout=c.dropout,
+    )
+
+
+def _plot_losses(log_path: str, png_path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, losses = [], []
+    with open(log_path) as f:
+        for line in f:
+            rec = json.loads(line)
+            steps.append(rec["step"])
+            losses.append(rec["loss"])
+    if not steps:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(steps, losses, lw=0.6, alpha=0.4, label="per step")
+    w = max(1, len(losses) // 30)
+    if len(losses) >= w > 1:
+        smooth = np.convolve(losses, np.ones(w) / w, mode="valid")
+        ax.plot(steps[w - 1:], smooth, lw=1.5, label=f"mean of {w} steps")
+    # the CDM loss has a martingale term that may be negative: log scale only for positive losses
+    ax.set_yscale("log" if min(losses) > 0 else "linear")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (mean per element)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = png_path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+
+
+def _truncate_log(log_path: str, last_step: int) -> None:
+    # Steps after the resumed snapshot were lost with the killed run; they are run again.
+    if not os.path.exists(log_path):
+        return
+    with open(log_path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+    tmp = log_path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, log_path)
+
+
+@torch.no_grad()
+def sample_grid(net, num: int, label_dim: int, seed: int, num_steps: int, device) -> torch.Tensor:
+    """`num` images from `net` with the deterministic Heun sampler, from noise of a generator keyed
+    by `seed` (the global random state is untouched); labels cycle 0, 1, ..., label_dim - 1."""
+    g = torch.Generator().manual_seed(seed)  # on the CPU: the same latents on every device
+    latents = torch.randn(num, net.img_channels, net.img_resolution, net.img_resolution, generator=g).to(device)
+    labels = torch.arange(num, device=device) % label_dim if label_dim else None
+    return edm_sampler(net, latents, labels, num_steps=num_steps, generator=g).float()
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+
+
+class _Dist:
+    """This process's place in a torch.distributed job started by torchrun (or a single process)."""
+
+    def __init__(self, device: torch.device):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.group = None
+        self.owns_group = False
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            self.owns_group = True
+        if dist.is_initialized():
+            self.world, self.rank = dist.get_world_size(), dist.get_rank()
+            self.group = dist.group.WORLD
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def mean(self, value: float) -> float:
+        if not self.active:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t, group=self.group)
+        return float(t[0]) / self.world
+
+    def gather(self, obj):
+        if not self.active:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+
+def process_seed(seed: int, rank: int) -> int:
+    """The seed of the global random generators of process `rank` (its noise, references, rollouts)."""
+    return seed * 7919 + 1 + rank
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} was asked for but torch sees no CUDA GPU")
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def train(c: TrainConfig, on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Runs (or resumes) a training run.
+
+    Returns a summary dict: steps, images, seconds, images_per_second, loss (the last step's mean
+    per-element loss, averaged over the processes), the paths of the last snapshot (samples, plot,
+    checkpoint) and the trained `net` and its `ema` (EDMPrecond modules).
+
+    `on_step(step, record)` is called after every completed step (used by tests to stop a run)."""
+    _check_config(c)
+    if c.threads is not None:
+        # On a shared or busy CPU, fewer threads than cores avoids OpenMP's spin-waiting.
+        torch.set_num_threads(c.threads)
+    device = _resolve_device(c.device)
+    dd = _Dist(device)
+    main_proc = dd.rank == 0
+    if c.batch % dd.world:
+        raise ValueError(f"batch ({c.batch}) must be divisible by the number of processes ({dd.world})")
+    local_batch = c.batch // dd.world
+
+    if c.cond and c.loss in ("stf", "stf+cdm"):
+        # The stable target pools references of every class: at high noise it is the mean of all
+        # images whatever the label, which would teach a conditional model to ignore its label.
+        raise ValueError(
+            f"--cond cannot be used with loss {c.loss!r}: the stable target averages references of every "
+            "class, so it is the target of an unconditional model; train unconditionally, or use 'edm'/'cdm'"
+        )
+    ds = load_dataset(c.data, use_labels=c.cond)
+    if c.cond and ds.labels is None:
+        raise ValueError(f"--cond needs labels, but the data set {c.data!r} has none (see cdm_kernels.data)")
+    label_dim = ds.label_dim
+    total_steps = c.steps if c.steps is not None else max(1, c.images // c.batch)
+
+    # Same initial weights everywhere (DDP also broadcasts rank 0's at construction).
+    torch.manual_seed(c.seed)
+    net = build_model(c, ds.resolution, ds.channels, label_dim).to(device)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    opt = torch.optim.Adam(net.parameters(), lr=c.lr, betas=(0.9, 0.999), eps=1e-8)
+    order = BatchOrder(len(ds), c.seed, xflip=c.xflip, rank=dd.rank, world_size=dd.world)
+    # Every process draws its own noise; the seeds differ by rank.
+    torch.manual_seed(process_seed(c.seed, dd.rank))
+    np.random.seed(process_seed(c.seed, dd.rank) % (1 << 32))
+    random.seed(process_seed(c.seed, dd.rank))
+
+    bank_images = ds.images.to(device)
+    if c.xflip:
+        bank_images = torch.cat([bank_images, bank_images.flip(-1)])
+    loss_fn = build_loss(c, bank_images, local_batch, group=dd.group, sharded=dd.active)
+
+    step, images_seen = 0, 0
+    os.makedirs(c.outdir, exist_ok=True)
+    log_path = os.path.join(c.outdir, "log.jsonl")
+    if c.resume:
+        ckpt_path = find_checkpoint(c.resume)
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ckpt["world_size"] != dd.world:
+            raise ValueError(
+                f"{ckpt_path} was written by {ckpt['world_size']} processes; resume it with the same number "
+                f"(this run has {dd.world}) so that every random state carries over"
+            )
+        net.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        order.load_state_dict(ckpt["data_order"])
+        _set_rng_state(ckpt["rng"][dd.rank], device)
+        step, images_seen = ckpt["step"], ckpt["images_seen"]
+        if main_proc:
+            _truncate_log(log_path, step)
+            print(f"resumed {ckpt_path} at step {step} ({images_seen} images)", flush=True)
+    elif main_proc and os.path.exists(log_path):
+        os.remove(log_path)  # a fresh run in an old folder starts a fresh log
+    if dd.world > 1:
+        dist.barrier(group=dd.group)
+
+    ddp = net
+    if dd.active:
+        import inspect
+
+        # The only buffer (the Fourier frequencies) is equal everywhere and never changes: no need
+        # to broadcast it before every forward pass (the keyword was renamed in recent torch).
+        params = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+        no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None, **no_sync
+        )
+
+    if main_proc:
+        n_params = sum(p.numel() for p in net.parameters())
+        print(
+            f"{ds.describe()}; loss {c.loss}; {n_params / 1e6:.2f}M parameters; {dd.world} process(es) on {device}; "
+            f"{total_steps} steps of {c.batch} images",
+            flush=True,
+        )
+
+    def snapshot() -> dict:
+        paths = {}
+        rng = dd.gather(_rng_state(device))
+        # DDP keeps the replicas equal; a checksum per process in the checkpoint shows that they are.
+        checksums = dd.gather(float(sum(p.detach().double().sum() for p in net.parameters())))
+        if main_proc:
+            if c.grid:
+                grid = sample_grid(ema, c.grid, label_dim, c.seed, c.sample_steps, device)
+                paths["samples"] = os.path.join(c.outdir, f"samples-{step:07d}.png")
+                save_image_grid(grid, paths["samples"], ncols=int(math.ceil(math.sqrt(c.grid))))
+            if os.path.exists(log_path):
+                paths["plot"] = os.path.join(c.outdir, "loss.png")
+                _plot_losses(log_path, paths["plot"])
+            paths["checkpoint"] = os.path.join(c.outdir, f"checkpoint-{step:07d}.pt")
+            _atomic_save(
+                {
+                    "model": net.state_dict(),
+                    "ema": ema.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "step": step,
+                    "images_seen": images_seen,
+                    "rng": rng,
+                    "data_order": order.state_dict(),
+                    "world_size": dd.world,
+                    "param_checksums": checksums,
+                    "image_shape": [ds.channels, ds.resolution, ds.resolution],
+                    "label_dim": label_dim,
+                    "config": json.loads(json.dumps(dataclasses.asdict(c))),
+                },
+                paths["checkpoint"],
+            )
+        if dd.active:
+            dist.barrier(group=dd.group)
+        return paths
+
+    bar = None
+    if main_proc and c.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stdout)
+    t_start = time.time()
+    steps_start = step
+    last_loss = float("nan")
+    paths: dict = {}
+    log = open(log_path, "a") if main_proc else None
+    try:
+        while step < total_steps:
+            t0 = time.time()
+            idx, flip = order.next_batch(c.batch)
+            images, labels = get_batch(ds, idx, flip)
+            images = images.to(device)
+            labels = labels.to(device) if labels is not None else None
+
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(ddp, images, labels)
+            # EDM: sum over elements, mean over the global batch (DDP averages over the processes).
+            loss.sum().mul(1.0 / local_batch).backward()
+            # Counting this step's images as seen, so that the first step does not have lr = 0.
+            lr = c.lr * min((images_seen + c.batch) / c.lr_rampup, 1.0) if c.lr_rampup > 0 else c.lr
+            for g in opt.param_groups:
+                g["lr"] = lr
+            for p in net.parameters():
+                if p.grad is not None:
+                    torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+            opt.step()
+            images_seen += c.batch
+            step += 1
+
+            ema_nimg = c.ema_halflife
+            if c.ema_rampup > 0:
+                ema_nimg = min(ema_nimg, images_seen * c.ema_rampup)
+            beta = 0.5 ** (c.batch / max(ema_nimg, 1e-8))
+            with torch.no_grad():
+                for p_ema, p in zip(ema.parameters(), net.parameters()):
+                    p_ema.copy_(p.detach().lerp(p_ema, beta))
+                for b_ema, b in zip(ema.buffers(), net.buffers()):
+                    b_ema.copy_(b)
+
+            last_loss = dd.mean(float(loss.detach().mean()))
+            dt = time.time() - t0
+            record = {"step": step, "images": images_seen, "loss": last_loss, "lr": lr, "sec": round(dt, 4)}
+            if log is not None:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            if bar is not None:
+                elapsed = time.time() - t_start
+                bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{(step - steps_start) * c.batch / max(elapsed, 1e-9):.0f}")
+                bar.update(1)
+            if step % c.snap == 0 or step == total_steps:
+                paths = snapshot()
+            if on_step is not None:
+                on_step(step, record)
+    finally:
+        if bar is not None:
+            bar.close()
+        if log is not None:
+            log.close()
+    seconds = time.time() - t_start
+    done = step - steps_start
+    summary = {
+        "steps": step,
+        "images": images_seen,
+        "seconds": seconds,
+        "images_per_second": done * c.batch / max(seconds, 1e-9),
+        "loss": last_loss,
+        **paths,
+        "net": net,
+        "ema": ema,
+    }
+    if main_proc:
+        print(
+            f"done: {step} steps ({images_seen} images) of loss {c.loss}; this session ran {done} steps in "
+            f"{seconds:.1f} s ({summary['images_per_second']:.0f} images/s); last loss {last_loss:.4f}; "
+            f"outputs in {c.outdir}",
+            flush=True,
+        )
+    if dd.owns_group:
+        dist.destroy_process_group()
+    return summary
+
+
+def sample_checkpoint(path: str, out_png: str, num: int = 100, num_steps: int = 18, seed: int = 0,
+                      device: str = "auto", S_churn: float = 0.0) -> torch.Tensor:
+    """Samples `num` images from the EMA weights of a checkpoint (file or run folder) with EDM's Heun
+    sampler and writes them as a grid to `out_png`; returns the images (num, C, R, R) in [-1, 1]."""
+    ckpt_path = find_checkpoint(path)
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    cfg = dict(ckpt["config"])
+    for key in ("channel_mult", "attn_resolutions"):
+        cfg[key] = tuple(cfg[key])
+    c = TrainConfig(**cfg)
+    dev = _resolve_device(device)
+    C, R, _ = ckpt["image_shape"]
+    net = build_model(c, R, C, ckpt["label_dim"]).to(dev)
+    net.load_state_dict(ckpt["ema"])
+    net.eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(num, C, R, R, generator=g).to(dev)
+    labels = torch.arange(num, device=dev) % ckpt["label_dim"] if ckpt["label_dim"] else None
+    images = edm_sampler(net, latents, labels, num_steps=num_steps, S_churn=S_churn, S_min=0.05, S_max=50.0,
+                         generator=g).float().clamp(-1, 1)
+    save_image_grid(images, out_png, ncols=int(math.ceil(math.sqrt(num))))
+    return images
+
+
+def profile_training(c: TrainConfig, steps: int = 5, warmup: int = 1) -> dict:
+    """Profiles `steps` training steps (after `warmup` steps) with torch.profiler on the CPU and
+    splits their wall time into the cdm_kernels ops (every top-level `cdm_kernels::*` or
+    `cdm_kernels_C::*` op, forward and backward: the stable target, rollout steps, the martingale
+    loss, Philox noise) and the rest (the network, the optimizer, the loop).
+
+    Returns {"seconds_per_step", "kernel_seconds_per_step", "kernel_share", "by_op": {name: s/step}}.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CPU])
+    marks = {}
+
+    def on_step(step, record):
+        if step == warmup:
+            marks["t0"] = time.perf_counter()
+            prof.start()
+        elif step == warmup + steps:
+            prof.stop()
+            marks["t1"] = time.perf_counter()
+
+    import tempfile
+
+    # One more step than profiled: the run's final snapshot (a checkpoint write) falls outside.
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = dataclasses.replace(c, steps=warmup + steps + 1, snap=10**9, grid=0, progress=False, resume=None, outdir=tmp)
+        train(cfg, on_step=on_step)
+    wall = marks["t1"] - marks["t0"]
+
+    def is_kernel(name: str) -> bool:
+        return name.startswith(("cdm_kernels::", "cdm_kernels_C::"))
+
+    by_op: dict[str, float] = {}
+    for ev in prof.events():
+        if not is_kernel(ev.name):
+            continue
+        parent, nested = ev.cpu_parent, False
+        while parent is not None:  # count an op once, not again for the ops it calls
+            if is_kernel(parent.name):
+                nested = True
+                break
+            parent = parent.cpu_parent
+        if not nested:
+            by_op[ev.name] = by_op.get(ev.name, 0.0) + ev.cpu_time_total * 1e-6 / steps
+    kernel = sum(by_op.values())
+    return {
+        "seconds_per_step": wall / steps,
+        "kernel_seconds_per_step": kernel,
+        "kernel_share": kernel / (wall / steps),
+        "by_op": dict(sorted(by_op.items(), key=lambda kv: -kv[1])),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of ints, got {text!r}") from None
+
+
+def parse_args(argv=None, with_profile: bool = False):
+    """The TrainConfig of a command line (and the parsed namespace, for --profile and --sample-only,
+    if `with_profile`)."""
+    d = TrainConfig()
+    p = argparse.ArgumentParser(
+        prog="cdm-train",
+        description="Train an EDM denoiser with the EDM, stable-target (STF) or consistency (CDM) loss.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("data and output")
+    g.add_argument("--data", default=d.data, help="'digits' (built in), a folder of images, a .zip, or a .npy/.npz")
+    g.add_argument("--outdir", default=d.outdir, help="output folder (log, plots, sample grids, checkpoints)")
+    g.add_argument("--xflip", action="store_true", help="x-flip augmentation")
+    g.add_argument("--cond", action="store_true", help="class-conditional model (edm and cdm losses; needs labels)")
+    g = p.add_argument_group("loss")
+    g.add_argument("--loss", default=d.loss, choices=LOSSES)
+    g.add_argument("--batch", type=int, default=d.batch, help="global batch size")
+    g.add_argument("--rbatch", type=int, default=d.rbatch, help="STF reference batch per process")
+    g.add_argument("--cdm-steps", type=int, default=d.cdm_steps, help="CDM rollout schedule points")
+    g.add_argument("--lambda-m", type=float, default=d.lambda_m, help="CDM martingale weight")
+    g.add_argument("--eps-min", type=float, default=d.eps_min)
+    g.add_argument("--eps-max", type=float, default=d.eps_max)
+    g.add_argument("--backend", default=d.backend, help="stable-target backend")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--lr-rampup", type=int, default=d.lr_rampup, help="images of learning-rate warm-up")
+    g.add_argument("--ema-halflife", type=int, default=d.ema_halflife, help="EMA half-life in images")
+    g.add_argument("--ema-rampup", type=float, default=d.ema_rampup)
+    g.add_argument("--images", type=int, default=d.images, help="duration in training images")
+    g.add_argument("--steps", type=int, default=None, help="duration in steps (overrides --images)")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g = p.add_argument_group("model")
+    g.add_argument("--channels", type=int, default=d.model_channels, help="U-Net channels at the first level")
+    g.add_argument("--channel-mult", type=_ints, default=d.channel_mult, help="per-level multipliers, e.g. 1,2")
+    g.add_argument("--blocks", type=int, default=d.num_blocks, help="residual blocks per level")
+    g.add_argument("--attn", type=_ints, default=d.attn_resolutions, help="resolutions with attention")
+    g.add_argument("--dropout", type=float, default=d.dropout)
+    g = p.add_argument_group("run")
+    g.add_argument("--snap", type=int, default=d.snap, help="snapshot every this many steps")
+    g.add_argument("--resume", default=None, help="checkpoint file or output folder to continue")
+    g.add_argument("--device", default=d.device)
+    g.add_argument("--sample-steps", type=int, default=d.sample_steps, help="Heun steps of the snapshot grids")
+    g.add_argument("--grid", type=int, default=d.grid, help="images in each snapshot grid (0: none)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--sample-only", metavar="PNG", default=None,
+                   help="instead of training, sample --grid images from the EMA weights of --resume into PNG")
+    g.add_argument("--churn", type=float, default=0.0, help="S_churn of the --sample-only sampler (0: deterministic)")
+    g.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="instead of training, profile N steps and print the share of time in cdm_kernels ops")
+    a = p.parse_args(argv)
+    c = TrainConfig(
+        data=a.data, outdir=a.outdir, loss=a.loss, batch=a.batch, rbatch=a.rbatch, cdm_steps=a.cdm_steps,
+        lambda_m=a.lambda_m, eps_min=a.eps_min, eps_max=a.eps_max, lr=a.lr, lr_rampup=a.lr_rampup,
+        ema_halflife=a.ema_halflife, ema_rampup=a.ema_rampup, images=a.images, steps=a.steps, seed=a.seed,
+        snap=a.snap, resume=a.resume, device=a.device, cond=a.cond, xflip=a.xflip,
+        model_channels=a.channels, channel_mult=a.channel_mult, num_blocks=a.blocks, attn_resolutions=a.attn,
+        dropout=a.dropout, sample_steps=a.sample_steps, grid=a.grid, backend=a.backend, progress=not a.no_progress,
+        threads=a.threads,
+    )
+    return (c, a) if with_profile else c
+
+
+def main(argv=None) -> None:
+    """Entry point of `python -m cdm_kernels.train` and `cdm-train`."""
+    c, a = parse_args(argv, with_profile=True)
+    profile_steps = a.profile
+    if a.sample_only:
+        if not c.resume:
+            raise SystemExit("--sample-only needs --resume (a checkpoint file or a run folder)")
+        sample_checkpoint(c.resume, a.sample_only, num=c.grid or 100, num_steps=c.sample_steps, seed=c.seed,
+                          device=c.device, S_churn=a.churn)
+        print(f"wrote {c.grid or 100} samples of {find_checkpoint(c.resume)} to {a.sample_only}")
+        return
+    if profile_steps:
+        r = profile_training(c, steps=profile_steps)
+        print(
+            f"profile of {profile_steps} steps, loss {c.loss}, batch {c.batch}"
+            + (f", rbatch {c.rbatch}" if "stf" in c.loss else "")
+            + (f", {c.cdm_steps} rollout points" if "cdm" in c.loss else "")
+            + f": {r['seconds_per_step'] * 1e3:.1f} ms a step, {r['kernel_seconds_per_step'] * 1e3:.1f} ms "
+            f"({100 * r['kernel_share']:.1f}%) in cdm_kernels ops"
+        )
+        for name, sec in r["by_op"].items():
+            print(f"  {name:48s} {sec * 1e3:9.2f} ms/step")
+        return
+    train(c)
+
+
+if __name__ == "__main__":
+    main()

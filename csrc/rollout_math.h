@@ -1,0 +1,91 @@
+// Shared arithmetic of the rollout steps and the martingale loss (math.md sections 2 and 3).
+//
+// The CPU kernels (csrc/cpu/rollout.cpp) and the CUDA kernels (csrc/cuda/rollout.cu) call exactly
+// these __host__ __device__ functions, so the arithmetic a GPU runs is executed and tested on the
+// CPU. Each step is split into a per-sample part (coefficients from t_cur, t_next: computed once
+// per row, including the one sqrt) and a per-element part (a few multiply-adds), which keeps the
+// element loops free of divisions and vectorisable. Includes nothing from torch or CUDA.
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define CDM_RHD __host__ __device__ __forceinline__
+#else
+#define CDM_RHD inline
+#endif
+
+namespace cdm {
+namespace rollout {
+
+// Order of cdm_kernels.rollout.KINDS.
+enum Kind : int { KIND_SDE = 0, KIND_EULER = 1, KIND_HEUN = 2, KIND_CHURN = 3, KIND_COUNT = 4 };
+
+CDM_RHD float tsqrt(float v) { return sqrtf(v); }
+CDM_RHD double tsqrt(double v) { return sqrt(v); }
+
+// Per-sample coefficients of  x' = x + g (x - D) + e (x_e - D_e) + s z.
+template <typename T>
+struct StepCoef {
+  T g;  // on (x - D)
+  T e;  // on (x_euler - D_euler), Heun only
+  T s;  // on the noise z
+};
+
+// h = t_next - t_cur; for KIND_CHURN t_next is t_hat.
+template <typename T>
+CDM_RHD StepCoef<T> step_coef(int kind, T t_cur, T t_next, T s_noise) {
+  const T h = t_next - t_cur;
+  StepCoef<T> c{T(0), T(0), T(0)};
+  if (kind == KIND_SDE) {  // math.md 3.4: 2 h (x - D) / t + sqrt(2 |h| t) z
+    c.g = T(2) * h / t_cur;
+    c.s = tsqrt(T(2) * (h < T(0) ? -h : h) * t_cur);
+  } else if (kind == KIND_EULER) {  // EDM: h (x - D) / t
+    c.g = h / t_cur;
+  } else if (kind == KIND_HEUN) {  // EDM: h/2 (d + d'), d = (x - D)/t, d' = (x_e - D_e)/t'
+    c.g = T(0.5) * h / t_cur;
+    c.e = T(0.5) * h / t_next;
+  } else {  // churn: sqrt(t_hat^2 - t^2) S_noise z
+    c.s = tsqrt(t_next * t_next - t_cur * t_cur) * s_noise;
+  }
+  return c;
+}
+
+template <typename T>
+CDM_RHD T sde_element(T x, T D, T z, const StepCoef<T>& c) {
+  return x + c.g * (x - D) + c.s * z;
+}
+
+template <typename T>
+CDM_RHD T euler_element(T x, T D, const StepCoef<T>& c) {
+  return x + c.g * (x - D);
+}
+
+template <typename T>
+CDM_RHD T heun_element(T x, T D, T x_e, T D_e, const StepCoef<T>& c) {
+  return x + c.g * (x - D) + c.e * (x_e - D_e);
+}
+
+template <typename T>
+CDM_RHD T churn_element(T x, T z, const StepCoef<T>& c) {
+  return x + c.s * z;
+}
+
+// loss = w (D0 - y)^2 + lambda_m (D1a - D0)(D1b - D0)    (math.md 3.1 and 3.6)
+template <typename T>
+CDM_RHD T martingale_loss(T D0, T D1a, T D1b, T y, T w, T lambda_m) {
+  const T r = D0 - y;
+  return w * r * r + lambda_m * (D1a - D0) * (D1b - D0);
+}
+
+// The fused backward: dL/dD0, dL/dD1a, dL/dD1b times the incoming gradient g (math.md 3).
+template <typename T>
+CDM_RHD void martingale_grads(T g, T D0, T D1a, T D1b, T y, T w, T lambda_m, T* g0, T* ga, T* gb) {
+  const T ea = D1a - D0, eb = D1b - D0;
+  *g0 = g * (T(2) * w * (D0 - y) - lambda_m * (ea + eb));
+  *ga = g * lambda_m * eb;
+  *gb = g * lambda_m * ea;
+}
+
+}  // namespace rollout
+}  // namespace cdm

@@ -1,0 +1,550 @@
+"""Rollout steps, consistency_rollout, martingale_loss and edm_schedule against float64
+transcriptions of math.md, on every backend runnable here (reference, cpu, triton under the
+interpreter); autograd by gradcheck; opcheck and torch.compile of the registered ops; bad input."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import cdm_kernels
+from cdm_kernels import rollout_reference as ref
+from cdm_kernels.rollout import (
+    KINDS,
+    _loss_backward_op,
+    _loss_op,
+    _rollout_step_op,
+    available_rollout_backends,
+    step_coefficients,
+)
+
+BACKENDS = available_rollout_backends("cpu")
+SHAPES = [(3, 1), (4, 3, 7, 7), (2, 1100)]  # M = 1, 147 and 1100: not multiples of any tile
+EPS = {torch.float32: torch.finfo(torch.float32).eps, torch.float64: torch.finfo(torch.float64).eps}
+
+
+def test_backends_present():
+    assert "reference" in BACKENDS and "triton" in BACKENDS
+    assert ("cpu" in BACKENDS) == cdm_kernels.has_cpu_kernels()
+
+
+def _levels(B, dtype=torch.float64):
+    # Spread over EDM's whole range; t_next a fraction of t_cur (one sample with t_next = t_cur).
+    t_cur = torch.exp(torch.linspace(math.log(0.003), math.log(80.0), B, dtype=torch.float64))
+    frac = torch.rand(B, dtype=torch.float64) * 0.9 + 0.05
+    frac[0] = 1.0
+    return t_cur.to(dtype), (t_cur * frac).to(dtype)
+
+
+def _expected(kind, x, D, xe, De, t, tn, z, s_noise=1.0):
+    """float64 transcription of math.md, written independently of rollout_reference."""
+    x, D, xe, De, z = (v.double() if v is not None else None for v in (x, D, xe, De, z))
+    sh = (-1,) + (1,) * (x.dim() - 1)
+    t, tn = t.double().reshape(sh), tn.double().reshape(sh)
+    d = (x - D) / t
+    if kind == "sde":
+        out = x + 2 * (tn - t) * d + torch.sqrt(2 * (t - tn).abs() * t) * z
+        bound = x.abs() + 2 * ((tn - t) / t).abs() * (x.abs() + D.abs()) + torch.sqrt(2 * (t - tn).abs() * t) * z.abs()
+    elif kind == "euler":
+        out = x + (tn - t) * d
+        bound = x.abs() + ((tn - t) / t).abs() * (x.abs() + D.abs())
+    elif kind == "heun":
+        out = x + (tn - t) * (d + (xe - De) / tn) / 2
+        bound = x.abs() + ((tn - t) / t).abs() * (x.abs() + D.abs()) + ((tn - t) / tn).abs() * (xe.abs() + De.abs())
+    else:
+        out = x + torch.sqrt(tn**2 - t**2) * s_noise * z
+        bound = x.abs() + torch.sqrt(tn**2 - t**2) * s_noise * z.abs()
+    return out, bound
+
+
+def _inputs(shape, dtype, kind):
+    x = torch.randn(shape, dtype=torch.float64) * 3
+    D = torch.randn(shape, dtype=torch.float64)
+    xe = torch.randn(shape, dtype=torch.float64) * 2 if kind == "heun" else None
+    De = torch.randn(shape, dtype=torch.float64) if kind == "heun" else None
+    z = torch.randn(shape, dtype=torch.float64)
+    cast = lambda v: None if v is None else v.to(dtype)  # noqa: E731
+    return cast(x), cast(D), cast(xe), cast(De), cast(z)
+
+
+def _call(kind, x, D, xe, De, t, tn, backend, **kw):
+    if kind == "churn":
+        return cdm_kernels.rollout_step(
+            x, None, t, kind="churn", num_steps=kw.pop("num_steps", 4), S_churn=kw.pop("S_churn", 40.0),
+            backend=backend, **kw,
+        )
+    return cdm_kernels.rollout_step(x, D, t, tn, kind=kind, x_euler=xe, denoised_euler=De, backend=backend, **kw)
+
+
+def _assert_close(out, expected, bound, dtype, what):
+    # Each of the few roundings is at most one ulp of the largest term: 8 eps * (sum of |terms|).
+    err = (out.double() - expected).abs()
+    tol = 8 * EPS[dtype] * bound + 1e-300
+    worst = (err / tol).max().item()
+    assert worst <= 1.0, f"{what}: error {err.max().item():.3g}, {worst:.2f}x the float rounding bound"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_step_explicit_noise(backend, kind, dtype, shape):
+    x, D, xe, De, z = _inputs(shape, dtype, kind)
+    t, tn = _levels(shape[0], dtype)
+    if kind == "euler":
+        tn[-1] = 0.0  # EDM's last step goes to t_N = 0
+    noise = z if kind in ("sde", "churn") else None
+    out = _call(kind, x, D, xe, De, t, tn, backend, noise=noise)
+    if kind == "churn":
+        out, t_hat = out
+        gamma = min(40.0 / 4, math.sqrt(2) - 1)
+        assert torch.allclose(t_hat.double(), t.double() * (1 + gamma), rtol=4 * EPS[dtype], atol=0)
+        tn = t_hat
+    assert out.dtype == dtype and out.shape == x.shape
+    expected, bound = _expected(kind, x, D, xe, De, t, tn, z)
+    _assert_close(out, expected, bound, dtype, f"{kind} on {backend}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["sde", "churn"])
+@pytest.mark.parametrize("shape", [(4, 3, 7, 7), (2, 1100)])
+def test_step_in_kernel_noise_is_the_generators(backend, kind, shape):
+    dtype = torch.float32
+    x, D, _, _, _ = _inputs(shape, dtype, kind)
+    t, tn = _levels(shape[0], dtype)
+    seed, offset = 2**33 + 5, 2**32 - 1000  # counters cross 2^32 inside the tensor
+    out = _call(kind, x, D, None, None, t, tn, backend, seed=seed, offset=offset)
+    if kind == "churn":
+        out, tn = out
+    noise_backend = "cpu" if backend == "cpu" else ("triton" if backend == "triton" else "auto")
+    z = cdm_kernels.randn(x.shape, seed, offset, backend=noise_backend)
+    expected, bound = _expected(kind, x, D, None, None, t, tn, z)
+    _assert_close(out, expected, bound, dtype, f"{kind} on {backend} with in-kernel noise")
+    # A different offset gives different noise (and the same offset the same).
+    again = _call(kind, x, D, None, None, t, tn if kind != "churn" else None, backend, seed=seed, offset=offset)
+    again = again[0] if kind == "churn" else again
+    assert torch.equal(out, again)
+    other = _call(kind, x, D, None, None, t, tn if kind != "churn" else None, backend, seed=seed, offset=offset + x.numel())
+    other = other[0] if kind == "churn" else other
+    assert not torch.allclose(out, other)
+
+
+def test_in_kernel_noise_agrees_across_backends():
+    x, D, _, _, _ = _inputs((3, 500), torch.float32, "sde")
+    t, tn = _levels(3, torch.float32)
+    outs = {b: cdm_kernels.rollout_step(x, D, t, tn, kind="sde", seed=77, offset=3, backend=b) for b in BACKENDS}
+    base = outs["triton"].double()
+    for b, o in outs.items():
+        # Only log/cos roundings of the noise differ (<= 1.5e-6 per unit of noise scale).
+        scale = torch.sqrt(2 * (t - tn).abs() * t).double().unsqueeze(1)
+        assert ((o.double() - base).abs() <= 2e-6 * scale + 8 * EPS[torch.float32] * (x.abs() + 10)).all(), b
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_inputs_compute_in_float32(backend, dtype):
+    x, D, _, _, z = _inputs((2, 3, 4, 4), torch.float32, "sde")
+    x, D, z = x.to(dtype), D.to(dtype), z.to(dtype)
+    t, tn = _levels(2, torch.float32)
+    out = cdm_kernels.rollout_step(x, D, t, tn, kind="sde", noise=z, backend=backend)
+    assert out.dtype == dtype
+    expected, _ = _expected("sde", x, D, None, None, t, tn, z)
+    assert torch.equal(out, expected.to(torch.float32).to(dtype)) or (
+        (out.double() - expected).abs() <= 2 * torch.finfo(dtype).eps * expected.abs().clamp_min(1e-2)
+    ).all()
+
+
+def test_t_as_edm_broadcast_shape_and_float():
+    x, D, _, _, z = _inputs((3, 2, 2), torch.float64, "sde")
+    t, tn = _levels(3)
+    a = cdm_kernels.rollout_step(x, D, t, tn, kind="euler")
+    b = cdm_kernels.rollout_step(x, D, t.reshape(3, 1, 1), tn.reshape(3, 1, 1), kind="euler")
+    assert torch.equal(a, b)
+    c = cdm_kernels.rollout_step(x, D, 2.0, 1.5, kind="euler")
+    assert torch.equal(c, cdm_kernels.rollout_step(x, D, torch.full((3,), 2.0, dtype=torch.float64), torch.full((3,), 1.5, dtype=torch.float64), kind="euler"))
+
+
+def test_heun_is_second_order_on_a_linear_ode():
+    # dx/dt = (x - D)/t with the Gaussian denoiser D = m + s^2/(s^2 + t^2)(x - m) has the solution
+    # x(t) - m = (x(t0) - m) sqrt((s^2 + t^2)/(s^2 + t0^2)). Halving the step halves Euler's global
+    # error and quarters Heun's.
+    m, s2 = 0.5, 0.3**2
+    x0 = torch.tensor([[1.7]], dtype=torch.float64)
+
+    def den(x, t):
+        return m + s2 / (s2 + t**2) * (x - m)
+
+    def integrate(n, kind):
+        ts = torch.linspace(2.0, 1.0, n + 1, dtype=torch.float64)
+        x = x0.clone()
+        for k in range(n):
+            t, tn = ts[k : k + 1], ts[k + 1 : k + 2]
+            D = den(x, t)
+            xe = cdm_kernels.rollout_step(x, D, t, tn, kind="euler")
+            if kind == "heun":
+                x = cdm_kernels.rollout_step(x, D, t, tn, kind="heun", x_euler=xe, denoised_euler=den(xe, tn))
+            else:
+                x = xe
+        return x.item()
+
+    exact = m + (x0.item() - m) * math.sqrt((s2 + 1.0) / (s2 + 4.0))
+    e_heun = [abs(integrate(n, "heun") - exact) for n in (4, 8)]
+    e_euler = [abs(integrate(n, "euler") - exact) for n in (4, 8)]
+    assert e_euler[0] / e_euler[1] == pytest.approx(2, rel=0.2)
+    assert e_heun[0] / e_heun[1] == pytest.approx(4, rel=0.2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradcheck_float64(backend, kind):
+    shape = (2, 3)
+    x, D, xe, De, z = (
+        None if v is None else v.requires_grad_() for v in _inputs(shape, torch.float64, kind)
+    )
+    t, tn = _levels(2)
+    if kind in ("sde", "churn"):
+        fn = lambda x, D, z: _call(kind, x, D, None, None, t, tn, backend, noise=z)  # noqa: E731
+        fn2 = (lambda x, D, z: fn(x, D, z)[0]) if kind == "churn" else fn  # noqa: E731
+        args = (x, z) if kind == "churn" else (x, D, z)
+        f = (lambda x, z: fn2(x, None, z)) if kind == "churn" else fn2  # noqa: E731
+        assert torch.autograd.gradcheck(f, args)
+    elif kind == "euler":
+        assert torch.autograd.gradcheck(lambda x, D: _call(kind, x, D, None, None, t, tn, backend), (x, D))
+    else:
+        assert torch.autograd.gradcheck(lambda x, D, xe, De: _call(kind, x, D, xe, De, t, tn, backend), (x, D, xe, De))
+
+
+def test_gradient_is_math_md_per_sample_scale():
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    D = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    t, tn = _levels(3)
+    cdm_kernels.rollout_step(x, D, t, tn, kind="sde", seed=1).sum().backward()
+    g = (2 * (tn - t) / t).unsqueeze(1)
+    assert torch.allclose(x.grad, (1 + g).expand(3, 4))
+    assert torch.allclose(D.grad, (-g).expand(3, 4))
+    cx, cd, *_ = step_coefficients("sde", t, tn, 1.0)
+    assert torch.allclose(cx, 1 + g[:, 0]) and torch.allclose(cd, -g[:, 0])
+
+
+# ----------------------------------------------------------------------------------------------
+# consistency_rollout on the exact denoiser of a Gaussian data set N(m, s^2 I)
+# ----------------------------------------------------------------------------------------------
+
+M_DATA, S_DATA = 0.3, 0.5
+
+
+def gaussian_denoiser(x, sigma, labels=None):
+    """D(x; sigma) = m + s^2 / (s^2 + sigma^2) (x - m), the exact E[x0 | x] for N(m, s^2 I)."""
+    return M_DATA + S_DATA**2 / (S_DATA**2 + sigma**2) * (x - M_DATA)
+
+
+def _closed_form(sched):
+    """For one sample's schedule: x_final - m = A (x_t - m) + sqrt(V) N(0, 1) per element."""
+    A, V = 1.0, 0.0
+    for k in range(len(sched) - 1):
+        t, tn = float(sched[k]), float(sched[k + 1])
+        r = S_DATA**2 / (S_DATA**2 + t**2)
+        a = 1 + 2 * (tn - t) / t * (1 - r)
+        V = a * a * V + 2 * abs(t - tn) * t
+        A = a * A
+    return A, V
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_consistency_rollout_matches_closed_form_moments(backend):
+    B, D = 2, 3000
+    x_t = torch.randn(B, D) * 2
+    sigma = torch.tensor([2.0, 0.4])
+    sigma_min = torch.tensor([1.96, 0.38])
+    K = 4
+    x_final, s_final = cdm_kernels.consistency_rollout(
+        gaussian_denoiser, x_t, sigma, sigma_min, num_steps=6, num_trajectories=K, seed=5, backend=backend
+    )
+    assert x_final.shape == (K, B, D) and torch.equal(s_final, sigma_min)
+    sched = cdm_kernels.edm_schedule(sigma.double(), sigma_min.double(), 6)
+    for b in range(B):
+        A, V = _closed_form(sched[b])
+        resid = (x_final[:, b].double() - M_DATA - A * (x_t[b].double() - M_DATA)) / math.sqrt(V)
+        n = resid.numel()
+        assert abs(resid.mean().item()) < 5 / math.sqrt(n)
+        assert abs(resid.var().item() - 1) < 5 * math.sqrt(2 / n)
+        # Trajectories are independent of one another.
+        r = torch.corrcoef(resid.reshape(K, D))
+        assert (r - torch.eye(K, dtype=r.dtype)).abs().max() < 5 / math.sqrt(D)
+
+
+def test_consistency_rollout_equals_its_steps_exactly():
+    # The rollout is the loop of math.md 3.4 with Philox noise at offsets offset + k K numel.
+    B, K, N = 3, 2, 4
+    x_t = torch.randn(B, 2, 5, dtype=torch.float64)
+    sigma, smin = torch.tensor([3.0, 1.0, 0.5], dtype=torch.float64), torch.tensor([2.9, 0.99, 0.45], dtype=torch.float64)
+    out, _ = cdm_kernels.consistency_rollout(gaussian_denoiser, x_t, sigma, smin, N, K, seed=9, offset=100)
+    sched = cdm_kernels.edm_schedule(sigma, smin, N)
+    x = x_t.repeat(K, 1, 1).double()
+    for k in range(N - 1):
+        t, tn = sched[:, k].repeat(K), sched[:, k + 1].repeat(K)
+        z = cdm_kernels.randn(x.shape, 9, 100 + k * K * x_t.numel(), dtype=torch.float64)
+        x = ref.sde_step(x, gaussian_denoiser(x, t.reshape(-1, 1, 1)), t, tn, z)
+    assert torch.allclose(out.reshape(K * B, 2, 5), x, rtol=1e-12, atol=1e-12)
+
+
+def test_consistency_rollout_labels_and_unconditional():
+    B, K = 3, 2
+    x_t = torch.randn(B, 4)
+    seen = {}
+
+    def net(x, sigma, labels):
+        seen["labels"] = labels
+        seen["sigma_shape"] = tuple(sigma.shape)
+        return gaussian_denoiser(x, sigma)
+
+    labels = torch.tensor([0, 1, 2])
+    a, _ = cdm_kernels.consistency_rollout(net, x_t, 1.0, 0.9, 3, K, labels=labels, seed=1)
+    assert torch.equal(seen["labels"], labels.repeat(K)) and seen["sigma_shape"] == (K * B, 1)
+    b, _ = cdm_kernels.consistency_rollout(net, x_t, 1.0, 0.9, 3, K, seed=1)
+    assert seen["labels"] is None and torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"labels must be a tensor with first dimension B = 3, got \(2,\)"):
+        cdm_kernels.consistency_rollout(net, x_t, 1.0, 0.9, 3, K, labels=torch.zeros(2))
+
+
+def test_consistency_rollout_runs_without_grad():
+    x_t = torch.randn(2, 3, requires_grad=True)
+    out, _ = cdm_kernels.consistency_rollout(gaussian_denoiser, x_t, 1.0, 0.95, 3, seed=0)
+    assert not out.requires_grad
+
+
+# ----------------------------------------------------------------------------------------------
+# martingale_loss
+# ----------------------------------------------------------------------------------------------
+
+
+def _loss_inputs(shape, dtype):
+    return [torch.randn(shape, dtype=torch.float64).to(dtype) for _ in range(4)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("wshape", ["float", "per_sample", "full", "per_channel"])
+def test_martingale_loss_and_grads(backend, dtype, wshape):
+    shape = (3, 2, 5, 7)
+    D0, D1a, D1b, y = _loss_inputs(shape, dtype)
+    weight = {
+        "float": 2.5,
+        "per_sample": torch.rand(3, 1, 1, 1, dtype=dtype) + 0.5,
+        "full": torch.rand(shape, dtype=dtype) + 0.5,
+        "per_channel": torch.rand(1, 2, 1, 1, dtype=dtype) + 0.5,
+    }[wshape]
+    leaves = [v.clone().requires_grad_() for v in (D0, D1a, D1b)]
+    loss = cdm_kernels.martingale_loss(*leaves, y, weight, lambda_m=1.7, backend=backend)
+    w = weight if isinstance(weight, float) else weight.double()
+    d0, da, db, yy = (v.double() for v in (D0, D1a, D1b, y))
+    expected = w * (d0 - yy) ** 2 + 1.7 * (da - d0) * (db - d0)  # math.md 3.1 + 3.6
+    bound = abs(w if isinstance(w, float) else w) * (d0 - yy) ** 2 + 1.7 * ((da - d0) * (db - d0)).abs() + 1
+    assert loss.dtype == dtype
+    assert ((loss.double() - expected).abs() <= 16 * EPS[dtype] * bound * 4).all()
+    g = torch.randn(shape, dtype=dtype)
+    loss.backward(g)
+    gd = g.double()
+    exp_g0 = gd * (2 * w * (d0 - yy) - 1.7 * ((da - d0) + (db - d0)))
+    exp_ga, exp_gb = gd * 1.7 * (db - d0), gd * 1.7 * (da - d0)
+    for got, exp in zip((leaves[0].grad, leaves[1].grad, leaves[2].grad), (exp_g0, exp_ga, exp_gb)):
+        scale = gd.abs() * (2 * abs(w if isinstance(w, float) else w) * (d0.abs() + yy.abs()) + 1.7 * (da.abs() + db.abs() + 2 * d0.abs()))
+        assert ((got.double() - exp).abs() <= 16 * EPS[dtype] * scale + 1e-300).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_martingale_loss_gradcheck_all_inputs(backend):
+    D0, D1a, D1b, y = (v.requires_grad_() for v in _loss_inputs((2, 3), torch.float64))
+    w = (torch.rand(2, 1, dtype=torch.float64) + 0.5).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda *a: cdm_kernels.martingale_loss(*a, lambda_m=2.0, backend=backend), (D0, D1a, D1b, y, w)
+    )
+    wf = (torch.rand(2, 3, dtype=torch.float64) + 0.5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda *a: cdm_kernels.martingale_loss(*a, backend=backend), (D0, D1a, D1b, y, wf))
+
+
+def test_martingale_term_is_unbiased_for_the_squared_bias():
+    # E[(D1a - D0)(D1b - D0)] = ||E D1 - D0||^2 for independent D1a, D1b (math.md 3.6).
+    n = 200_000
+    D0 = torch.zeros(n, 1, dtype=torch.float64)
+    mu = 0.7
+    D1a, D1b = mu + torch.randn(n, 1, dtype=torch.float64), mu + torch.randn(n, 1, dtype=torch.float64)
+    loss = cdm_kernels.martingale_loss(D0, D1a, D1b, D0, 0.0, lambda_m=1.0)
+    assert abs(loss.mean().item() - mu**2) < 5 * math.sqrt((1 + 2 * mu**2) / n)
+
+
+# ----------------------------------------------------------------------------------------------
+# edm_schedule
+# ----------------------------------------------------------------------------------------------
+
+
+def test_edm_schedule_formula_and_endpoints():
+    hi = torch.tensor([80.0, 2.0, 0.5], dtype=torch.float64)
+    lo = torch.tensor([0.002, 1.9, 0.5], dtype=torch.float64)
+    t = cdm_kernels.edm_schedule(hi, lo, 6, rho=7)
+    assert t.shape == (3, 6) and t.dtype == torch.float64
+    for b in range(3):
+        for k in range(6):
+            a, c = float(hi[b]) ** (1 / 7), float(lo[b]) ** (1 / 7)
+            assert t[b, k].item() == pytest.approx((a + k / 5 * (c - a)) ** 7, rel=1e-14)
+    assert torch.equal(t[:, 0], hi) and torch.equal(t[:, -1], lo)
+    assert (t[:, 1:] <= t[:, :-1]).all()
+    f = cdm_kernels.edm_schedule(80.0, 0.002, 18)
+    assert f.shape == (18,) and f[0].item() == 80.0 and f[-1].item() == 0.002
+    assert cdm_kernels.edm_schedule(hi.float(), 0.002, 3).dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        ((80.0, 0.002, 1), "num_steps must be an int >= 2"),
+        ((80.0, 0.0, 4), "sigma_min must be positive and finite, got 0.0"),
+        ((torch.tensor([1.0, 2.0]), torch.tensor([0.5, 3.0]), 4), "sample 1 has sigma_max = 2.0, sigma_min = 3.0"),
+        ((torch.tensor([1.0, float("nan")]), 0.5, 4), "sample 1 has sigma_max = nan"),
+        ((torch.ones(2), torch.ones(3), 4), r"one batch size B, got shapes \(2,\) and \(3,\)"),
+    ],
+)
+def test_edm_schedule_errors(args, match):
+    with pytest.raises(ValueError, match=match):
+        cdm_kernels.edm_schedule(*args)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: clear errors before any kernel runs
+# ----------------------------------------------------------------------------------------------
+
+
+def _xD():
+    return torch.randn(2, 3), torch.randn(2, 3)
+
+
+@pytest.mark.parametrize(
+    "call,exc,match",
+    [
+        (lambda x, D: cdm_kernels.rollout_step(x, D, 1.0, 2.0, kind="sde"), ValueError,
+         r"t_next <= t_cur; sample 0 has t_cur = 1.0, t_next = 2.0"),
+        (lambda x, D: cdm_kernels.rollout_step(x, D, torch.tensor([1.0, -1.0]), 0.5, kind="euler"), ValueError,
+         r"t_cur must be positive and finite for every sample; t_cur\[1\] = -1.0"),
+        (lambda x, D: cdm_kernels.rollout_step(x, D, torch.tensor([1.0, float("inf")]), 0.5, kind="euler"), ValueError,
+         r"t_cur\[1\] = inf"),
+        (lambda x, D: cdm_kernels.rollout_step(x, D, 1.0, float("nan"), kind="sde"), ValueError,
+         r"t_next must be finite and non-negative for every sample; t_next\[0\] = nan"),
+        (lambda x, D: cdm_kernels.rollout_step(x, D[:, :2], 1.0, 0.5, kind="sde"), ValueError,
+         r"denoised must have the shape of x, \(2, 3\); got \(2, 2\)"),
+        (lambda x, D: cdm_kernels.rollout_step(x, D, 1.0, 0.5, kind="ddim"), ValueError,
+         r"kind must be one of \('sde', 'euler', 'heun', 'churn'\), got 'ddim'"),
+        (lambda x, D: cdm_kernels.rollout_step(x, D, 1.0, 0.5, kind="heun"), ValueError,
+         "kind='heun' needs x_euler"),
+        (lambda x, D: cdm_kernels.rollout_step(x, D, 1.0, 0.0, kind="heun", x_euler=x, denoised_euler=D), ValueError,
+         r"t_next must be finite and positive \(the Heun correction divides by t_next\)"),
+        (lambda x, D: cdm_kernels.rollout_step(x, D, 1.0, 0.5, kind="euler", noise=x), ValueError,
+         "noise is only used by kind='sde' or 'churn'"),
+        (lambda x, D: cdm_kernels.rollout_step(x, D, torch.ones(3), 0.5, kind="sde"), ValueError,
+         r"t_cur must be a float or have shape \(B,\) or \(B, 1, ..., 1\) with B = 2 \(x.shape\[0\]\); got shape \(3,\)"),
+        (lambda x, D: cdm_kernels.rollout_step(x, D, 1.0, 0.5, kind="sde", seed=-2), ValueError,
+         r"seed must be an int in \[0, 2\*\*63\), got -2"),
+        (lambda x, D: cdm_kernels.rollout_step(x, None, 1.0, kind="churn"), ValueError,
+         "kind='churn' needs num_steps"),
+        (lambda x, D: cdm_kernels.rollout_step(x.int(), D, 1.0, 0.5, kind="sde"), TypeError,
+         "x must have a floating dtype, got torch.int32"),
+        (lambda x, D: cdm_kernels.rollout_step(x, D, 1.0, 0.5, kind="sde", backend="cuda"), ValueError,
+         r"backend 'cuda' is not available for cpu tensors"),
+        (lambda x, D: cdm_kernels.consistency_rollout(gaussian_denoiser, x, 1.0, 0.5, num_steps=1), ValueError,
+         "num_steps must be an int >= 2"),
+        (lambda x, D: cdm_kernels.consistency_rollout(gaussian_denoiser, x, 1.0, 2.0), ValueError,
+         "sigma_min <= sigma_max for every sample; sample 0 has sigma_max = 1.0, sigma_min = 2.0"),
+        (lambda x, D: cdm_kernels.consistency_rollout(gaussian_denoiser, x, 1.0, 0.5, num_trajectories=0), ValueError,
+         "num_trajectories must be a positive int, got 0"),
+        (lambda x, D: cdm_kernels.martingale_loss(x, D, D[:1], x, 1.0), ValueError,
+         r"D1b must have the shape of D0, \(2, 3\); got \(1, 3\)"),
+        (lambda x, D: cdm_kernels.martingale_loss(x, D, D, x, torch.ones(3, 1)), ValueError,
+         r"weight must broadcast to D0's shape \(2, 3\) \(e.g. \(B, 1, ..., 1\)\), got \(3, 1\)"),
+        (lambda x, D: cdm_kernels.martingale_loss(x, D, D.double(), x, 1.0), TypeError,
+         "D1b has dtype torch.float64 but D0 has dtype torch.float32"),
+    ],
+)
+def test_bad_input_errors(call, exc, match):
+    x, D = _xD()
+    with pytest.raises(exc, match=match):
+        call(x, D)
+
+
+def test_t_requiring_grad_is_refused():
+    x, D = _xD()
+    t = torch.ones(2, requires_grad=True)
+    with pytest.raises(ValueError, match="t_cur must not require grad"):
+        cdm_kernels.rollout_step(x, D, t, 0.5, kind="sde")
+
+
+# ----------------------------------------------------------------------------------------------
+# The registered ops: opcheck and torch.compile
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+def test_opcheck(backend):
+    B, M = 2, 5
+    x, D, xe, De, z = (torch.randn(B, M, dtype=torch.float64, requires_grad=True) for _ in range(5))
+    t = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    tn = t * 0.5
+    for kind, noise in (("sde", z), ("sde", None), ("euler", None)):
+        torch.library.opcheck(_rollout_step_op, (x, D, t, tn, None, None, noise, 3, 0, kind, 1.0, backend))
+    t_hat = t * 1.2  # churn's t_next is t_hat >= t_cur
+    torch.library.opcheck(_rollout_step_op, (x, D, t, t_hat, None, None, z, 0, 0, "churn", 1.0, backend))
+    torch.library.opcheck(_rollout_step_op, (x, D, t, t_hat, None, None, None, 5, 7, "churn", 1.0, backend))
+    torch.library.opcheck(_rollout_step_op, (x, D, t, tn, xe, De, None, 0, 0, "heun", 1.0, backend))
+    w = torch.rand(B, dtype=torch.float64)
+    torch.library.opcheck(_loss_op, (x, D, xe, De, w, 2.0, backend))
+    torch.library.opcheck(_loss_op, (x, D, xe, De, torch.rand(B, M, dtype=torch.float64), 2.0, backend))
+    g = torch.randn(B, M, dtype=torch.float64)
+    torch.library.opcheck(_loss_backward_op, (g, x.detach(), D.detach(), xe.detach(), De.detach(), w, 2.0, backend))
+
+
+def test_torch_compile():
+    backend = BACKENDS[0]
+    x, D, _, _, z = _inputs((2, 3, 4), torch.float32, "sde")
+    y = torch.randn_like(x)
+    t, tn = _levels(2, torch.float32)
+
+    def f(x, D, y):
+        x1 = cdm_kernels.rollout_step(x, D, t, tn, kind="sde", seed=4, offset=0, backend=backend)
+        return cdm_kernels.martingale_loss(D, x1, x1 * 0.5, y, t.reshape(2, 1, 1), backend=backend)
+
+    compiled = torch.compile(f, fullgraph=True)
+    Dg = D.clone().requires_grad_()
+    Dc = D.clone().requires_grad_()
+    eager, comp = f(x, Dg, y), compiled(x, Dc, y)
+    assert torch.allclose(eager, comp, rtol=1e-6, atol=1e-6)
+    eager.sum().backward()
+    comp.sum().backward()
+    assert torch.allclose(Dg.grad, Dc.grad, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", KINDS)
+def test_cuda_backends_match_reference(kind):
+    for backend in available_rollout_backends("cuda"):
+        x, D, xe, De, z = (None if v is None else v.cuda() for v in _inputs((4, 3, 7, 7), torch.float32, kind))
+        t, tn = (v.cuda() for v in _levels(4, torch.float32))
+        out = _call(kind, x, D, xe, De, t, tn, backend, noise=z if kind in ("sde", "churn") else None)
+        if kind == "churn":
+            out, tn = out
+        expected, bound = _expected(kind, x, D, xe, De, t, tn, z)
+        _assert_close(out, expected, bound, torch.float32, f"{kind} on {backend}")
+
+
+@pytest.mark.gpu
+def test_cuda_in_kernel_noise_and_martingale_loss():
+    for backend in available_rollout_backends("cuda"):
+        x, D, _, _, _ = (None if v is None else v.cuda() for v in _inputs((3, 2, 33, 33), torch.float32, "sde"))
+        t, tn = (v.cuda() for v in _levels(3, torch.float32))
+        out = cdm_kernels.rollout_step(x, D, t, tn, kind="sde", seed=2**33 + 1, offset=2**32 - 7, backend=backend)
+        z = cdm_kernels.randn(x.shape, 2**33 + 1, 2**32 - 7, device="cuda", backend="triton" if backend == "triton" else "auto")
+        expected, bound = _expected("sde", x, D, None, None, t, tn, z)
+        _assert_close(out, expected, bound, torch.float32, f"sde on {backend} with in-kernel noise")
+        D0, D1a, D1b, y = (v.cuda().requires_grad_() for v in _loss_inputs((3, 2, 5, 5), torch.float64))
+        w = (torch.rand(3, 1, 1, 1, dtype=torch.float64, device="cuda") + 0.5).requires_grad_()
+        assert torch.autograd.gradcheck(
+            lambda *a: cdm_kernels.martingale_loss(*a, backend=backend), (D0, D1a, D1b, y, w)
+        )

@@ -1,0 +1,222 @@
+"""The training loop on the CPU with a tiny U-Net: one step of each loss, exact resumption after a
+kill, the output folder, the command line and the errors for bad options."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from cdm_kernels.data import load_dataset
+from cdm_kernels.train import LOSSES, TrainConfig, build_model, main, parse_args, train
+
+
+class Killed(Exception):
+    pass
+
+
+def tiny(outdir, **kw):
+    args = dict(
+        data="digits", outdir=str(outdir), loss="edm", batch=8, rbatch=32, cdm_steps=3, steps=2, snap=1000,
+        grid=0, model_channels=8, channel_mult=(1, 2), attn_resolutions=(4,), progress=False, threads=1,
+        lr=1e-3, lr_rampup=16, ema_halflife=100,
+    )
+    args.update(kw)
+    return TrainConfig(**args)
+
+
+def _initial_weights(c):
+    torch.manual_seed(c.seed)
+    return build_model(c, 8, 1, 10 if c.cond else 0).state_dict()
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_one_step_of_each_loss_changes_every_weight_and_is_finite(tmp_path, loss):
+    c = tiny(tmp_path, loss=loss, steps=1, cond=loss in ("edm", "cdm"))  # conditioning where it applies
+    records = []
+    summary = train(c, on_step=lambda step, rec: records.append(rec))
+    assert len(records) == 1 and records[0]["step"] == 1
+    assert math.isfinite(records[0]["loss"]) and summary["loss"] == records[0]["loss"]
+    if loss in ("edm", "stf"):  # a weighted square; the martingale term of CDM may be negative
+        assert records[0]["loss"] > 0
+    before = _initial_weights(c)
+    after = summary["net"].state_dict()
+    # The first Adam step moves every weight with a gradient above Adam's eps by about lr; a few
+    # GroupNorm scales behind the near-zero output layers get gradients below it and stay at 1.
+    for k in ("model.conv_in.weight", "model.map_layer0.weight", "model.enc.0.conv0.weight", "model.conv_out.weight"):
+        assert not torch.equal(before[k], after[k]), f"{k} was not updated by the step"
+    moved = sum(int((before[k] != after[k]).sum()) for k in before)
+    total = sum(v.numel() for k, v in before.items() if k != "model.map_noise.freqs")
+    assert moved > 0.75 * total, f"only {moved} of {total} weights moved"
+    assert torch.equal(before["model.map_noise.freqs"], after["model.map_noise.freqs"])  # a fixed buffer
+    assert all(torch.isfinite(v).all() for v in after.values())
+    # the EMA moved towards the new weights, not all the way
+    ema = summary["ema"].state_dict()
+    k = "model.conv_in.weight"
+    assert not torch.equal(ema[k], before[k]) and not torch.equal(ema[k], after[k])
+
+
+def test_killed_run_resumes_to_the_same_weights_bitwise(tmp_path):
+    # STF + CDM draws from every source: sigma, noise, the reference bank, eps, rollout seeds.
+    kw = dict(loss="stf+cdm", steps=4, snap=2, grid=4, sample_steps=2)
+    full = train(tiny(tmp_path / "full", **kw))
+
+    def kill_after_step_3(step, rec):
+        if step == 3:
+            raise Killed  # step 3 is done but was never snapshotted: lost, like a killed process
+
+    with pytest.raises(Killed):
+        train(tiny(tmp_path / "killed", **kw), on_step=kill_after_step_3)
+    assert sorted(os.listdir(tmp_path / "killed")) == [
+        "checkpoint-0000002.pt", "log.jsonl", "loss.png", "samples-0000002.png"
+    ]
+    resumed = train(tiny(tmp_path / "killed", resume=str(tmp_path / "killed"), **kw))
+    assert resumed["steps"] == 4
+
+    a = torch.load(full["checkpoint"], weights_only=True)
+    b = torch.load(resumed["checkpoint"], weights_only=True)
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs after resuming"
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert a["step"] == b["step"] == 4 and a["images_seen"] == b["images_seen"] == 32
+    assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
+    assert a["data_order"] == b["data_order"]
+
+    # the log of the resumed run holds each step once, with the uninterrupted run's losses
+    def losses(folder):
+        with open(os.path.join(folder, "log.jsonl")) as f:
+            return [(r["step"], r["loss"]) for r in map(json.loads, f)]
+
+    assert losses(tmp_path / "killed") == losses(tmp_path / "full") and len(losses(tmp_path / "full")) == 4
+
+
+def test_output_folder_and_checkpoint_contents(tmp_path):
+    c = tiny(tmp_path, loss="stf", steps=3, snap=2, grid=9, sample_steps=2)
+    summary = train(c)
+    files = sorted(os.listdir(tmp_path))
+    assert files == [
+        "checkpoint-0000002.pt", "checkpoint-0000003.pt", "log.jsonl", "loss.png",
+        "samples-0000002.png", "samples-0000003.png",
+    ]  # no temporary file left behind
+    ckpt = torch.load(summary["checkpoint"], weights_only=True)  # tensors and plain data only
+    assert set(ckpt) == {
+        "model", "ema", "optimizer", "step", "images_seen", "rng", "data_order", "world_size", "param_checksums",
+        "config", "image_shape", "label_dim",
+    }
+    assert ckpt["image_shape"] == [1, 8, 8] and ckpt["label_dim"] == 0
+    assert ckpt["config"]["loss"] == "stf" and ckpt["world_size"] == 1
+    assert set(ckpt["rng"][0]) == {"torch", "numpy", "python"}
+    with open(tmp_path / "log.jsonl") as f:
+        recs = [json.loads(line) for line in f]
+    assert [r["step"] for r in recs] == [1, 2, 3] and [r["images"] for r in recs] == [8, 16, 24]
+    # learning-rate warm-up over lr_rampup = 16 images, counting the current step's images
+    assert [r["lr"] for r in recs] == pytest.approx([0.5e-3, 1e-3, 1e-3])
+    from PIL import Image
+
+    assert Image.open(tmp_path / "samples-0000003.png").size[0] >= 24 * 10
+    assert Image.open(tmp_path / "loss.png").format == "PNG"
+
+
+def test_ema_follows_edm_half_life_rule(tmp_path):
+    c = tiny(tmp_path, steps=1, ema_halflife=8, ema_rampup=0.0)
+    s = train(c)
+    beta = 0.5 ** (8 / 8)
+    before = _initial_weights(c)
+    k = "model.conv_in.weight"
+    expect = s["net"].state_dict()[k] * (1 - beta) + before[k] * beta
+    torch.testing.assert_close(s["ema"].state_dict()[k], expect, rtol=1e-6, atol=1e-7)
+
+
+def test_command_line(tmp_path, capsys):
+    argv = [
+        "--loss", "cdm", "--batch", "8", "--rbatch", "16", "--cdm-steps", "3", "--lambda-m", "1.5", "--eps-max",
+        "0.1", "--lr", "0.001", "--lr-rampup", "100", "--ema-halflife", "50", "--steps", "1", "--seed", "3",
+        "--snap", "5", "--channels", "8", "--channel-mult", "1,2", "--attn", "4", "--grid", "4", "--sample-steps",
+        "2", "--outdir", str(tmp_path), "--no-progress", "--threads", "1", "--cond",
+    ]
+    c = parse_args(argv)
+    assert (c.loss, c.batch, c.rbatch, c.cdm_steps, c.lambda_m, c.eps_max, c.seed, c.channel_mult, c.cond) == (
+        "cdm", 8, 16, 3, 1.5, 0.1, 3, (1, 2), True
+    )
+    main(argv)
+    out = capsys.readouterr().out
+    assert "digits: 1797 images of 1x8x8" in out and "done: 1 steps (8 images) of loss cdm" in out
+    assert os.path.exists(tmp_path / "checkpoint-0000001.pt")
+    # sampling from the run's EMA weights, the way the snapshot grid was made: the same images
+    png = str(tmp_path / "again.png")
+    main(["--sample-only", png, "--resume", str(tmp_path), "--grid", "4", "--sample-steps", "2", "--seed", "3"])
+    assert "wrote 4 samples" in capsys.readouterr().out
+    from PIL import Image
+    import numpy as np
+
+    assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(tmp_path / "samples-0000001.png")))
+
+
+@pytest.mark.parametrize(
+    "kw, error, match",
+    [
+        (dict(loss="ddpm"), ValueError, r"loss must be one of \('edm', 'stf', 'cdm', 'stf\+cdm'\), got 'ddpm'"),
+        (dict(loss="stf", rbatch=4), ValueError, r"rbatch \(4\) must be at least the per-process batch \(8\)"),
+        (dict(loss="stf", rbatch=5000), ValueError, r"needs 4992 references besides the batch but the data set offers 1797"),
+        (dict(batch=0), ValueError, r"batch must be a positive int, got 0"),
+        (dict(lr=-1.0), ValueError, r"lr must be positive and finite, got -1.0"),
+        (dict(batch=4000), ValueError, r"batch size 4000 is larger than the data set \(1797 images\)"),
+        (dict(data="/nonexistent/set"), FileNotFoundError, r"'/nonexistent/set' does not exist"),
+        (dict(resume="/nonexistent/ckpt.pt"), FileNotFoundError, r"--resume '/nonexistent/ckpt.pt': no such checkpoint"),
+        (dict(device="tpu"), ValueError, r"device must be 'auto', 'cpu' or 'cuda\[:i\]', got 'tpu'"),
+        (dict(cdm_steps=1, loss="cdm"), ValueError, r"num_steps must be an int >= 2"),
+    ],
+)
+def test_bad_options_are_named(tmp_path, kw, error, match):
+    with pytest.raises(error, match=match):
+        train(tiny(tmp_path, **kw))
+
+
+def test_resume_from_an_empty_folder(tmp_path):
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match=r"the folder holds no checkpoint-<step>.pt"):
+        train(tiny(tmp_path / "run", resume=str(tmp_path / "empty")))
+
+
+def test_class_conditioning(tmp_path):
+    s = train(tiny(tmp_path, steps=1, cond=True))
+    assert s["net"].label_dim == load_dataset("digits").label_dim == 10
+    s = train(tiny(tmp_path / "u", steps=1))
+    assert s["net"].label_dim == 0
+    with pytest.raises(ValueError, match=r"--cond cannot be used with loss 'stf\+cdm': the stable target averages"):
+        train(tiny(tmp_path / "s", loss="stf+cdm", cond=True))
+    import numpy as np
+
+    np.save(tmp_path / "nolabels.npy", np.zeros((20, 8, 8), np.uint8))
+    with pytest.raises(ValueError, match=r"--cond needs labels, but the data set .* has none"):
+        train(tiny(tmp_path / "n", data=str(tmp_path / "nolabels.npy"), cond=True))
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    from cdm_kernels import train as train_mod
+
+    path = str(tmp_path / "checkpoint-0000001.pt")
+    train_mod._atomic_save({"step": 1, "w": torch.ones(3)}, path)
+
+    def failing_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(train_mod.torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        train_mod._atomic_save({"step": 2, "w": torch.zeros(3)}, path)
+    assert os.listdir(tmp_path) == ["checkpoint-0000001.pt"]  # no temporary file left
+    assert torch.load(path, weights_only=True)["step"] == 1  # the previous snapshot is intact
+
+
+def test_profile_splits_a_step_into_kernels_and_the_rest(tmp_path):
+    from cdm_kernels.train import profile_training
+
+    r = profile_training(tiny(tmp_path, loss="stf+cdm"), steps=1)
+    assert {"cdm_kernels::stf_forward", "cdm_kernels::rollout_step", "cdm_kernels::martingale_loss"} <= set(r["by_op"])
+    assert 0 < r["kernel_seconds_per_step"] < r["seconds_per_step"] and 0 < r["kernel_share"] < 1
+    assert r["kernel_seconds_per_step"] == pytest.approx(sum(r["by_op"].values()))
+    assert not os.path.exists(tmp_path / "log.jsonl")  # the profile writes into a temporary folder
