@@ -455,8 +455,9 @@ struct ScaleRows {
 
 // Backward step 2, per (row, part): from dots (rows 0..B-1 of tile) and c_ij = g_i . r_j (rows
 // B..2B-1) to the x-coefficients (in place of the dots), the weights w (in place of c, used by the
-// ref gradient), the ref coefficients a_ij, and the part's share of sum_j w (d - d_bar)(c - mg),
-// accumulated over chunks in cov_part (B, P).
+// ref gradient), the ref coefficients a_ij, and the part's shares of cov = sum_j w (d - d_bar)(c - mg),
+// s = sum_j w (c - mg) and dev = sum_j w (d - d_bar) (s and dev feed the first-order corrections of
+// stf_math.h), accumulated over chunks in cov_part (B, P, 3).
 template <typename T>
 struct BackwardWeights {
   int64_t threads;  // B * P
@@ -477,20 +478,27 @@ struct BackwardWeights {
     const T zlse = aux[i * AUX_COLS + AUX_ZLSE], dbar = aux[i * AUX_COLS + AUX_DBAR];
     T* zrow = tile + i * c;
     T* crow = tile + (B + i) * c;
-    T cov = T(0);
+    T cov = T(0), s_sum = T(0), dev = T(0);
+    CDM_NO_UNROLL  // unrolled, the double variant spills 16 B on sm_90 (three accumulators)
     for (int64_t j = p; j < c; j += P) {
       const T z = logit(zrow[j], ref_sqnorm[start + j], inv_s2);
       const T w = backward_weight(z, zlse);
       const T cij = crow[j];
       const T d = sqdist_from_logit(z, xn[i], s2);
-      zrow[j] = backward_x_coef(w, cij, mg[i]);
+      const T xc = backward_x_coef(w, cij, mg[i]);
+      zrow[j] = xc;
+      s_sum += xc;
+      dev += w * (d - dbar);
       cov += backward_sigma_term(w, d, dbar, cij, mg[i]);
       if (ref_coef != nullptr) {
         ref_coef[i * c + j] = backward_ref_coef(w, cij, mg[i], grad_lse[i], inv_s2);
         crow[j] = w;
       }
     }
-    cov_part[t] = first ? cov : cov_part[t] + cov;
+    T* part = cov_part + 3 * t;
+    part[0] = first ? cov : part[0] + cov;
+    part[1] = first ? s_sum : part[1] + s_sum;
+    part[2] = first ? dev : part[2] + dev;
   }
 };
 
@@ -508,7 +516,7 @@ struct ColumnSum {
   }
 };
 
-// Finish of the backward pass: dL/dsigma per row.
+// Finish of the backward pass: dL/dsigma per row, and s per row for dL/dx.
 template <typename T>
 struct BackwardSigma {
   int64_t threads;  // B
@@ -518,10 +526,17 @@ struct BackwardSigma {
   const T* grad_lse;
   const T* sigma;
   T* grad_sig;
+  T* s_row;
   CDM_HD void operator()(int64_t i) const {
-    T cov = T(0);
-    for (int64_t p = 0; p < P; ++p) cov += cov_part[i * P + p];
-    grad_sig[i] = grad_sigma(cov, aux[i * AUX_COLS + AUX_DBAR], grad_lse[i], sigma[i]);
+    T cov = T(0), s_sum = T(0), dev = T(0);
+    for (int64_t p = 0; p < P; ++p) {
+      const T* part = cov_part + 3 * (i * P + p);
+      cov += part[0];
+      s_sum += part[1];
+      dev += part[2];
+    }
+    s_row[i] = s_sum;
+    grad_sig[i] = grad_sigma(cov_corrected(cov, s_sum, dev), aux[i * AUX_COLS + AUX_DBAR], grad_lse[i], sigma[i]);
   }
 };
 
@@ -535,11 +550,12 @@ struct BackwardX {
   const T* x;
   const T* grad_lse;
   const T* sigma;
+  const T* s_row;
   T* grad_x_out;
   CDM_HD void operator()(int64_t t) const {
     const int64_t i = t / D;
     const T inv_s2 = T(1) / (sigma[i] * sigma[i]);
-    grad_x_out[t] = grad_x(px[t], mu[t], x[t], grad_lse[i], inv_s2);
+    grad_x_out[t] = grad_x_corrected(px[t], s_row[i], mu[t], x[t], grad_lse[i], inv_s2);
   }
 };
 
@@ -613,9 +629,9 @@ struct ForwardWorkspace {
 
 template <typename T>
 struct BackwardWorkspace {
-  T *xn, *mg, *cov_part, *tile, *ref_coef, *colsum, *px, *partial, *row_parts;
+  T *xn, *mg, *s_row, *cov_part, *tile, *ref_coef, *colsum, *px, *partial, *row_parts;
   static int64_t size(const Plan& p, bool ref_grad) {
-    return 2 * p.B + p.B * p.P + 2 * p.B * p.c + (ref_grad ? p.B * p.c + p.c : 0) + p.B * p.D + p.partial +
+    return 3 * p.B + 3 * p.B * p.P + 2 * p.B * p.c + (ref_grad ? p.B * p.c + p.c : 0) + p.B * p.D + p.partial +
            2 * p.B * p.Q;
   }
   static BackwardWorkspace carve(T* base, const Plan& p, bool ref_grad) {
@@ -623,7 +639,8 @@ struct BackwardWorkspace {
     T* q = base;
     w.xn = q, q += p.B;
     w.mg = q, q += p.B;
-    w.cov_part = q, q += p.B * p.P;
+    w.s_row = q, q += p.B;
+    w.cov_part = q, q += 3 * p.B * p.P;
     w.tile = q, q += 2 * p.B * p.c;
     w.ref_coef = ref_grad ? q : nullptr, q += ref_grad ? p.B * p.c : 0;
     w.colsum = ref_grad ? q : nullptr, q += ref_grad ? p.c : 0;
@@ -731,8 +748,8 @@ bool backward_run(Exec& ex, const Plan& pl, const T* grad_mu, const T* grad_lse,
       if (!launch_gemm(ex, h, "stf_gemm_ref")) return false;
     }
   }
-  if (!ex.run(BackwardSigma<T>{B, P, w.cov_part, aux, grad_lse, sigma, grad_sigma_out}, "stf_bwd_sigma")) return false;
-  return ex.run(BackwardX<T>{B * D, D, w.px, mu, x, grad_lse, sigma, grad_x_out}, "stf_bwd_x");
+  if (!ex.run(BackwardSigma<T>{B, P, w.cov_part, aux, grad_lse, sigma, grad_sigma_out, w.s_row}, "stf_bwd_sigma")) return false;
+  return ex.run(BackwardX<T>{B * D, D, w.px, mu, x, grad_lse, sigma, w.s_row, grad_x_out}, "stf_bwd_x");
 }
 
 }  // namespace cuda
