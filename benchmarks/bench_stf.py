@@ -68,6 +68,14 @@ class SweepConfig:
 QUICK = dict(dims=(1024,), batches=(16,), n_min=256, n_max=1024, budget_s=0.1, target_s=0.1, mem_limit_gb=0.15)
 
 
+def _load() -> str:
+    # The machine is shared: the load average says how much the timings could have been disturbed.
+    try:
+        return "/".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
 def default_mem_limit_gb() -> float:
     # Half of what the machine has free now, at most 8 GiB: other processes share it.
     try:
@@ -99,6 +107,7 @@ def run_sweep(cfg: SweepConfig, methods: list[sc.Method] | None = None, progress
     limit = cfg.mem_limit_gb * (1 << 30)
     mem_method = sc.MEM_METHOD_CUDA if torch.device(cfg.device).type == "cuda" else sc.MEM_METHOD_CPU
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    load_start = _load()
     base = {**env, "timestamp": stamp, "dtype": "float32", "matmul_gflops": f"{ceil.matmul_gflops:.1f}",
             "copy_gbps": f"{ceil.copy_gbps:.1f}", "mem_method": mem_method}
 
@@ -178,6 +187,7 @@ def run_sweep(cfg: SweepConfig, methods: list[sc.Method] | None = None, progress
             w.writerow({"device": env["device_name"], "method": g.method, "D": g.D, "pass": g.pass_name,
                         "verdict": "ok" if g.ok else "wrong", "detail": g.detail})
     md_path = os.path.join(cfg.out, "stf_bench.md")
+    env = {**env, "started": stamp, "load": f"{load_start} at the start, {_load()} at the end"}
     write_markdown(md_path, rows, gates, methods, env, ceil, cfg)
     plots = write_plots(cfg.out, rows, methods, env)
     return {"csv": csv_path, "gate": gate_path, "md": md_path, "plots": plots, "rows": rows, "gates": gates,
@@ -246,7 +256,8 @@ def write_markdown(path: str, rows: list[dict], gates: list[sc.GateResult], meth
         "",
         f"Device: **{env['device_name']}**; torch {env['torch']}, triton {env['triton']}, pykeops {env['pykeops']}, "
         f"cdm_kernels {env['cdm_kernels']} (extension {env['extension']}), python {env['python']}, "
-        f"{env['threads']} threads. float32.",
+        f"{env['threads']} threads. float32. Started {env['started']}; load average (1/5/15 min) "
+        f"{env['load']}.",
         "",
         f"Ceilings measured in this run: float32 2048^3 matmul **{ceil.matmul_gflops:.1f} GFLOP/s**; "
         f"tensor copy **{ceil.copy_gbps:.1f} GB/s** (read + write).",
@@ -293,8 +304,8 @@ def write_plots(out: str, rows: list[dict], methods: list[sc.Method], env: dict)
     paths = []
     for what, field, ylabel in (("throughput", "samples_per_s", "samples / s"),
                                 ("memory", "peak_extra_bytes", "peak extra memory (bytes)")):
-        fig, axes = plt.subplots(len(passes), len(shapes), figsize=(4.2 * len(shapes), 3.6 * len(passes)),
-                                 squeeze=False)
+        width = max(4.2 * len(shapes), 8.0)  # room for the legend even with one panel per row
+        fig, axes = plt.subplots(len(passes), len(shapes), figsize=(width, 3.6 * len(passes)), squeeze=False)
         for i, p in enumerate(passes):
             for j, (D, B) in enumerate(shapes):
                 ax = axes[i][j]
@@ -315,7 +326,8 @@ def write_plots(out: str, rows: list[dict], methods: list[sc.Method], env: dict)
             for h, lab in zip(*ax.get_legend_handles_labels()):
                 handles.setdefault(lab, h)
         if handles:
-            fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(len(handles), 4), fontsize=8)
+            fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(len(handles), int(width // 2.2)),
+                       fontsize=8)
         fig.suptitle(f"stable target, float32, {env['device_name']}", fontsize=10)
         fig.tight_layout(rect=(0, 0.08, 1, 0.96))
         path = os.path.join(out, f"stf_{what}.png")
