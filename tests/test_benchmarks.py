@@ -273,10 +273,13 @@ def test_roofline_picks_the_binding_ceiling():
 def test_targets_runner_compares_and_flags_wrong_methods():
     r = Runner(repeats=2, time_wrong=False)
     r.methods["bad"] = _method("bad", _missing_norm)
-    res, problems = r.compare(["cdm_kernels[reference]", "eager"], 8, 512, "forward")
-    assert not problems and set(res) == {"cdm_kernels[reference]", "eager"}
-    for t, peak in res.values():
-        assert t.repeats == 2 and t.median > 0 and peak >= 4 * 8 * sc.gate_inputs(3072).x.shape[1]
+    a = torch.randn(64, 64)
+    res, problems = r.compare(["cdm_kernels[reference]", "eager"], 8, 512, "forward", extra={"mm": lambda: a @ a})
+    assert not problems and set(res) == {"cdm_kernels[reference]", "eager", "mm"}
+    assert res["mm"][1] == 64 * 64 * 4  # its output
+    for name in ("cdm_kernels[reference]", "eager"):
+        t, peak = res[name]
+        assert t.repeats == 2 and t.median > 0 and peak >= 4 * 8 * 3072  # at least mu (B, D)
     res, problems = r.compare(["eager", "bad"], 8, 512, "forward")
     assert res is None and problems and problems[0].startswith("bad WRONG vs float64")
     assert _verdict(1.2, 1.0, []) == "PASS" and _verdict(0.9, 1.0, []) == "FAIL"
