@@ -163,7 +163,7 @@ def run_sweep(cfg: SweepConfig, methods: list[sc.Method] | None = None, progress
                                 # Where a method would run out of memory is recorded even past its
                                 # time budget: that is the point of the broadcast's rows.
                                 oom = oom_status(m, B, n, D, p, limit)
-                                status = oom if oom and done[key].startswith("skipped: time") else done[key]
+                                status = oom if oom and done[key].startswith(("skipped: time", "OOM")) else done[key]
                                 emit({**shape, "status": status})
                                 continue
                             bar.set_postfix_str(f"{m.name} {p} D={D} B={B} n={n}")

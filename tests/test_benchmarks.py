@@ -199,9 +199,10 @@ def test_sweep_refuses_by_predicted_memory_without_calling(tmp_path):
         calls["n"] += 1
         return sc.eager_composition(x, sigma, ref, ref_sqnorm)
 
-    # Right (passes the gate), but predicts 2 GiB per call against a 1 GiB limit.
-    res = _tiny_sweep(tmp_path, [_method("big", counting, extra=lambda B, n, D, bw: 2.0 * (1 << 30))])
-    assert [r["status"] for r in res["rows"]] == ["OOM (needs 2.0 GiB)"] * 2
+    # Right (passes the gate), but predicts 2 GiB per call at n = 256 (4 GiB at 512) against 1 GiB:
+    # every row states what that n would need.
+    res = _tiny_sweep(tmp_path, [_method("big", counting, extra=lambda B, n, D, bw: n / 128 * (1 << 30))])
+    assert [r["status"] for r in res["rows"]] == ["OOM (needs 2.0 GiB)", "OOM (needs 4.0 GiB)"]
     assert calls["n"] == 1  # the gate's call only
 
 
