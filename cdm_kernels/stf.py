@@ -100,7 +100,7 @@ def default_chunk_size(batch: int, n: int, dim: int) -> int:
     """References per chunk: large enough for efficient matrix products, small enough that the
     (B, chunk) logit tile and the (chunk, D) slice stay a small fraction of the inputs' memory."""
     budget = 1 << 22  # elements of the (B, chunk) tile
-    chunk = max(256, min(4096, budget // max(batch, 1)))
+    chunk = max(256, min(2048, budget // max(batch, 1)))
     return max(1, min(n, chunk))
 
 

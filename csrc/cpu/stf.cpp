@@ -52,32 +52,42 @@ void forward_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Tensor
   at::Tensor tile_buf = at::empty({B * chunk}, x.options());
   T* accp = acc.data_ptr<T>();
 
+  std::vector<T> inv_s2(B), m_tile(B);
+  for (int64_t i = 0; i < B; ++i) inv_s2[i] = T(1) / (sp[i] * sp[i]);
   for (int64_t start = 0; start < n; start += chunk) {
     const int64_t c = std::min(chunk, n - start);
     at::Tensor r = ref.narrow(0, start, c);
-    at::Tensor tile = tile_buf.narrow(0, 0, B * c).view({B, c});
-    at::mm_out(tile, x, r.t());  // x_i . r_j
+    // The tile is kept transposed, (c, B): BLAS runs R_c X^T (the long side first) markedly faster
+    // than X R_c^T for B in the hundreds. Rows are then walked with j outer and i inner, so each
+    // thread's slice of queries is read contiguously.
+    at::Tensor tile = tile_buf.narrow(0, 0, c * B).view({c, B});
+    at::mm_out(tile, r, x.t());  // tile[j, i] = x_i . r_j
     T* tp = tile.data_ptr<T>();
-    at::parallel_for(0, B, row_grain(c), [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const T inv_s2 = T(1) / (sp[i] * sp[i]);
-        T* row = tp + i * c;
-        T m_tile = neg_inf<T>();
-        for (int64_t j = 0; j < c; ++j) {
-          row[j] = logit(row[j], rnp[start + j], inv_s2);
-          m_tile = nan_max(m_tile, row[j]);
+    at::parallel_for(0, B, std::max<int64_t>(8, row_grain(c)), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) m_tile[i] = neg_inf<T>();
+      for (int64_t j = 0; j < c; ++j) {
+        T* row = tp + j * B;
+        const T rn = rnp[start + j];
+        for (int64_t i = i0; i < i1; ++i) {
+          row[i] = logit(row[i], rn, inv_s2[i]);
+          m_tile[i] = nan_max(m_tile[i], row[i]);
         }
+      }
+      for (int64_t i = i0; i < i1; ++i) {
         RowState<double>& s = state[i];
-        const double alpha = state_rebase(s, nan_max(s.m, double(m_tile)));
-        for (int64_t j = 0; j < c; ++j) row[j] = state_add(s, row[j]);  // the tile now holds e_ij
+        const double alpha = state_rebase(s, nan_max(s.m, double(m_tile[i])));
         if (alpha != 1.0) {
           const T alpha_t = T(alpha);
           T* a = accp + i * D;
           for (int64_t k = 0; k < D; ++k) a[k] *= alpha_t;
         }
       }
+      for (int64_t j = 0; j < c; ++j) {
+        T* row = tp + j * B;
+        for (int64_t i = i0; i < i1; ++i) row[i] = state_add(state[i], row[i]);  // now e_ij
+      }
     });
-    acc.addmm_(tile, r);  // a_i += sum_j e_ij r_j
+    acc.addmm_(tile.t(), r);  // a_i += sum_j e_ij r_j
   }
 
   T* mup = mu.data_ptr<T>();
