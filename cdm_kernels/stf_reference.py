@@ -119,8 +119,12 @@ def stf_backward(
     Centred forms (exact because sum_j w_ij = 1 and sum_j w_ij r_j = mu_i):
         dL/dx_i     = (sum_j w_ij (c_ij - mg_i) r_j + g_lse,i (mu_i - x_i)) / sigma_i^2
         dL/dsigma_i = (sum_j w_ij (d_ij - d_bar_i)(c_ij - mg_i) + g_lse,i d_bar_i) / sigma_i^3
+                    = (-2 sigma_i^2 sum_j w_ij (z_ij - z_bar_i)(c_ij - mg_i) + g_lse,i d_bar_i) / sigma_i^3
         dL/dr_j     = sum_i w_ij g_i + a_ij (x_i - r_j),  a_ij = w_ij (c_ij - mg_i + g_lse,i) / sigma_i^2
-    with c_ij = r_j . g_i and mg_i = mu_i . g_i. In floating point, mg (one dot product) and the c
+    with c_ij = r_j . g_i, mg_i = mu_i . g_i and z_bar_i = sum_j w_ij z_ij (d - d_bar = -2 sigma^2
+    (z - z_bar)). The z form is the one computed: d recovered from z as ||x||^2 - 2 sigma^2 z rounds
+    at the scale of ||x||^2, far above the spread of d, and cost dL/dsigma most of its float32
+    digits at D = 3072. In floating point, mg (one dot product) and the c
     of the reference holding the weight (another) round differently, and their difference is
     divided by sigma^2: the streamed s_i = sum_j w_ij (c_ij - mg_i), zero in exact arithmetic,
     corrects that to first order (- s mu for x, - s sum_j w (d - d_bar) for sigma; for ref a
@@ -130,6 +134,7 @@ def stf_backward(
     inv_s2 = 1.0 / s2
     xn = (x * x).sum(1)
     zlse, dbar = aux[:, AUX_ZLSE], aux[:, AUX_DBAR]
+    zbar = (xn - dbar) / (2 * s2)  # its rounding cancels to first order with the s correction
     mg = (mu * grad_mu).sum(1)
 
     def chunks():
@@ -141,19 +146,18 @@ def stf_backward(
     if ref_grad:
         mg = mg + sum((w * (c - mg[:, None])).sum(1) for _, _, _, w, c in chunks())
     px = torch.zeros_like(x)
-    s_sum, cov_dc, dev_d = (torch.zeros_like(sigma) for _ in range(3))
+    s_sum, cov_z, dev_z = (torch.zeros_like(sigma) for _ in range(3))
     grad_ref = torch.zeros_like(ref) if ref_grad else ref.new_zeros(0)
     for start, r, z, w, c in chunks():
-        d = (xn[:, None] - 2 * s2[:, None] * z).clamp_min(0)
         xc = w * (c - mg[:, None])
-        wd = w * (d - dbar[:, None])
+        wz = w * (z - zbar[:, None])
         px += xc @ r
         s_sum += xc.sum(1)
-        cov_dc += (wd * (c - mg[:, None])).sum(1)
-        dev_d += wd.sum(1)
+        cov_z += (wz * (c - mg[:, None])).sum(1)
+        dev_z += wz.sum(1)
         if ref_grad:
             a = (xc + w * grad_lse[:, None]) * inv_s2[:, None]
             grad_ref[start : start + chunk_size] = w.T @ grad_mu + a.T @ x - a.sum(0)[:, None] * r
     grad_x = (px - s_sum[:, None] * mu + grad_lse[:, None] * (mu - x)) * inv_s2[:, None]
-    grad_sigma = (cov_dc - s_sum * dev_d + grad_lse * dbar) / (s2 * sigma)
+    grad_sigma = (grad_lse * dbar - 2 * s2 * (cov_z - s_sum * dev_z)) / (s2 * sigma)
     return grad_x, grad_sigma, grad_ref

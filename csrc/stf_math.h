@@ -32,6 +32,14 @@ CDM_HD double fexp(double v) { return exp(v); }
 CDM_HD float flog(float v) { return logf(v); }
 CDM_HD double flog(double v) { return log(v); }
 
+// exp(v) of a weight exponent v <= 0, with everything below the smallest normal number flushed to
+// exactly 0. A weight under 1e-38 next to the row's largest weight 1 changes no sum, and libm's expf
+// takes a slow error-reporting path for every underflow: on image data at EDM's small sigma almost
+// every logit underflows, and that path cost more than all the other per-element work. GPUs flush
+// subnormals anyway. NaN goes through to exp (the comparison is false).
+CDM_HD float wexp(float v) { return v < -87.0f ? 0.0f : expf(v); }
+CDM_HD double wexp(double v) { return v < -708.0 ? 0.0 : exp(v); }
+
 // From the INFINITY macro rather than std::numeric_limits, whose constexpr host functions device
 // code may only call under nvcc's --expt-relaxed-constexpr.
 template <typename T>
@@ -100,7 +108,7 @@ CDM_HD T state_rebase(RowState<T>& s, T m_new) {
 template <typename A, typename T>
 CDM_HD T state_add(RowState<A>& s, T z) {
   const T zm = z - T(s.m);  // exact: s.m is one of the float logits (or -inf)
-  const T e = fexp(zm);
+  const T e = wexp(zm);
   s.l += A(e);
   s.l2 += A(e) * A(e);
   s.t += A(e) * A(zm);
@@ -141,13 +149,18 @@ CDM_HD RowResult<T> state_finalize(RowState<T> s, T xn, T s2) {
 }
 
 // ---- backward (math.md, Gradients), in the centred forms that avoid cancellation ----
-// With w = exp(z - zlse), c = r_j . g_i, mg = mu_i . g_i and the forward's d_bar:
+// With w = exp(z - zlse), c = r_j . g_i, mg = mu_i . g_i, the forward's d_bar and the mean logit
+// z_bar = sum_j w z_j:
 //   dL/dx_i     = sum_j w (c - mg) r_j / sigma^2 + g_lse (mu - x) / sigma^2
 //   dL/dsigma_i = (sum_j w (d - d_bar)(c - mg) + g_lse d_bar) / sigma^3
-// because sum_j w r_j = mu and sum_j w = 1 make the subtracted means exact.
+//               = (-2 sigma^2 sum_j w (z - z_bar)(c - mg) + g_lse d_bar) / sigma^3
+// because sum_j w r_j = mu and sum_j w = 1 make the subtracted means exact, and
+// d - d_bar = -2 sigma^2 (z - z_bar). The kernels stream the z form: recovering each d in float
+// (||x||^2 - 2 sigma^2 z, two terms of ~||x||^2 whose rounding is far above the spread of d)
+// made dL/dsigma 50x less accurate than eager PyTorch's float32 autograd at D = 3072, sigma ~ 20.
 template <typename T>
 CDM_HD T backward_weight(T z, T zlse) {
-  return fexp(z - zlse);
+  return wexp(z - zlse);
 }
 
 // The coefficient of r_j in dL/dx_i (before the division by sigma^2).
@@ -156,10 +169,18 @@ CDM_HD T backward_x_coef(T w, T c, T mg) {
   return w * (c - mg);
 }
 
-// The contribution of reference j to sum_j w (d - d_bar)(c - mg).
+// The row's mean logit z_bar from the forward's d_bar. Its rounding does not matter: z_bar enters
+// only through sum_j w (z - z_bar)(c - mg), whose first-order dependence on it is -s (s below, zero
+// in exact arithmetic) and is removed with the s correction anyway.
 template <typename T>
-CDM_HD T backward_sigma_term(T w, T d, T dbar, T c, T mg) {
-  return w * (d - dbar) * (c - mg);
+CDM_HD T mean_logit(T dbar, T xn, T s2) {
+  return (xn - dbar) / (T(2) * s2);
+}
+
+// The contribution of reference j to sum_j w (z - z_bar)(c - mg).
+template <typename T>
+CDM_HD T backward_sigma_term(T w, T z, T zbar, T c, T mg) {
+  return w * (z - zbar) * (c - mg);
 }
 
 // dL/dr_j = sum_i [ w g_i + a_ij (x_i - r_j) ],  a_ij = w ((c - mg) + g_lse) / sigma^2.
@@ -183,15 +204,17 @@ CDM_HD T grad_x_corrected(T px, T s, T mu, T x, T glse, T inv_s2) {
   return (px - s * mu + glse * (mu - x)) * inv_s2;
 }
 
-// The matching correction of sum_j w (d - d_bar)(c - mg): minus s sum_j w (d - d_bar).
+// The matching correction of sum_j w (z - z_bar)(c - mg): minus s sum_j w (z - z_bar).
 template <typename T>
-CDM_HD T cov_corrected(T cov, T s, T dev_d) {
-  return cov - s * dev_d;
+CDM_HD T cov_corrected(T cov, T s, T dev_z) {
+  return cov - s * dev_z;
 }
 
+// dL/dsigma from cov_z = sum_j w (z - z_bar)(c - mg) (corrected) and d_bar.
 template <typename T>
-CDM_HD T grad_sigma(T cov_dc, T dbar, T glse, T sigma) {
-  return (cov_dc + glse * dbar) / (sigma * sigma * sigma);
+CDM_HD T grad_sigma(T cov_z, T dbar, T glse, T sigma) {
+  const T s2 = sigma * sigma;
+  return (glse * dbar - T(2) * s2 * cov_z) / (s2 * sigma);
 }
 
 }  // namespace stf

@@ -206,6 +206,36 @@ def test_float32_gradients_against_float64_autograd_of_judge(backend, sigma):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_float32_sigma_gradient_on_image_sized_rows(backend):
+    # Images in [-1, 1], D = 3072, x = r_k + sigma z: at sigma ~ 10-40 the weights spread over the
+    # references while ||x - r||^2 ~ 2000. Recovering d = ||x||^2 - 2 sigma^2 z in float32 rounded at
+    # that scale and cost dL/dsigma 2e-4 (50x eager autograd's error); the z form keeps it at eager's.
+    torch.manual_seed(7)
+    B, n, D = 6, 300, 3072
+    sigma = torch.tensor([9.1, 12.0, 18.8, 25.0, 38.7, 80.0], dtype=torch.float64)
+    ref = torch.rand(n, D, dtype=torch.float64) * 2 - 1
+    x = ref[:B] + sigma[:, None] * torch.randn(B, D, dtype=torch.float64)
+    g = torch.randn(B, D, dtype=torch.float64)
+
+    def grad_sigma(fn, dtype):
+        xs = x.to(dtype).detach().clone().requires_grad_()
+        ss = sigma.to(dtype).detach().clone().requires_grad_()
+        (fn(xs, ss, ref.to(dtype)) * g.to(dtype)).sum().backward()
+        return ss.grad.double()
+
+    def eager(x, s, r):
+        return torch.softmax((x @ r.T - 0.5 * (r * r).sum(1)) / s[:, None] ** 2, dim=1) @ r
+
+    want = grad_sigma(eager, torch.float64)
+    assert (want.abs() > 1e-6 * want.abs().max()).all(), "every row must have a sigma gradient"
+    err_eager = (grad_sigma(eager, torch.float32) - want).abs() / want.abs()
+    got = grad_sigma(lambda a, b, c: stf_target(a, b, c, backend=backend, chunk_size=128), torch.float32)
+    err = (got - want).abs() / want.abs()
+    bound = 2 * err_eager + 4 * torch.finfo(torch.float32).eps
+    assert (err <= bound).all(), f"relative errors {err.tolist()} > 2 x eager's {err_eager.tolist()} + 4 eps"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_score_is_gradient_of_lse(backend):
     # math.md: d lse_i / d x_i = (mu_i - x_i) / sigma_i^2, the score of the smoothed reference set.
     x, ref = spread_case(3, 40, 6, 1.0)

@@ -64,13 +64,18 @@ void forward_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Tensor
     at::mm_out(tile, r, x.t());  // tile[j, i] = x_i . r_j
     T* tp = tile.data_ptr<T>();
     at::parallel_for(0, B, std::max<int64_t>(8, row_grain(c)), [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) m_tile[i] = neg_inf<T>();
+      // Restrict-qualified views: without them the compiler must assume the tile aliases the row
+      // maxima and keeps this loop scalar.
+      T* __restrict mt = m_tile.data();
+      const T* __restrict is2 = inv_s2.data();
+      for (int64_t i = i0; i < i1; ++i) mt[i] = neg_inf<T>();
       for (int64_t j = 0; j < c; ++j) {
-        T* row = tp + j * B;
+        T* __restrict row = tp + j * B;
         const T rn = rnp[start + j];
         for (int64_t i = i0; i < i1; ++i) {
-          row[i] = logit(row[i], rn, inv_s2[i]);
-          m_tile[i] = nan_max(m_tile[i], row[i]);
+          const T z = logit(row[i], rn, is2[i]);
+          row[i] = z;
+          mt[i] = nan_max(mt[i], z);
         }
       }
       for (int64_t i = i0; i < i1; ++i) {
@@ -144,7 +149,7 @@ void backward_impl(const at::Tensor& grad_mu, const at::Tensor& grad_lse, const 
   const T* mup = mu.data_ptr<T>();
 
   // Per-row scalars, in double: ||x||^2, mg = mu . g, and the streamed sums
-  // s = sum_j w (c - mg), cov = sum_j w (d - d_bar)(c - mg), dev = sum_j w (d - d_bar).
+  // s = sum_j w (c - mg), cov = sum_j w (z - z_bar)(c - mg), dev = sum_j w (z - z_bar).
   std::vector<double> xn(B), mg(B), s_sum(B, 0.0), cov(B, 0.0), dev(B, 0.0);
   {
     const T* gp = grad_mu.data_ptr<T>();
@@ -181,8 +186,7 @@ void backward_impl(const at::Tensor& grad_mu, const at::Tensor& grad_lse, const 
         for (int64_t i = i0; i < i1; ++i) {
           const T s2 = sp[i] * sp[i], inv_s2 = T(1) / s2;
           const T zlse = auxp[i * AUX_COLS + AUX_ZLSE];
-          const double dbar = auxp[i * AUX_COLS + AUX_DBAR];
-          const T xn_i = T(xn[i]);
+          const double zbar = mean_logit<double>(auxp[i * AUX_COLS + AUX_DBAR], xn[i], double(s2));
           double s_i = 0.0, cov_i = 0.0, dev_i = 0.0;
           for (int64_t j = 0; j < c; ++j) {
             const int64_t ij = i * c + j;
@@ -192,10 +196,9 @@ void backward_impl(const at::Tensor& grad_mu, const at::Tensor& grad_lse, const 
             const double xc = backward_x_coef(w, cij, mg[i]);
             s_i += xc;
             if (!final) continue;
-            const double d = sqdist_from_logit(z, xn_i, s2);
             zp[ij] = T(xc);
-            cov_i += backward_sigma_term(w, d, dbar, cij, mg[i]);
-            dev_i += w * (d - dbar);
+            cov_i += backward_sigma_term(w, double(z), zbar, cij, mg[i]);
+            dev_i += w * (double(z) - zbar);
             if (ap != nullptr) {
               ap[ij] = T(backward_ref_coef(w, cij, mg[i], double(glp[i]), double(inv_s2)));
               cp[ij] = T(w);

@@ -455,8 +455,8 @@ struct ScaleRows {
 
 // Backward step 2, per (row, part): from dots (rows 0..B-1 of tile) and c_ij = g_i . r_j (rows
 // B..2B-1) to the x-coefficients (in place of the dots), the weights w (in place of c, used by the
-// ref gradient), the ref coefficients a_ij, and the part's shares of cov = sum_j w (d - d_bar)(c - mg),
-// s = sum_j w (c - mg) and dev = sum_j w (d - d_bar) (s and dev feed the first-order corrections of
+// ref gradient), the ref coefficients a_ij, and the part's shares of cov = sum_j w (z - z_bar)(c - mg),
+// s = sum_j w (c - mg) and dev = sum_j w (z - z_bar) (s and dev feed the first-order corrections of
 // stf_math.h), accumulated over chunks in cov_part (B, P, 3).
 template <typename T>
 struct BackwardWeights {
@@ -475,7 +475,8 @@ struct BackwardWeights {
   CDM_HD void operator()(int64_t t) const {
     const int64_t i = t / P, p = t % P;
     const T s2 = sigma[i] * sigma[i], inv_s2 = T(1) / s2;
-    const T zlse = aux[i * AUX_COLS + AUX_ZLSE], dbar = aux[i * AUX_COLS + AUX_DBAR];
+    const T zlse = aux[i * AUX_COLS + AUX_ZLSE];
+    const T zbar = mean_logit(aux[i * AUX_COLS + AUX_DBAR], xn[i], s2);
     T* zrow = tile + i * c;
     T* crow = tile + (B + i) * c;
     T cov = T(0), s_sum = T(0), dev = T(0);
@@ -484,12 +485,11 @@ struct BackwardWeights {
       const T z = logit(zrow[j], ref_sqnorm[start + j], inv_s2);
       const T w = backward_weight(z, zlse);
       const T cij = crow[j];
-      const T d = sqdist_from_logit(z, xn[i], s2);
       const T xc = backward_x_coef(w, cij, mg[i]);
       zrow[j] = xc;
       s_sum += xc;
-      dev += w * (d - dbar);
-      cov += backward_sigma_term(w, d, dbar, cij, mg[i]);
+      dev += w * (z - zbar);
+      cov += backward_sigma_term(w, z, zbar, cij, mg[i]);
       if (ref_coef != nullptr) {
         ref_coef[i * c + j] = backward_ref_coef(w, cij, mg[i], grad_lse[i], inv_s2);
         crow[j] = w;
