@@ -72,7 +72,8 @@ class EDMLoss:
         labels: class labels passed to the net as they are (or None).
         augment_pipe: optional callable images -> (y, augment_labels).
         generator: optional torch.Generator on images' device for the draws.
-    Returns the loss (B, *S) in the dtype of the net's output.
+    Returns the loss (B, *S) in the promoted dtype of the net's output and the images (torch's type
+    promotion: a float32 net gives float32 for float16 or float32 images, float64 for float64).
     """
 
     def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5):
@@ -275,6 +276,9 @@ class CDMLoss(EDMLoss):
     Draws, in this order, from `generator` (or the global generator): ln sigma, n, eps (the shape of
     sigma), then one int64 in [0, 2^62), the Philox seed of the trajectories' noise (step k of the
     rollout uses the counters k K x_t.numel() + i, see `consistency_rollout`).
+
+    The loss is computed and returned in the promoted dtype of the net's output and the images, as
+    EDMLoss's (float64 images with a float32 net, e.g. EDM's preconditioned one, give float64).
     """
 
     def __init__(
@@ -335,6 +339,12 @@ class CDMLoss(EDMLoss):
             )
         x_final = x_final.reshape(K * B, *x_t.shape[1:]).to(x_t.dtype)
         D1 = net(x_final, repeat(sigma_min), repeat(labels), augment_labels=aug_K)
+        # The fused loss wants one dtype; the net's output need not have the images' (EDM's
+        # preconditioned net returns float32 whatever x is). Promote as EDMLoss's
+        # weight * (D - y)^2 does: float16 images with a float32 net give float32, float64 images
+        # float64 (the casts are differentiable, so D0 and D1 still get their gradients).
+        dtype = torch.promote_types(torch.promote_types(D0.dtype, D1.dtype), target.dtype)
+        D0, D1, target = D0.to(dtype), D1.to(dtype), target.to(dtype)
         D1a, D1b = D1[:B], D1[B:]
         return martingale_loss(D0, D1a, D1b, target, self.weight(sigma), lambda_m=self.lambda_m)
 

@@ -413,6 +413,50 @@ def test_cdm_gradient_includes_the_martingale_term_through_D1():
     assert (grads[0] - grads[1]).abs().max() > 1e-6
 
 
+class Float32OutNet(nn.Module):
+    """The dtype behaviour of EDM's preconditioned net (EDMPrecond, and cdm_kernels.edm's): x, sigma
+    and the labels are cast to float32 and D(x; sigma) is float32, whatever the images' dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = TinyDenoiser(dtype=torch.float32)
+
+    def forward(self, x, sigma, labels=None, augment_labels=None):
+        f32 = lambda v: None if v is None else v.to(torch.float32)  # noqa: E731
+        return self.inner(f32(x), f32(sigma), f32(labels), augment_labels=f32(augment_labels))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+@pytest.mark.parametrize("kind", ["cdm", "stfcdm"])
+def test_cdm_losses_with_a_float32_net_and_images_of_another_dtype(kind, dtype):
+    # The images' dtype (the target y, or mu(x_t) in the images' dtype) differs from the net's
+    # output (D0, D1): the loss must promote them as EDMLoss / STFLoss do, not raise.
+    images, labels = _images(B=3).to(dtype), _labels(3)
+    ref = _images(B=7, seed=24).to(dtype)
+    extra = {} if kind == "cdm" else {"ref": ref}
+    cdm_cls, edm_cls = (CDMLoss, EDMLoss) if kind == "cdm" else (STFCDMLoss, STFLoss)
+    edm_args = {k: CDM_ARGS[k] for k in ("P_mean", "P_std")}
+    net = Float32OutNet()
+    loss = cdm_cls(**CDM_ARGS)(net, images, labels, flip_pipe, generator=_gen(9), **extra)
+    calls = list(net.inner.calls)  # D0, the rollout's num_steps - 1 calls, D1
+    assert len(calls) == CDM_ARGS["num_steps"] + 1
+    want_dtype = torch.promote_types(torch.float32, dtype)
+    assert loss.shape == images.shape and loss.dtype == want_dtype
+    # First term: EDM's (or STF's) loss with the same draws of sigma and n; second term: the
+    # martingale product of the net's own D0 and D1 (its first and last calls), promoted likewise.
+    first = edm_cls(**edm_args)(net, images, labels, flip_pipe, generator=_gen(9), **extra)
+    assert first.dtype == want_dtype
+    D0, D1 = (net.inner(*c[:3], augment_labels=c[3]).detach().to(want_dtype) for c in (calls[0], calls[-1]))
+    B = images.shape[0]
+    want = first + CDM_ARGS["lambda_m"] * (D1[:B] - D0) * (D1[B:] - D0)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
+    assert (D1[:B] - D0).abs().max() > 1e-3  # the martingale term is not trivially zero
+    # Gradients flow through the casts to every parameter.
+    loss.sum().backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
 # ------------------------------------------------------------------------------------------------
 # Errors
 # ------------------------------------------------------------------------------------------------
