@@ -325,6 +325,17 @@ def _check_like(t, name: str, x: Tensor, xname: str = "x") -> None:
         raise ValueError(f"{name} is on {t.device} but {xname} is on {x.device}; put them on one device")
 
 
+def _real(value, name: str, what: str, ok: Callable[[float], bool]) -> float:
+    """A Python float from a real scalar argument (int, float, numpy or 0-d tensor), checked by `ok`."""
+    try:
+        v = None if isinstance(value, (bool, str, bytes)) else float(value)
+    except (TypeError, ValueError, RuntimeError):
+        v = None
+    if v is None or not ok(v):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return v
+
+
 def _noise_level(t, name: str, B: int, x: Tensor, dtype: torch.dtype) -> Tensor:
     """A per-sample level as (B,) in the compute dtype, from a float, a (B,) or a (B, 1, ..., 1)."""
     if isinstance(t, (int, float)) and not isinstance(t, bool):
@@ -406,7 +417,8 @@ def rollout_step(
                     = D(x_euler; t_next); t_next > 0.)
       kind="churn": t_hat = t_cur (1 + gamma), gamma = min(S_churn / num_steps, sqrt 2 - 1) when
                     S_min <= t_cur <= S_max else 0; x_hat = x + sqrt(t_hat^2 - t_cur^2) S_noise z.
-                    `denoised` and `t_next` are not used (pass None); returns (x_hat, t_hat).
+                    `denoised` and `t_next` must be None (a ValueError otherwise); S_min, S_max
+                    must not be NaN (+-inf allowed); returns (x_hat, t_hat).
 
     Args:
         x: state, (B, *S), any float dtype. denoised: D(x; t_cur), same shape/dtype/device.
@@ -433,10 +445,25 @@ def rollout_step(
     if isinstance(t_cur, Tensor) and t_cur.requires_grad and torch.is_grad_enabled():
         raise ValueError("t_cur must not require grad: rollout_step treats noise levels as constants")
     if kind == "churn":
+        # churn computes its own t_hat and adds noise only: a denoised or t_next passed here would be
+        # silently ignored, most likely by a caller who meant another kind.
+        if denoised is not None:
+            raise ValueError(
+                "kind='churn' does not use denoised (x_hat = x + sqrt(t_hat^2 - t_cur^2) S_noise z); pass None"
+            )
+        if t_next is not None:
+            raise ValueError(
+                "kind='churn' does not use t_next (it returns t_hat = t_cur (1 + gamma)); pass None"
+            )
         if num_steps is None or isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"kind='churn' needs num_steps, a positive int (gamma = S_churn / num_steps); got {num_steps!r}")
-        if not (S_churn >= 0 and S_noise >= 0):
-            raise ValueError(f"S_churn and S_noise must be >= 0, got S_churn={S_churn}, S_noise={S_noise}")
+        # NaN would make every comparison below false and silently turn the churn off (S_min,
+        # S_max) or fill x_hat with NaN (S_noise); inf is meaningful for S_churn (gamma is capped
+        # at sqrt 2 - 1) and for S_min, S_max (EDM's default S_max).
+        S_churn = _real(S_churn, "S_churn", "a number >= 0 (not NaN)", lambda v: v >= 0)
+        S_noise = _real(S_noise, "S_noise", "a finite number >= 0", lambda v: 0 <= v < math.inf)
+        S_min = _real(S_min, "S_min", "a number (not NaN; +-inf allowed)", lambda v: not math.isnan(v))
+        S_max = _real(S_max, "S_max", "a number (not NaN; +-inf allowed)", lambda v: not math.isnan(v))
         _check_levels(kind, tc, None)
         tn = ref.churn_t_hat(tc, num_steps, S_churn, S_min, S_max)
         denoised = x

@@ -141,18 +141,47 @@ def test_in_kernel_noise_agrees_across_backends():
         assert ((o.double() - base).abs() <= 2e-6 * scale + 8 * EPS[torch.float32] * (x.abs() + 10)).all(), b
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_inputs_compute_in_float32(backend, dtype):
-    x, D, _, _, z = _inputs((2, 3, 4, 4), torch.float32, "sde")
+def _cancelling_inputs(kind, dtype):
+    """Inputs whose step cancels: x ~ 50, D ~ 0 and a step factor 2h/t (sde) or h/t (euler) of -0.95,
+    so x' = D + 0.05 (x - D) + noise ~ 2.5 is the small difference of terms ~ 50. Rounding in the
+    input precision costs a multiple of the result's ulp; float32 rounded once to it costs half a one."""
+    shape = (2, 3, 8, 8)
+    g = torch.Generator().manual_seed(3)
+    x = 40 + 20 * torch.rand(shape, generator=g, dtype=torch.float64)
+    D = 0.5 * torch.randn(shape, generator=g, dtype=torch.float64)
+    z = torch.randn(shape, generator=g, dtype=torch.float64)
+    t = torch.tensor([0.04, 0.0371], dtype=torch.float32)  # noise scale sqrt(2 |h| t) ~ 0.04
+    tn = (t.double() * (0.525 if kind == "sde" else 0.05)).float()
+    return (*(v.to(dtype) for v in (x, D, z)), t, tn)
+
+
+def _step_in(dtype, kind, x, D, z, t, tn):
+    """The step's formula with every operation in `dtype` (levels rounded to it too)."""
     x, D, z = x.to(dtype), D.to(dtype), z.to(dtype)
-    t, tn = _levels(2, torch.float32)
-    out = cdm_kernels.rollout_step(x, D, t, tn, kind="sde", noise=z, backend=backend)
-    assert out.dtype == dtype
-    expected, _ = _expected("sde", x, D, None, None, t, tn, z)
-    assert torch.equal(out, expected.to(torch.float32).to(dtype)) or (
-        (out.double() - expected).abs() <= 2 * torch.finfo(dtype).eps * expected.abs().clamp_min(1e-2)
-    ).all()
+    t, tn = t.to(dtype).reshape(-1, 1, 1, 1), tn.to(dtype).reshape(-1, 1, 1, 1)
+    h = tn - t
+    return x + 2 * h * (x - D) / t + torch.sqrt(2 * h.abs() * t) * z if kind == "sde" else x + h * (x - D) / t
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["sde", "euler"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_inputs_compute_in_float32(backend, kind, dtype):
+    x, D, z, t, tn = _cancelling_inputs(kind, dtype)
+    expected, terms = _expected(kind, x, D, None, None, t, tn, z)
+    # One rounding to `dtype` (at most half its eps relative) plus float32 arithmetic on the terms.
+    bound = torch.finfo(dtype).eps * expected.abs() + 8 * EPS[torch.float32] * terms
+
+    def worst(out):
+        return ((out.double() - expected).abs() / bound).max().item()
+
+    # The test can tell: the same formula computed in `dtype` fails the bound by far, and computed in
+    # float32 then rounded once to `dtype` passes it.
+    assert worst(_step_in(dtype, kind, x, D, z, t, tn)) > 4
+    assert worst(_step_in(torch.float32, kind, x, D, z, t, tn).to(dtype)) <= 1
+    out = cdm_kernels.rollout_step(x, D, t, tn, kind=kind, noise=z if kind == "sde" else None, backend=backend)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert worst(out) <= 1, f"{kind} on {backend} in {dtype}: {worst(out):.2f}x the bound"
 
 
 def test_t_as_edm_broadcast_shape_and_float():
@@ -446,6 +475,21 @@ def _xD():
          r"seed must be an int in \[0, 2\*\*63\), got -2"),
         (lambda x, D: cdm_kernels.rollout_step(x, None, 1.0, kind="churn"), ValueError,
          "kind='churn' needs num_steps"),
+        # churn takes neither denoised nor t_next: silently ignoring them would hide a wrong kind.
+        (lambda x, D: cdm_kernels.rollout_step(x, D, 1.0, kind="churn", num_steps=4, S_churn=10.0), ValueError,
+         r"kind='churn' does not use denoised"),
+        (lambda x, D: cdm_kernels.rollout_step(x, None, 1.0, 0.5, kind="churn", num_steps=4, S_churn=10.0), ValueError,
+         r"kind='churn' does not use t_next"),
+        (lambda x, D: cdm_kernels.rollout_step(x, None, 1.0, kind="churn", num_steps=4, S_churn=10.0, S_min=math.nan),
+         ValueError, r"S_min must be a number \(not NaN; \+-inf allowed\), got nan"),
+        (lambda x, D: cdm_kernels.rollout_step(x, None, 1.0, kind="churn", num_steps=4, S_churn=10.0, S_max=math.nan),
+         ValueError, r"S_max must be a number \(not NaN; \+-inf allowed\), got nan"),
+        (lambda x, D: cdm_kernels.rollout_step(x, None, 1.0, kind="churn", num_steps=4, S_churn=math.nan), ValueError,
+         r"S_churn must be a number >= 0 \(not NaN\), got nan"),
+        (lambda x, D: cdm_kernels.rollout_step(x, None, 1.0, kind="churn", num_steps=4, S_noise=math.inf), ValueError,
+         r"S_noise must be a finite number >= 0, got inf"),
+        (lambda x, D: cdm_kernels.rollout_step(x, None, 1.0, kind="churn", num_steps=4, S_min="0"), ValueError,
+         r"S_min must be a number \(not NaN; \+-inf allowed\), got '0'"),
         (lambda x, D: cdm_kernels.rollout_step(x.int(), D, 1.0, 0.5, kind="sde"), TypeError,
          "x must have a floating dtype, got torch.int32"),
         (lambda x, D: cdm_kernels.rollout_step(x, D, 1.0, 0.5, kind="sde", backend="cuda"), ValueError,
@@ -468,6 +512,21 @@ def test_bad_input_errors(call, exc, match):
     x, D = _xD()
     with pytest.raises(exc, match=match):
         call(x, D)
+
+
+def test_churn_accepts_infinite_bounds_and_churn():
+    # inf is meaningful where NaN is refused: S_churn = inf is the largest gamma (sqrt 2 - 1), and
+    # S_min = -inf, S_max = inf churn every level.
+    x = torch.randn(2, 3, dtype=torch.float64)
+    t = torch.tensor([0.5, 3.0], dtype=torch.float64)
+    z = torch.randn(2, 3, dtype=torch.float64)
+    out, t_hat = cdm_kernels.rollout_step(x, None, t, kind="churn", num_steps=4, S_churn=math.inf, S_min=-math.inf,
+                                          S_max=math.inf, noise=z)
+    torch.testing.assert_close(t_hat, t * math.sqrt(2), rtol=1e-15, atol=0)
+    torch.testing.assert_close(out, x + t[:, None] * z, rtol=1e-14, atol=1e-14)  # sqrt(2 t^2 - t^2) = t
+    _, t_hat = cdm_kernels.rollout_step(x, None, t, kind="churn", num_steps=4, S_churn=10.0, S_min=1.0, S_max=2.0,
+                                        noise=z)
+    assert torch.equal(t_hat, t)  # neither level is in [S_min, S_max]: no churn
 
 
 def test_t_requiring_grad_is_refused():
