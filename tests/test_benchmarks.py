@@ -285,3 +285,79 @@ def test_targets_runner_compares_and_flags_wrong_methods():
     assert res is None and problems and problems[0].startswith("bad WRONG vs float64")
     assert _verdict(1.2, 1.0, []) == "PASS" and _verdict(0.9, 1.0, []) == "FAIL"
     assert _verdict(2.0, 1.0, ["x"]) == "FAIL (wrong)"
+
+
+# ----------------------------------------------------------------------------------------------
+# bench_rollout (issue 4's speed criteria): the --quick run as a user would start it
+# ----------------------------------------------------------------------------------------------
+
+
+def test_rollout_bench_quick_writes_checked_complete_rows(tmp_path):
+    from benchmarks import bench_rollout as br
+
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_rollout", "--quick", "--no-progress",
+                           "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    for name in ("rollout_bench.csv", "rollout_bench.md"):
+        assert (tmp_path / name).is_file() and (tmp_path / name).stat().st_size > 0, name
+    with open(tmp_path / "rollout_bench.csv") as f:
+        reader = csv.DictReader(f)
+        header, rows = reader.fieldnames, list(reader)
+    assert header == br.CSV_FIELDS
+    cfg = br.Config(**br.QUICK)
+    targets = {m.name: m.target for m in br.all_methods()}
+    shapes = ["x".join(map(str, s)) for s in cfg.shapes()]
+    assert sorted((r["shape"], r["method"]) for r in rows) == sorted((s, m) for s in shapes for m in targets)
+    for r in rows:
+        # Every method passed its correctness check against float64 and was timed.
+        assert r["check"] == "ok", (r["method"], r["check_detail"])
+        assert r["device"] == "cpu" and r["device_name"] and r["torch"] == torch.__version__
+        assert r["dtype"] == "float32" and r["quick"] == "True" and r["backend"]
+        n = math.prod(int(v) for v in r["shape"].split("x"))
+        arrays = {"sde": 3, "noise": 1, "euler": 3, "heun": 5}[r["method"]]
+        assert int(r["bytes"]) == arrays * 4 * n
+        med = float(r["median_s"])
+        assert 0 < float(r["q25_s"]) <= med <= float(r["q75_s"]) and int(r["repeats"]) == cfg.repeats
+        assert math.isclose(float(r["iqr_s"]), float(r["q75_s"]) - float(r["q25_s"]), abs_tol=1e-6 * med)
+        assert math.isclose(float(r["gbps"]), int(r["bytes"]) / med / 1e9, rel_tol=1e-4)
+        assert math.isclose(float(r["copy_gbps"]), int(r["bytes"]) / float(r["copy_median_s"]) / 1e9, rel_tol=1e-4)
+        assert math.isclose(float(r["frac_of_copy"]), float(r["gbps"]) / float(r["copy_gbps"]), rel_tol=1e-4)
+        assert float(r["target"]) == targets[r["method"]]
+        if r["metric"] == "speedup":  # sde and noise: peer time / ours
+            assert math.isclose(float(r["measured"]), float(r["peer_median_s"]) / med, rel_tol=1e-4)
+        else:  # euler and heun: fraction of the copy's bandwidth
+            assert r["metric"] == "copy fraction" and r["measured"] == r["frac_of_copy"]
+        assert r["verdict"].startswith(("PASS", "FAIL")) and "quick" in r["verdict"]  # no speed is asserted
+    md = (tmp_path / "rollout_bench.md").read_text()
+    for s in shapes:
+        assert f"## {s}" in md
+    for m in targets:
+        assert f"- {m}: ok:" in md
+
+
+def test_rollout_bench_never_times_a_wrong_method():
+    from benchmarks import bench_rollout as br
+
+    euler = next(m for m in br.all_methods() if m.name == "euler")
+    calls = {"n": 0}
+
+    def wrong_fn(inp, backend):
+        step = euler.fn(inp, backend)
+
+        def call():
+            calls["n"] += 1
+            return step() * (1 + 1e-3)  # a plausible bug: right formula, wrong by 1e-3
+
+        return call
+
+    wrong = br.Method("wrong-euler", "euler off by 1e-3", wrong_fn, euler.check, 3, "copy fraction", 0.6)
+    cfg = br.Config(batch=2, images=((1, 4, 4),), repeats=2, sample_ms=0.1, threads=(1,))
+    res = br.run(cfg, methods=[euler, wrong], progress=False)
+    rows = {r["method"]: r for r in res["rows"]}
+    assert rows["euler"]["check"] == "ok" and rows["euler"]["median_s"] > 0
+    bad = rows["wrong-euler"]
+    assert bad["check"] == "wrong" and bad["verdict"] == "FAIL (wrong)" and "median_s" not in bad
+    assert "x the float32 bound" in bad["check_detail"]
+    assert calls["n"] == 1  # the check's call only
+    assert "**WRONG** (not timed)" in br.format_markdown(res, "test")
