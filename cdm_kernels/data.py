@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["IMAGE_EXTENSIONS", "BatchOrder", "ImageDataset", "get_batch", "load_dataset"]
+__all__ = ["IMAGE_EXTENSIONS", "BatchOrder", "ImageDataset", "ReferenceDraw", "get_batch", "load_dataset"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -297,6 +297,7 @@ class BatchOrder:
         self.num_images, self.seed, self.xflip = num_images, int(seed), xflip
         self.rank, self.world_size = rank, world_size
         self.epoch, self.pos = 0, 0
+        self.last_global: tuple[Tensor, Tensor] | None = None
         self._make_epoch()
 
     def _make_epoch(self) -> None:
@@ -312,9 +313,14 @@ class BatchOrder:
             self.epoch, self.pos = self.epoch + 1, 0
             self._make_epoch()
         sl = slice(self.pos + self.rank, self.pos + global_batch, self.world_size)
+        whole = slice(self.pos, self.pos + global_batch)
         self.pos += global_batch
         idx = self._perm[sl]
         flip = self._flip[sl] if self.xflip else torch.zeros(idx.shape[0], dtype=torch.bool)
+        # The whole global batch (every process's images), for draws that must avoid it.
+        g_idx = self._perm[whole]
+        g_flip = self._flip[whole] if self.xflip else torch.zeros(g_idx.shape[0], dtype=torch.bool)
+        self.last_global = (g_idx, g_flip)
         return idx, flip
 
     def state_dict(self) -> dict:
@@ -328,6 +334,53 @@ class BatchOrder:
             )
         self.seed, self.epoch, self.pos = state["seed"], state["epoch"], state["pos"]
         self._make_epoch()
+
+
+class ReferenceDraw:
+    """The other references of each training step's STF reference batch, disjoint across processes.
+
+    A process's reference batch is its own b = global_batch / P images, then k = rbatch - b others
+    from a pool of `num_refs` references (the data set, and its x-flips when they are used). With
+    P processes the stable target is taken over the union of the P reference batches, so the draws
+    avoid duplicates in that union: each step, every process makes the same permutation of the pool
+    (a generator keyed by (seed, step), shared by all processes) without the step's global batch,
+    and process `rank` takes positions [rank k, (rank + 1) k) of it. The union is then the global
+    batch plus P k distinct other references. When P k exceeds the M = num_refs - global_batch
+    references outside the batch, the slices wrap around the permutation: each process's k are still
+    distinct, and the union repeats P k - M of them (`overlap`; the loop says so once).
+
+    The draw is a function of (seed, step, the global batch): nothing to save in a checkpoint.
+    """
+
+    def __init__(self, num_refs: int, per_process: int, global_batch: int, seed: int, rank: int = 0,
+                 world_size: int = 1):
+        self.available = num_refs - global_batch
+        if per_process > self.available:
+            raise ValueError(
+                f"cannot draw {per_process} references besides the batch from the {self.available} outside the "
+                f"global batch of {global_batch}"
+            )
+        self.num_refs, self.k, self.seed = num_refs, per_process, int(seed)
+        self.rank, self.world_size = rank, world_size
+        self.overlap = max(0, world_size * per_process - self.available)
+
+    def generator(self, step: int) -> torch.Generator:
+        """The generator of step `step`'s permutation (the same on every process)."""
+        key = np.random.SeedSequence([self.seed % (1 << 64), int(step), 0x5EF]).generate_state(1, np.uint64)[0]
+        return torch.Generator().manual_seed(int(key) >> 1)
+
+    def draw(self, step: int, exclude: Tensor, rank: int | None = None) -> Tensor:
+        """Indices (k,) int64 into the pool: process `rank`'s (default: this process's) other
+        references of step `step`, avoiding `exclude` (the global batch's indices into the pool)."""
+        rank = self.rank if rank is None else rank
+        if self.k == 0:
+            return torch.zeros(0, dtype=torch.int64)
+        perm = torch.randperm(self.num_refs, generator=self.generator(step))
+        keep = torch.ones(self.num_refs, dtype=torch.bool)
+        keep[exclude] = False
+        perm = perm[keep[perm]]
+        pos = (rank * self.k + torch.arange(self.k)) % perm.shape[0]
+        return perm[pos]
 
 
 def get_batch(ds: ImageDataset, idx: Tensor, flip: Tensor) -> tuple[Tensor, Tensor | None]:
