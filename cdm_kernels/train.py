@@ -4,6 +4,9 @@
     torchrun --nproc_per_node 2 -m cdm_kernels.train --loss stf ...          # data-parallel
 
 One step: draw the next global batch (`data.BatchOrder`; process r of P takes every P-th image),
+for the STF losses complete each process's reference batch (its own images, then rbatch - B others,
+`data.ReferenceDraw`: drawn outside the global batch and disjoint across the processes, so the
+union of the P reference batches that the sharded stable target uses holds no image twice),
 evaluate the per-element loss, backpropagate sum(loss) / (global batch) through DDP (which averages
 the gradients of the processes), set the learning rate lr * min(images / lr_rampup, 1), take an Adam
 step, and update the EMA of the weights with EDM's half-life rule
@@ -16,6 +19,12 @@ python, of every process) and the data order, as tensors and plain data only
 (`torch.load(path, weights_only=True)`); it is written to a temporary file and renamed, so a run
 killed at any moment leaves the last snapshot intact, and `--resume` continues it to the same
 weights, bit for bit, as an uninterrupted run.
+
+A fresh run refuses a folder that already holds checkpoints (continue it with --resume, or pass
+--overwrite to delete its checkpoints, log, plot and samples first), so that a later --resume can
+never pick up another run's checkpoint; --resume refuses options that differ from the checkpoint's
+(loss, batch, model, data, seed, ...) except those in RESUME_MAY_CHANGE (duration, snapshots, threads,
+device, ...).
 """
 
 from __future__ import annotations
@@ -38,10 +47,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .data import BatchOrder, get_batch, load_dataset
+from .data import BatchOrder, ReferenceDraw, get_batch, load_dataset
 from .edm import EDMPrecond, edm_sampler, save_image_grid
 
-__all__ = ["LOSSES", "TrainConfig", "build_loss", "build_model", "main", "parse_args", "process_seed", "train"]
+__all__ = [
+    "LOSSES", "RESUME_MAY_CHANGE", "TrainConfig", "build_loss", "build_model", "main", "parse_args", "process_seed",
+    "train",
+]
 
 LOSSES = ("edm", "stf", "cdm", "stf+cdm")
 
@@ -81,6 +93,17 @@ class TrainConfig:
     backend: str = "auto"             # stable-target backend (cdm_kernels.stf_target)
     progress: bool = True             # tqdm bar on the first process
     threads: int | None = None        # torch intra-op CPU threads (None: torch's default)
+    overwrite: bool = False           # a fresh run may delete the checkpoints, log and samples in outdir
+
+
+# Options that may differ between a checkpoint and the run that resumes it: the duration, the
+# snapshots, where and how fast it runs. Every other option must match (`_check_resume_config`).
+RESUME_MAY_CHANGE = frozenset(
+    {"images", "steps", "snap", "resume", "outdir", "overwrite", "device", "threads", "progress", "grid",
+     "sample_steps", "backend"}
+)
+# Command-line names of the options whose field names differ from them.
+_FLAGS = {"model_channels": "--channels", "num_blocks": "--blocks", "attn_resolutions": "--attn"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,16 +143,75 @@ def _atomic_save(obj, path: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)  # readers see the old file or the complete new one, never half of one
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))  # and the rename itself survives a crash
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
+def _fsync_dir(folder: str) -> None:
+    # A rename is durable once its folder is synced; some platforms (Windows) cannot open or sync one.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _checkpoints(folder: str) -> list[str]:
+    """The checkpoint-<step>.pt files of a folder, by step (none if it does not exist)."""
+    found = sorted(glob.glob(os.path.join(glob.escape(folder), "checkpoint-*.pt")))
+    return [p for p in found if re.fullmatch(r"checkpoint-\d+\.pt", os.path.basename(p))]
+
+
+def _clear_run(folder: str) -> None:
+    """Deletes a run's outputs from `folder` (checkpoints, log, plot, sample grids, leftover
+    temporary files of a killed write) and nothing else."""
+    patterns = (
+        r"checkpoint-\d+\.pt(\.tmp\d+)?", r"log\.jsonl(\.tmp)?", r"loss\.png(\.tmp\.png)?", r"samples-\d+\.png",
+    )
+    for name in os.listdir(folder):
+        if any(re.fullmatch(p, name) for p in patterns) and os.path.isfile(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))
+
+
+def _config_dict(c: TrainConfig) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(c)))  # tuples as lists, as a checkpoint holds them
+
+
+def _check_resume_config(saved: dict, c: TrainConfig, ckpt_path: str) -> None:
+    """Raises ValueError naming every option of `c` that differs from the checkpoint's `saved`
+    configuration, except those in RESUME_MAY_CHANGE (and options older checkpoints lack)."""
+    now = _config_dict(c)
+    diffs = []
+    for name, value in now.items():
+        if name in RESUME_MAY_CHANGE or name not in saved or saved[name] == value:
+            continue
+        old = saved[name]
+        if name == "data" and os.path.exists(old) and os.path.exists(value) and os.path.samefile(old, value):
+            continue  # the same data set named by another path
+
+        def show(v):
+            return ",".join(map(str, v)) if isinstance(v, list) else str(v)
+
+        flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
+        diffs.append(f"{flag} {show(value)} (the checkpoint has {show(saved[name])})")
+    if diffs:
+        raise ValueError(
+            f"--resume {ckpt_path}: this run's options differ from the checkpoint's: " + "; ".join(diffs)
+            + ". Resume with the checkpoint's options, or start a new run in another --outdir"
+        )
+
+
 def find_checkpoint(path: str) -> str:
     """A checkpoint file, or the latest checkpoint-<step>.pt of a folder."""
     if os.path.isdir(path):
-        found = sorted(glob.glob(os.path.join(path, "checkpoint-*.pt")))
-        found = [p for p in found if re.fullmatch(r"checkpoint-\d+\.pt", os.path.basename(p))]
+        found = _checkpoints(path)
         if not found:
             raise FileNotFoundError(f"--resume {path!r}: the folder holds no checkpoint-<step>.pt")
         return found[-1]
@@ -180,10 +262,11 @@ def build_loss(c: TrainConfig, bank_images: torch.Tensor, local_batch: int, grou
             f"rbatch ({c.rbatch}) must be at least the per-process batch ({local_batch}): the reference "
             "batch starts with the minibatch's own images"
         )
-    if c.rbatch - local_batch > bank_images.shape[0]:
+    if c.rbatch - local_batch > bank_images.shape[0] - c.batch:
+        # the other references are drawn outside the global batch (data.ReferenceDraw)
         raise ValueError(
             f"rbatch ({c.rbatch}) needs {c.rbatch - local_batch} references besides the batch but the data "
-            f"set offers {bank_images.shape[0]}; lower --rbatch"
+            f"set offers {bank_images.shape[0] - c.batch} outside the global batch of {c.batch}; lower --rbatch"
         )
     bank = ReferenceBank(bank_images)
     stf = dict(rbatch=c.rbatch, bank=bank, backend=c.backend, sharded=sharded, group=group)
@@ -205,18 +288,34 @@ def build_model(c: TrainConfig, resolution: int, channels: int, label_dim: int) 
     )
 
 
+def _read_log(log_path: str) -> list[tuple[str, dict]]:
+    """The lines of log.jsonl with their records. A process killed while writing a line leaves a
+    truncated last line: it is dropped. A bad line elsewhere is an error naming it."""
+    with open(log_path) as f:
+        lines = [line for line in f if line.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict) or "step" not in rec:
+                raise ValueError("not a step record")
+        except ValueError as exc:
+            if i == len(lines) - 1:
+                break  # the half-written last line of a killed run
+            raise ValueError(f"{log_path}, line {i + 1}: not a JSON record of a step ({exc}): {line[:80]!r}") from None
+        out.append((line if line.endswith("\n") else line + "\n", rec))
+    return out
+
+
 def _plot_losses(log_path: str, png_path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps, losses = [], []
-    with open(log_path) as f:
-        for line in f:
-            rec = json.loads(line)
-            steps.append(rec["step"])
-            losses.append(rec["loss"])
+    records = [rec for _, rec in _read_log(log_path)]
+    steps = [rec["step"] for rec in records]
+    losses = [rec["loss"] for rec in records]
     if not steps:
         return
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
@@ -242,8 +341,7 @@ def _truncate_log(log_path: str, last_step: int) -> None:
     # Steps after the resumed snapshot were lost with the killed run; they are run again.
     if not os.path.exists(log_path):
         return
-    with open(log_path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+    keep = [line for line, rec in _read_log(log_path) if rec["step"] <= last_step]
     tmp = log_path + ".tmp"
     with open(tmp, "w") as f:
         f.writelines(keep)
@@ -300,7 +398,7 @@ class _Dist:
 
 
 def process_seed(seed: int, rank: int) -> int:
-    """The seed of the global random generators of process `rank` (its noise, references, rollouts)."""
+    """The seed of the global random generators of process `rank` (its noise, CDM eps and rollouts)."""
     return seed * 7919 + 1 + rank
 
 
@@ -335,6 +433,32 @@ def train(c: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
         raise ValueError(f"batch ({c.batch}) must be divisible by the number of processes ({dd.world})")
     local_batch = c.batch // dd.world
 
+    # The output folder and the checkpoint to resume, checked before any work.
+    ckpt_path, ckpt = None, None
+    if c.resume:
+        if c.overwrite:
+            raise ValueError("--overwrite starts a fresh run and --resume continues one: give only one of them")
+        ckpt_path = find_checkpoint(c.resume)
+        if _checkpoints(c.outdir) and not os.path.samefile(os.path.dirname(os.path.abspath(ckpt_path)), c.outdir):
+            raise FileExistsError(
+                f"--outdir {c.outdir!r} already holds checkpoints of another run than --resume {ckpt_path!r}; "
+                "resume into the checkpoint's own folder or into an empty --outdir"
+            )
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        _check_resume_config(ckpt.get("config", {}), c, ckpt_path)
+        if ckpt["world_size"] != dd.world:
+            raise ValueError(
+                f"{ckpt_path} was written by {ckpt['world_size']} processes; resume it with the same number "
+                f"(this run has {dd.world}) so that every random state carries over"
+            )
+    elif _checkpoints(c.outdir) and not c.overwrite:
+        # Else a later --resume of this folder would continue the old run from its latest checkpoint.
+        raise FileExistsError(
+            f"--outdir {c.outdir!r} already holds checkpoints ({os.path.basename(_checkpoints(c.outdir)[-1])} "
+            f"the latest): continue that run with --resume {c.outdir}, choose another --outdir, or pass "
+            "--overwrite to delete its checkpoints, log and samples and start afresh"
+        )
+
     if c.cond and c.loss in ("stf", "stf+cdm"):
         # The stable target pools references of every class: at high noise it is the mean of all
         # images whatever the label, which would teach a conditional model to ignore its label.
@@ -363,18 +487,14 @@ def train(c: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
     if c.xflip:
         bank_images = torch.cat([bank_images, bank_images.flip(-1)])
     loss_fn = build_loss(c, bank_images, local_batch, group=dd.group, sharded=dd.active)
+    refs = None
+    if c.loss in ("stf", "stf+cdm"):
+        refs = ReferenceDraw(bank_images.shape[0], c.rbatch - local_batch, c.batch, c.seed, dd.rank, dd.world)
 
     step, images_seen = 0, 0
     os.makedirs(c.outdir, exist_ok=True)
     log_path = os.path.join(c.outdir, "log.jsonl")
-    if c.resume:
-        ckpt_path = find_checkpoint(c.resume)
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ckpt["world_size"] != dd.world:
-            raise ValueError(
-                f"{ckpt_path} was written by {ckpt['world_size']} processes; resume it with the same number "
-                f"(this run has {dd.world}) so that every random state carries over"
-            )
+    if ckpt is not None:
         net.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -384,8 +504,10 @@ def train(c: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
         if main_proc:
             _truncate_log(log_path, step)
             print(f"resumed {ckpt_path} at step {step} ({images_seen} images)", flush=True)
+    elif main_proc and c.overwrite:
+        _clear_run(c.outdir)
     elif main_proc and os.path.exists(log_path):
-        os.remove(log_path)  # a fresh run in an old folder starts a fresh log
+        os.remove(log_path)  # the log of a run killed before its first checkpoint: nothing to resume
     if dd.world > 1:
         dist.barrier(group=dd.group)
 
@@ -408,6 +530,14 @@ def train(c: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
             f"{total_steps} steps of {c.batch} images",
             flush=True,
         )
+        if refs is not None and refs.overlap:
+            print(
+                f"note: {dd.world} processes x {refs.k} references besides their batch = {dd.world * refs.k} exceed "
+                f"the {refs.available} references outside the global batch: the processes' reference batches share "
+                f"{refs.overlap} of them each step (lower --rbatch to {local_batch + refs.available // dd.world} "
+                "for disjoint ones)",
+                flush=True,
+            )
 
     def snapshot() -> dict:
         paths = {}
@@ -463,7 +593,14 @@ def train(c: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
             labels = labels.to(device) if labels is not None else None
 
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(ddp, images, labels)
+            if refs is None:
+                loss = loss_fn(ddp, images, labels)
+            else:
+                # This process's reference batch: its own images, then its slice of the step's draw.
+                g_idx, g_flip = order.last_global
+                exclude = g_idx + len(ds) * g_flip.long() if c.xflip else g_idx  # the flips follow in the bank
+                others = bank_images[refs.draw(step, exclude).to(bank_images.device)]
+                loss = loss_fn(ddp, images, labels, ref=torch.cat([images, others]))
             # EDM: sum over elements, mean over the global batch (DDP averages over the processes).
             loss.sum().mul(1.0 / local_batch).backward()
             # Counting this step's images as seen, so that the first step does not have lr = 0.
@@ -568,12 +705,13 @@ def profile_training(c: TrainConfig, steps: int = 5, warmup: int = 1) -> dict:
     marks = {}
 
     def on_step(step, record):
+        # The profiler's own start and stop (stop processes every recorded event) fall outside.
         if step == warmup:
-            marks["t0"] = time.perf_counter()
             prof.start()
+            marks["t0"] = time.perf_counter()
         elif step == warmup + steps:
-            prof.stop()
             marks["t1"] = time.perf_counter()
+            prof.stop()
 
     import tempfile
 
@@ -632,6 +770,8 @@ def parse_args(argv=None, with_profile: bool = False):
     g.add_argument("--data", default=d.data, help="'digits' (built in), a folder of images, a .zip, or a .npy/.npz")
     g.add_argument("--outdir", default=d.outdir, help="output folder (log, plots, sample grids, checkpoints)")
     g.add_argument("--xflip", action="store_true", help="x-flip augmentation")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --outdir that holds checkpoints, deleting its checkpoints, log and samples")
     g.add_argument("--cond", action="store_true", help="class-conditional model (edm and cdm losses; needs labels)")
     g = p.add_argument_group("loss")
     g.add_argument("--loss", default=d.loss, choices=LOSSES)
@@ -677,7 +817,7 @@ def parse_args(argv=None, with_profile: bool = False):
         snap=a.snap, resume=a.resume, device=a.device, cond=a.cond, xflip=a.xflip,
         model_channels=a.channels, channel_mult=a.channel_mult, num_blocks=a.blocks, attn_resolutions=a.attn,
         dropout=a.dropout, sample_steps=a.sample_steps, grid=a.grid, backend=a.backend, progress=not a.no_progress,
-        threads=a.threads,
+        threads=a.threads, overwrite=a.overwrite,
     )
     return (c, a) if with_profile else c
 

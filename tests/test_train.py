@@ -1,5 +1,7 @@
 """The training loop on the CPU with a tiny U-Net: one step of each loss, exact resumption after a
-kill, the output folder, the command line and the errors for bad options."""
+kill, the output folder (refused when it holds another run, unless --overwrite; --resume with changed
+options refused; a half-written log line), the reference draws, the command line and the errors for
+bad options."""
 
 import json
 import math
@@ -8,7 +10,7 @@ import os
 import pytest
 import torch
 
-from cdm_kernels.data import load_dataset
+from cdm_kernels.data import BatchOrder, ReferenceDraw, load_dataset
 from cdm_kernels.train import LOSSES, TrainConfig, build_model, main, parse_args, train
 
 
@@ -160,7 +162,8 @@ def test_command_line(tmp_path, capsys):
     [
         (dict(loss="ddpm"), ValueError, r"loss must be one of \('edm', 'stf', 'cdm', 'stf\+cdm'\), got 'ddpm'"),
         (dict(loss="stf", rbatch=4), ValueError, r"rbatch \(4\) must be at least the per-process batch \(8\)"),
-        (dict(loss="stf", rbatch=5000), ValueError, r"needs 4992 references besides the batch but the data set offers 1797"),
+        (dict(loss="stf", rbatch=5000), ValueError,
+         r"needs 4992 references besides the batch but the data set offers 1789 outside the global batch of 8"),
         (dict(batch=0), ValueError, r"batch must be a positive int, got 0"),
         (dict(lr=-1.0), ValueError, r"lr must be positive and finite, got -1.0"),
         (dict(batch=4000), ValueError, r"batch size 4000 is larger than the data set \(1797 images\)"),
@@ -220,3 +223,172 @@ def test_profile_splits_a_step_into_kernels_and_the_rest(tmp_path):
     assert 0 < r["kernel_seconds_per_step"] < r["seconds_per_step"] and 0 < r["kernel_share"] < 1
     assert r["kernel_seconds_per_step"] == pytest.approx(sum(r["by_op"].values()))
     assert not os.path.exists(tmp_path / "log.jsonl")  # the profile writes into a temporary folder
+
+
+def _files(folder):
+    return sorted(os.listdir(folder))
+
+
+def test_fresh_run_refuses_a_folder_with_checkpoints_unless_overwrite(tmp_path):
+    # The old run: checkpoints at steps 2 and 4.
+    train(tiny(tmp_path, steps=4, snap=2, grid=4, sample_steps=2))
+    (tmp_path / "notes.txt").write_text("mine")
+    old = _files(tmp_path)
+    with pytest.raises(FileExistsError, match=r"already holds checkpoints \(checkpoint-0000004.pt the latest\): "
+                       r"continue that run with --resume .*, choose another --outdir, or pass --overwrite"):
+        train(tiny(tmp_path, seed=1))
+    assert _files(tmp_path) == old  # nothing touched
+
+    # --overwrite: a new run (seed 1), killed after its first step, before any snapshot. The old
+    # run's outputs are gone, so --resume cannot continue the OLD run from its step-4 checkpoint.
+    def kill(step, rec):
+        raise Killed
+
+    with pytest.raises(Killed):
+        train(tiny(tmp_path, seed=1, steps=4, snap=2, overwrite=True), on_step=kill)
+    assert _files(tmp_path) == ["log.jsonl", "notes.txt"]  # files that are not a run's output stay
+    with pytest.raises(FileNotFoundError, match="the folder holds no checkpoint-<step>.pt"):
+        train(tiny(tmp_path, seed=1, steps=4, snap=2, resume=str(tmp_path)))
+
+    # The command line: the flag, and --overwrite with --resume is refused.
+    assert parse_args(["--overwrite"]).overwrite and not parse_args([]).overwrite
+    with pytest.raises(ValueError, match="--overwrite starts a fresh run and --resume continues one"):
+        train(tiny(tmp_path, resume=str(tmp_path), overwrite=True))
+
+
+def test_resume_refuses_changed_options_and_allows_the_duration_to_change(tmp_path):
+    run = tmp_path / "run"
+    train(tiny(run, loss="stf", steps=2, snap=2))
+    with pytest.raises(ValueError) as err:
+        train(tiny(run, loss="stf", rbatch=16, seed=3, model_channels=16, channel_mult=(1, 1), steps=3,
+                   resume=str(run)))
+    msg = str(err.value)
+    ckpt = run / "checkpoint-0000002.pt"
+    assert msg.startswith(f"--resume {ckpt}: this run's options differ from the checkpoint's: ")
+    assert "--rbatch 16 (the checkpoint has 32)" in msg and "--seed 3 (the checkpoint has 0)" in msg
+    assert "--channels 16 (the checkpoint has 8)" in msg and "--channel-mult 1,1 (the checkpoint has 1,2)" in msg
+    assert "--steps" not in msg and "start a new run in another --outdir" in msg
+    with pytest.raises(ValueError, match=r"checkpoint's: --loss cdm \(the checkpoint has stf\)\. Resume"):
+        train(tiny(run, loss="cdm", steps=3, resume=str(run)))
+    # the duration, snapshots, threads, device and the grid may change
+    s = train(tiny(run, loss="stf", steps=3, snap=5, threads=2, device="cpu", grid=4, sample_steps=2,
+                   resume=str(run)))
+    assert s["steps"] == 3
+    # resuming into a folder that holds another run's checkpoints is refused
+    other = tmp_path / "other"
+    train(tiny(other, steps=1))
+    with pytest.raises(FileExistsError, match=r"already holds checkpoints of another run than --resume"):
+        train(tiny(other, loss="stf", steps=4, resume=str(run)))
+
+
+def test_a_half_written_last_log_line_is_dropped(tmp_path):
+    from cdm_kernels.train import _plot_losses
+
+    kw = dict(loss="edm", steps=2, snap=2)
+    train(tiny(tmp_path, **kw))
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "images": 24, "lo')  # the run was killed while writing step 3's line
+    _plot_losses(str(tmp_path / "log.jsonl"), str(tmp_path / "loss.png"))
+    s = train(tiny(tmp_path, resume=str(tmp_path), **dict(kw, steps=3)))
+    assert s["steps"] == 3
+    with open(tmp_path / "log.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2, 3]
+    # a damaged line that is not the last is an error naming it
+    with open(tmp_path / "log.jsonl") as f:
+        lines = f.readlines()
+    with open(tmp_path / "log.jsonl", "w") as f:
+        f.writelines([lines[0], "garbage\n", *lines[1:]])
+    with pytest.raises(ValueError, match=r"log.jsonl, line 2: not a JSON record of a step"):
+        _plot_losses(str(tmp_path / "log.jsonl"), str(tmp_path / "loss.png"))
+
+
+def test_checkpoint_folder_is_synced_after_the_rename(tmp_path, monkeypatch):
+    import stat
+
+    from cdm_kernels import train as train_mod
+
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real_fsync(fd)
+
+    monkeypatch.setattr(train_mod.os, "fsync", fsync)
+    train_mod._atomic_save({"step": 1}, str(tmp_path / "checkpoint-0000001.pt"))
+    assert synced == ["file", "dir"]
+
+    def no_fsync(fd):  # a platform that cannot sync a folder: the checkpoint is still written
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError("not supported")
+        real_fsync(fd)
+
+    monkeypatch.setattr(train_mod.os, "fsync", no_fsync)
+    train_mod._atomic_save({"step": 2}, str(tmp_path / "checkpoint-0000002.pt"))
+    assert torch.load(tmp_path / "checkpoint-0000002.pt", weights_only=True)["step"] == 2
+
+
+def test_reference_draws_avoid_the_batch_and_are_disjoint_across_processes():
+    N, batch, world, rbatch = 100, 8, 2, 30
+    order = BatchOrder(N, seed=0, world_size=world)
+    order.next_batch(batch)
+    g_idx = order.last_global[0]
+    draws = [ReferenceDraw(N, rbatch - batch // world, batch, seed=0, rank=r, world_size=world) for r in range(world)]
+    assert draws[0].overlap == 0
+    got = [d.draw(5, g_idx) for d in draws]
+    assert torch.equal(got[1], draws[0].draw(5, g_idx, rank=1))  # every process can compute any rank's
+    union = torch.cat([g_idx, *got])
+    assert union.numel() == batch + world * 26 and union.unique().numel() == union.numel()
+    assert torch.equal(draws[0].draw(5, g_idx), got[0]) and not torch.equal(draws[0].draw(6, g_idx), got[0])
+    # more references than the data set holds outside the batch: each process's are still distinct,
+    # the union covers all 92 and repeats the rest
+    big = [ReferenceDraw(N, 60, batch, seed=0, rank=r, world_size=world) for r in range(world)]
+    assert big[0].overlap == 2 * 60 - 92
+    got = [d.draw(0, g_idx) for d in big]
+    assert all(g.unique().numel() == 60 and not (g[:, None] == g_idx).any() for g in got)
+    assert torch.cat(got).unique().numel() == 92
+    with pytest.raises(ValueError, match="cannot draw 93 references besides the batch from the 92 outside"):
+        ReferenceDraw(N, 93, batch, seed=0)
+
+
+def test_stf_reference_batch_of_a_run_holds_distinct_images(tmp_path, monkeypatch):
+    # The loop passes each step's reference batch: the batch's images, then others, none twice.
+    from cdm_kernels import losses
+
+    seen = []
+    real = losses.STFLoss.__call__
+
+    def spy(self, net, images, labels=None, augment_pipe=None, *, ref=None, generator=None):
+        seen.append((images.clone(), ref.clone()))
+        return real(self, net, images, labels, augment_pipe, ref=ref, generator=generator)
+
+    monkeypatch.setattr(losses.STFLoss, "__call__", spy)
+    # 40 distinct images and their 40 x-flips: 24 others of 80 would hit the batch's 8 images about
+    # 2.4 times a step if drawn from the whole pool
+    import numpy as np
+
+    np.save(tmp_path / "small.npy", np.random.default_rng(0).integers(0, 256, (40, 8, 8), dtype=np.uint8))
+    train(tiny(tmp_path / "run", data=str(tmp_path / "small.npy"), loss="stf", steps=3, xflip=True))
+    assert len(seen) == 3
+    for images, ref in seen:
+        assert ref.shape == (32, 1, 8, 8) and torch.equal(ref[:8], images)
+        assert torch.unique(ref.reshape(32, -1), dim=0).shape[0] == 32
+
+
+def test_profile_wall_time_leaves_out_the_profiler_itself(tmp_path, monkeypatch):
+    # prof.stop() processes every recorded event (tens of ms for a real step): not part of a step.
+    from torch.profiler import profile
+
+    from cdm_kernels.train import profile_training
+
+    real_stop = profile.stop
+
+    def slow_stop(self):
+        real_stop(self)
+        import time
+
+        time.sleep(2.0)
+
+    monkeypatch.setattr(profile, "stop", slow_stop)
+    r = profile_training(tiny(tmp_path, loss="edm"), steps=1)
+    assert r["seconds_per_step"] < 1.5
