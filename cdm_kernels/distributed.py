@@ -116,7 +116,7 @@ def stf_target_sharded(
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    name = resolve_backend(x.device, backend)
+    name = resolve_backend(x.device, backend, precision)
     B, n_local = x.shape[0], ref_shard.shape[0]
     dtype = _compute_dtype(x.dtype)
     sig = _check_sigma(sigma, B, x, dtype)

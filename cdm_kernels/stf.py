@@ -78,14 +78,29 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return [name for name in (*order, *extra) if (name, device_type) in _BACKENDS]
 
 
-def resolve_backend(device: torch.device | str = "cpu", backend: str = "auto") -> str:
-    """The backend that `stf_target(..., backend=backend)` uses for tensors on `device`."""
+def resolve_backend(device: torch.device | str = "cpu", backend: str = "auto", precision: str = "ieee") -> str:
+    """The backend that `stf_target(..., backend=backend, precision=precision)` uses for tensors on
+    `device`. "auto" takes the first backend of the device type's preference order that supports
+    `precision`: on a GPU "cuda" (ieee only), then "triton" (ieee, tf32, bf16), then "reference"."""
     device_type = torch.device(device).type
     if backend == "auto":
         names = available_backends(device)
         if not names:
             raise RuntimeError(f"no stable-target backend is registered for device type {device_type!r}")
-        return names[0]
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        # Only the preference order: a backend registered beyond it (the Triton interpreter on the
+        # CPU) is a test vehicle, never an automatic choice.
+        order = _AUTO_ORDER.get(device_type)
+        names = [name for name in names if order is None or name in order]
+        fit = [name for name in names if precision in _BACKENDS[(name, device_type)].precisions]
+        if not fit:
+            have = ", ".join(f"{name}: {_BACKENDS[(name, device_type)].precisions}" for name in names)
+            raise ValueError(
+                f"precision {precision!r} is not supported by any backend that 'auto' picks for {device_type} "
+                f"tensors ({have}); tf32/bf16 are modes of the 'triton' backend on a GPU"
+            )
+        return fit[0]
     if backend not in BACKEND_NAMES:
         raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
     if (backend, device_type) not in _BACKENDS:
@@ -299,7 +314,7 @@ def _check_sigma(sigma, B: int, x: Tensor, dtype: torch.dtype) -> Tensor:
     return sigma
 
 
-def _prepare(x, sigma, ref, chunk_size, backend, ref_norms):
+def _prepare(x, sigma, ref, chunk_size, backend, ref_norms, precision="ieee"):
     _check_float(x, "x")
     _check_float(ref, "ref")
     if x.dim() < 1:
@@ -324,7 +339,7 @@ def _prepare(x, sigma, ref, chunk_size, backend, ref_norms):
         chunk_size = default_chunk_size(B, n, D)
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    name = resolve_backend(x.device, backend)
+    name = resolve_backend(x.device, backend, precision)
     x2 = x.reshape(B, D).to(dtype).contiguous()
     r2 = ref.reshape(n, D).to(dtype).contiguous()
     if ref_norms is None:
@@ -371,7 +386,7 @@ def stf_target(
     Arithmetic is float32 for float16/bfloat16/float32 inputs and float64 for float64 inputs.
     Differentiable in x and sigma (math.md, Gradients), and in ref.
     """
-    x2, sig, r2, rn, chunk_size, name = _prepare(x, sigma, ref, chunk_size, backend, ref_sqnorm)
+    x2, sig, r2, rn, chunk_size, name = _prepare(x, sigma, ref, chunk_size, backend, ref_sqnorm, precision)
     if x2.shape[0] == 0:
         mu = x2.new_zeros(x2.shape) + 0 * x2  # keeps x in the graph
         lse, aux = x2.new_zeros(0), x2.new_zeros(0, 4)

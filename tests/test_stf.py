@@ -453,3 +453,54 @@ def test_float32_x_gradient_when_one_reference_holds_the_weight(backend, sigma):
     (gx,) = torch.autograd.grad((mu32 * g.float()).sum(), x32)
     scale = g.abs().max().item() * ref.abs().max().item() * x.shape[1] ** 0.5 / sigma**2
     assert _err(gx, gx_j) <= 1e-9 * scale + 1e-5 * gx_j.abs().max().item()
+
+
+def test_auto_skips_backends_without_the_precision(monkeypatch):
+    # backend="auto" with "tf32"/"bf16" on a GPU used to resolve to the ieee-only "cuda" backend, which
+    # then refused the precision. No GPU here: fake launchers for "cuda" (ieee only) and "triton" (every
+    # mode) are registered for CPU tensors under the GPU's preference order, so stf_target runs the whole
+    # resolution (stf_target -> _prepare -> resolve_backend -> the op) and records which launcher ran.
+    from cdm_kernels import stf as stf_mod
+    from cdm_kernels import stf_reference
+
+    calls = []
+
+    def fake(name):
+        def forward(x, sigma, ref, ref_sqnorm, chunk_size, precision):
+            calls.append((name, precision))
+            return stf_reference.stf_forward(x, sigma, ref, ref_sqnorm, chunk_size)
+
+        def backward(grad_mu, grad_lse, x, sigma, ref, ref_sqnorm, mu, aux, chunk_size, precision, ref_grad):
+            return stf_reference.stf_backward(grad_mu, grad_lse, x, sigma, ref, ref_sqnorm, mu, aux, chunk_size,
+                                              ref_grad)
+
+        return forward, backward
+
+    monkeypatch.setitem(stf_mod._AUTO_ORDER, "cpu", stf_mod._AUTO_ORDER["cuda"])
+    monkeypatch.setitem(stf_mod._BACKENDS, ("cuda", "cpu"), stf_mod._Backend(*fake("cuda"), ("ieee",)))
+    monkeypatch.setitem(stf_mod._BACKENDS, ("triton", "cpu"), stf_mod._Backend(*fake("triton"), stf_mod.PRECISIONS))
+    x, s, r = torch.randn(4, 6), torch.ones(4), torch.randn(10, 6)
+    assert cdm_kernels.resolve_backend("cpu") == "cuda"  # the two-argument form still means "ieee"
+    assert cdm_kernels.resolve_backend("cpu", "auto") == "cuda"
+    for precision, want in (("ieee", "cuda"), ("tf32", "triton"), ("bf16", "triton")):
+        assert cdm_kernels.resolve_backend("cpu", "auto", precision) == want
+        assert cdm_kernels.resolve_backend("cpu", precision=precision) == want
+        stf_target(x, s, r, precision=precision)
+        assert calls[-1] == (want, precision)
+    assert cdm_kernels.resolve_backend("cpu", "cuda", "tf32") == "cuda"  # explicit names are not rerouted
+    monkeypatch.delitem(stf_mod._BACKENDS, ("triton", "cpu"))
+    with pytest.raises(ValueError, match=r"precision 'bf16' is not supported by any backend that 'auto' picks"):
+        stf_target(x, s, r, precision="bf16")
+
+
+def test_auto_resolution_of_the_real_registrations():
+    # GPU tensors cannot be made here, but the resolution needs only the device type: with the real
+    # registrations "auto" gives "cuda" (if built) for "ieee" and "triton" for the tensor-core modes.
+    # On the CPU no auto backend has them (the Triton interpreter is never chosen automatically).
+    if "triton" in cdm_kernels.available_backends("cuda"):
+        assert cdm_kernels.resolve_backend("cuda", "auto", "tf32") == "triton"
+        assert cdm_kernels.resolve_backend("cuda", "auto", "bf16") == "triton"
+        assert cdm_kernels.resolve_backend("cuda") == ("cuda" if cdm_kernels.has_cuda_kernels() else "triton")
+    with pytest.raises(ValueError, match=r"precision 'tf32' is not supported by any backend that 'auto' picks "
+                                         r"for cpu tensors"):
+        stf_target(torch.randn(2, 3), 1.0, torch.randn(4, 3), precision="tf32")
