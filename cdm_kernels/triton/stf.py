@@ -343,7 +343,8 @@ def _bwd_logits_kernel(
     p_ptr,  # (B, WS) out: w_ij (c_ij - mg_i)
     w_ptr,  # (B, WS) out if REF_GRAD: w_ij
     a_ptr,  # (B, WS) out if REF_GRAD: a_ij = w_ij (c_ij - mg_i + g_lse,i) / sigma_i^2
-    cov_ptr,  # (B, NCOV) out: per column block sum_j w_ij (d_ij - d_bar_i)(c_ij - mg_i)
+    cov_ptr,  # (3, B, NCOV) out: per column block sum_j w_ij (d_ij - d_bar_i)(c_ij - mg_i),
+    #           s_i = sum_j w_ij (c_ij - mg_i) and sum_j w_ij (d_ij - d_bar_i), one plane each
     B,
     D,
     n0,
@@ -402,8 +403,17 @@ def _bwd_logits_kernel(
     wc = w * cm
     woffs = rows64[:, None] * WS + cols[None, :]
     tl.store(p_ptr + woffs, wc, mask=valid)
-    cov = tl.sum(tl.where(valid, wc * (d - dbar[:, None]), 0.0), axis=1)
-    tl.store(cov_ptr + rows64 * NCOV + cov_col0 + pid_n, cov, mask=rmask)
+    wd = tl.where(valid, w * (d - dbar[:, None]), 0.0)
+    # The row sums of the first-order corrections (stf_math.h, grad_x_corrected / cov_corrected):
+    # mg comes from unrounded mu and g, c from the (tensor-core-rounded) product, so s = sum_j w (c - mg),
+    # zero in exact arithmetic, carries their rounding mismatch, which is divided by sigma^2.
+    cov = tl.sum(wd * cm, axis=1)
+    ssum = tl.sum(tl.where(valid, wc, 0.0), axis=1)
+    dev = tl.sum(wd, axis=1)
+    col = cov_col0 + pid_n
+    tl.store(cov_ptr + rows64 * NCOV + col, cov, mask=rmask)
+    tl.store(cov_ptr + (B + rows64) * NCOV + col, ssum, mask=rmask)
+    tl.store(cov_ptr + (2 * B + rows64) * NCOV + col, dev, mask=rmask)
     if REF_GRAD:
         glse = tl.load(glse_ptr + rows, mask=rmask, other=0.0)
         tl.store(w_ptr + woffs, w, mask=valid)
@@ -417,7 +427,7 @@ def _bwd_acc_kernel(
     x_ptr,  # (B, D)
     mu_ptr,  # (B, D)
     sigma_ptr,  # (B,)
-    glse_ptr,  # (B,)
+    glse_ptr,  # (2, B), read if IS_LAST: g_lse, then s = sum_j w_ij (c_ij - mg_i) over all chunks
     gx_ptr,  # (B, D) in/out: sum_j p_ij r_j, then dL/dx after the last chunk
     B,
     D,
@@ -455,12 +465,14 @@ def _bwd_acc_kernel(
         rt = _round(rt, PREC)
         acc = _mm(_operand(p, PREC, NATIVE_BF16), _operand(rt, PREC, NATIVE_BF16), acc, PREC)
     if IS_LAST:
-        # dL/dx_i = (sum_j w_ij (c_ij - mg_i) r_j + g_lse,i (mu_i - x_i)) / sigma_i^2
+        # dL/dx_i = (sum_j w_ij (c_ij - mg_i - s_i) r_j + g_lse,i (mu_i - x_i)) / sigma_i^2, with
+        # sum_j w_ij (c_ij - mg_i - s_i) r_j = acc - s_i mu_i (stf_math.h, grad_x_corrected).
         sig = tl.load(sigma_ptr + rows, mask=rmask, other=1.0)
         glse = tl.load(glse_ptr + rows, mask=rmask, other=0.0)
+        s_row = tl.load(glse_ptr + B + rows, mask=rmask, other=0.0)
         xt = tl.load(x_ptr + aoffs, mask=omask, other=0.0)
         mt = tl.load(mu_ptr + aoffs, mask=omask, other=0.0)
-        acc = (acc + glse[:, None] * (mt - xt)) * (1.0 / (sig * sig))[:, None]
+        acc = (acc - s_row[:, None] * mt + glse[:, None] * (mt - xt)) * (1.0 / (sig * sig))[:, None]
     tl.store(gx_ptr + aoffs, acc, mask=omask)
 
 
@@ -729,9 +741,14 @@ def stf_backward(
         dL/dx_i     = (sum_j w_ij (c_ij - mg_i) r_j + g_lse,i (mu_i - x_i)) / sigma_i^2
         dL/dsigma_i = (sum_j w_ij (d_ij - d_bar_i)(c_ij - mg_i) + g_lse,i d_bar_i) / sigma_i^3
         dL/dr_j     = sum_i w_ij g_i + a_ij (x_i - r_j),  a_ij = w_ij (c_ij - mg_i + g_lse,i) / sigma_i^2
-    with c_ij = r_j . g_i, mg_i = mu_i . g_i. The ref gradient's products are always exact float32
-    (or float64), whatever the precision mode, because sum_i a_ij (x_i - r_j) cancels.
-    Memory beyond the outputs: one (B, chunk) workspace, three with ref_grad.
+    with c_ij = r_j . g_i, mg_i = mu_i . g_i. mg comes from unrounded mu and g, c from the mode's
+    (rounded) product, so both forms get the first-order correction of stf_math.h with the streamed
+    s_i = sum_j w_ij (c_ij - mg_i) (0 in exact arithmetic): dL/dx_i - s_i mu_i / sigma_i^2 and
+    dL/dsigma_i - s_i sum_j w_ij (d_ij - d_bar_i) / sigma_i^3; with ref_grad a first sweep of the
+    logit products measures s and moves mg by it. The ref gradient's products are always exact
+    float32 (or float64), whatever the precision mode, because sum_i a_ij (x_i - r_j) cancels.
+    Memory beyond the outputs: one (B, chunk) workspace, three with ref_grad, and (3, B, n / BLOCK_N)
+    partial sums.
     """
     fn = "stf_backward (triton)"
     _check_inputs(fn, x, sigma, ref, ref_sqnorm, chunk_size, precision)
@@ -763,29 +780,50 @@ def stf_backward(
     a_ws = x.new_empty(B, chunk) if ref_grad else p_ws
     starts = list(range(0, n, chunk))
     ncov = sum(triton.cdiv(min(chunk, n - n0), BN) for n0 in starts)
-    cov = x.new_empty(B, ncov)
-    col0 = 0
-    for k, n0 in enumerate(starts):
-        c = min(chunk, n - n0)
-        nb = triton.cdiv(c, BN)
-        _bwd_logits_kernel[(grid_b, nb)](
-            x, grad_mu, ref, ref_sqnorm, sigma, xn, mg, aux, grad_lse, p_ws, w_ws, a_ws, cov,
-            B, D, n0, c, chunk, ncov, col0,
-            PREC=prec, NATIVE_BF16=native, USE_RN=prec == 0, REF_GRAD=ref_grad,
-            BLOCK_B=BB, BLOCK_N=BN, BLOCK_D=BD, **_LAUNCH,
-        )
-        col0 += nb
-        _bwd_acc_kernel[(grid_b, triton.cdiv(D, BDA))](
-            p_ws, ref, x, mu, sigma, grad_lse, grad_x, B, D, n0, c, chunk,
-            IS_FIRST=k == 0, IS_LAST=k == len(starts) - 1, PREC=prec, NATIVE_BF16=native,
-            BLOCK_B=BB, BLOCK_N=BNA, BLOCK_D=BDA, **_LAUNCH,
-        )
-        if ref_grad:
-            _bwd_ref_kernel[(triton.cdiv(c, bs["block_n_ref"]), triton.cdiv(D, BDA))](
-                w_ws, a_ws, grad_mu, x, ref, grad_ref, B, D, n0, c, chunk,
-                BLOCK_B=bs["block_b_ref"], BLOCK_N=bs["block_n_ref"], BLOCK_D=BDA, **_LAUNCH,
+    # Per (row, column block): cov = sum_j w (d - d_bar)(c - mg), s = sum_j w (c - mg), dev = sum_j w (d - d_bar).
+    cov = x.new_empty(3, B, ncov)
+    glse_s = None
+
+    def sweep(mg, final):
+        nonlocal glse_s
+        col0 = 0
+        for k, n0 in enumerate(starts):
+            c = min(chunk, n - n0)
+            nb = triton.cdiv(c, BN)
+            last = k == len(starts) - 1
+            _bwd_logits_kernel[(grid_b, nb)](
+                x, grad_mu, ref, ref_sqnorm, sigma, xn, mg, aux, grad_lse, p_ws, w_ws, a_ws, cov,
+                B, D, n0, c, chunk, ncov, col0,
+                PREC=prec, NATIVE_BF16=native, USE_RN=prec == 0, REF_GRAD=ref_grad and final,
+                BLOCK_B=BB, BLOCK_N=BN, BLOCK_D=BD, **_LAUNCH,
             )
+            col0 += nb
+            if not final:
+                continue
+            if last:
+                # The small (3, B, n / BLOCK_N) partial sums, merged deterministically; the last
+                # accumulation reads (g_lse, s) per row for its corrected finish.
+                glse_s = torch.stack((grad_lse, cov[1].sum(1)))
+            _bwd_acc_kernel[(grid_b, triton.cdiv(D, BDA))](
+                p_ws, ref, x, mu, sigma, glse_s if last else grad_lse, grad_x, B, D, n0, c, chunk,
+                IS_FIRST=k == 0, IS_LAST=last, PREC=prec, NATIVE_BF16=native,
+                BLOCK_B=BB, BLOCK_N=BNA, BLOCK_D=BDA, **_LAUNCH,
+            )
+            if ref_grad:
+                _bwd_ref_kernel[(triton.cdiv(c, bs["block_n_ref"]), triton.cdiv(D, BDA))](
+                    w_ws, a_ws, grad_mu, x, ref, grad_ref, B, D, n0, c, chunk,
+                    BLOCK_B=bs["block_b_ref"], BLOCK_N=bs["block_n_ref"], BLOCK_D=BDA, **_LAUNCH,
+                )
+
+    if ref_grad:
+        # a_ij = w (c - mg + g_lse) / sigma^2 cannot be corrected after the fact like dL/dx: a first
+        # sweep (the logit products only) measures s and moves mg by it, as stf_reference and the
+        # CPU backend do, at the price of one more pair of products, paid only when ref needs grad.
+        sweep(mg, False)
+        mg = mg + cov[1].sum(1)
+    sweep(mg, True)
     dbar = aux[:, stf_reference.AUX_DBAR]
-    # The (B, n / BLOCK_N) partial covariances are a small buffer: summed deterministically here.
-    grad_sigma = (cov.sum(1) + grad_lse * dbar) / (sigma * sigma * sigma)
+    cov_dc, s_sum, dev_d = cov.sum(2).unbind(0)
+    # dL/dsigma with cov_corrected (stf_math.h): sum_j w (d - d_bar)(c - mg - s) = cov - s dev.
+    grad_sigma = (cov_dc - s_sum * dev_d + grad_lse * dbar) / (sigma * sigma * sigma)
     return grad_x, grad_sigma, grad_ref
