@@ -6,6 +6,10 @@ tiled product block by block and phase by phase between its barriers), over the 
 of csrc/stf_math.h. These tests compile it with the system C++ compiler and compare it with an
 independent float64 judge: the direct formula softmax_j(-||x_i - r_j||^2 / (2 sigma_i^2)) with
 PyTorch autograd. Only the __global__ wrappers and the <<<...>>> launches are not executed.
+
+Data: `spread_problem` (weights spread over several references at every sigma in [0.002, 80]) for
+the accuracy tests, and `problem` (x next to one reference, mostly one-hot rows) for the limits, the
+exact small-sigma cancellation and, alongside the spread data, the float32 comparisons.
 """
 
 from __future__ import annotations
@@ -112,11 +116,37 @@ def judge(x, sigma, ref, grad_mu=None, grad_lse=None):
 
 
 def problem(B, D, n, dtype, sigma_lo=0.002, sigma_hi=80.0):
-    """References in [-1, 1]; each x near one reference at its own noise level, sigma log-uniform."""
+    """Peaked weights: references in [-1, 1]; each x near one reference, x = r_k + sigma z / sqrt(D),
+    sigma log-uniform. At D = 3072 about 90 % of the rows are one-hot (mu = r_k exactly, whatever
+    the arithmetic): the regime of the limits and of the exact small-sigma cancellation, not a
+    test of accuracy on its own (`spread_problem` is)."""
     ref = torch.rand(n, D, dtype=torch.float64) * 2 - 1
     sigma = torch.exp(torch.empty(B, dtype=torch.float64).uniform_(math.log(sigma_lo), math.log(sigma_hi)))
     x = ref[torch.randint(0, n, (B,))] + sigma[:, None] * torch.randn(B, D, dtype=torch.float64) / math.sqrt(D)
     return x.to(dtype), sigma.to(dtype), ref.to(dtype)
+
+
+def spread_problem(B, D, n, dtype=torch.float32, sigma_lo=0.002, sigma_hi=80.0, *, seed=0):
+    """Spread weights at every sigma (the construction of benchmarks/stf_precision_table.py):
+    clusters of at most 32 references (sizes within one of each other), a centre in [-1, 1]^D and
+    copies moved by eps / 3 per coordinate, eps log-spaced from 1e-5 to 3, so that the copies within
+    about sigma sqrt(18 / D) of the centre share the weight at that sigma; x_i = a centre + sigma_i z,
+    sigma_i log-uniform in [sigma_lo, sigma_hi]. Also used by tests/test_gpu.py."""
+    g = torch.Generator().manual_seed(seed)
+    C = -(-n // 32)
+    per = -(-n // C)
+    centres = torch.rand(C, D, generator=g, dtype=torch.float64) * 2 - 1
+    eps = torch.cat([torch.zeros(1, dtype=torch.float64), torch.logspace(-5, 0.5, per - 1, dtype=torch.float64)])
+    moves = eps[None, :, None] * torch.randn(C, per, D, generator=g, dtype=torch.float64) / 3
+    ref = (centres[:, None, :] + moves).reshape(C * per, D)[:n]
+    u = torch.rand(B, generator=g, dtype=torch.float64)
+    sigma = torch.exp(math.log(sigma_lo) + u * (math.log(sigma_hi) - math.log(sigma_lo)))
+    k = torch.randint(0, C, (B,), generator=g)
+    x = centres[k] + sigma[:, None] * torch.randn(B, D, generator=g, dtype=torch.float64)
+    return x.to(dtype), sigma.to(dtype), ref.to(dtype)
+
+
+PROBLEMS = {"peaked": problem, "spread": spread_problem}
 
 
 def maxerr(a, b):
@@ -147,9 +177,22 @@ def test_emulation_splits_products_on_a_large_gpu_only(emu):
         emu.cdm_emu_set_sm_count(i64(132))
 
 
+def test_spread_problem_spreads_the_weights():
+    # The accuracy tests' data must not make the kernels' job trivial (one-hot rows give mu = r_k
+    # exactly): nearly every row of every shape shares its weight, at every sigma in [0.002, 80].
+    for B, D, n, _ in SHAPES[2:]:
+        x, sigma, ref = spread_problem(B, D, n, torch.float64)
+        j = judge(x, sigma, ref)
+        assert (j["wmax"] < 0.99).double().mean() >= 0.9, (B, D, n, j["wmax"])
+        assert j["neff"].median() >= 4, (B, D, n, j["neff"])
+    x, sigma, ref = spread_problem(64, 3072, 256, torch.float64)
+    j = judge(x, sigma, ref)
+    assert (j["wmax"] < 0.99).all() and j["neff"].min() >= 2, (sigma, j["neff"])
+
+
 @pytest.mark.parametrize("B,D,n,chunk", SHAPES)
 def test_forward_float64_matches_judge(emu_sm, B, D, n, chunk):
-    x, sigma, ref = problem(B, D, n, torch.float64, sigma_lo=0.05)
+    x, sigma, ref = spread_problem(B, D, n, torch.float64, sigma_lo=0.05)
     mu, lse, aux = emu_forward(emu_sm, x, sigma, ref, chunk)
     j = judge(x, sigma, ref)
     scale = 1e-10 * (1 + D)
@@ -160,11 +203,12 @@ def test_forward_float64_matches_judge(emu_sm, B, D, n, chunk):
     assert maxerr(aux[:, stf_reference.AUX_DBAR], j["dbar"]) / (1 + j["dbar"].abs().max().item()) < scale
 
 
+@pytest.mark.parametrize("kind", PROBLEMS)
 @pytest.mark.parametrize("B,D,n,chunk", SHAPES)
-def test_forward_float32_within_twice_torch_float32_error(emu, B, D, n, chunk):
+def test_forward_float32_within_twice_torch_float32_error(emu, B, D, n, chunk, kind):
     # FlashAttention's rule: the kernel's error against float64 is at most twice that of the same
     # math (the matmul form, streamed) done by PyTorch in float32, over sigma in [0.002, 80].
-    x, sigma, ref = problem(B, D, n, torch.float32)
+    x, sigma, ref = PROBLEMS[kind](B, D, n, torch.float32)
     mu, lse, _ = emu_forward(emu, x, sigma, ref, chunk)
     j = judge(x, sigma, ref)
     mu_t, lse_t, _ = stf_reference.stf_forward(x, sigma, ref, (ref * ref).sum(1), chunk)
@@ -182,7 +226,7 @@ def test_forward_float32_within_twice_torch_float32_error(emu, B, D, n, chunk):
 @pytest.mark.parametrize("B,D,n,chunk", SHAPES)
 @pytest.mark.parametrize("ref_grad", [True, False])
 def test_backward_float64_matches_autograd_judge(emu_sm, B, D, n, chunk, ref_grad):
-    x, sigma, ref = problem(B, D, n, torch.float64, sigma_lo=0.05, sigma_hi=20.0)
+    x, sigma, ref = spread_problem(B, D, n, torch.float64, sigma_lo=0.05, sigma_hi=20.0)
     grad_mu, grad_lse = torch.randn(B, D, dtype=torch.float64), torch.randn(B, dtype=torch.float64)
     mu, _, aux = emu_forward(emu_sm, x, sigma, ref, chunk)
     gx, gs, gr = emu_backward(emu_sm, grad_mu, grad_lse, x, sigma, ref, mu, aux, chunk, ref_grad)
@@ -191,9 +235,13 @@ def test_backward_float64_matches_autograd_judge(emu_sm, B, D, n, chunk, ref_gra
         assert maxerr(got, want) <= 1e-8 * (1 + want.abs().max().item()), (got, want)
 
 
+@pytest.mark.parametrize("kind", PROBLEMS)
 @pytest.mark.parametrize("B,D,n,chunk", SHAPES[1:6])
-def test_backward_float32_within_twice_torch_float32_error(emu, B, D, n, chunk):
-    x, sigma, ref = problem(B, D, n, torch.float32, sigma_lo=0.05, sigma_hi=20.0)
+def test_backward_float32_within_twice_torch_float32_error(emu, B, D, n, chunk, kind):
+    # Spread data over the whole range of sigma; the peaked data's one-hot rows at small sigma are
+    # test_small_sigma_x_gradient_cancels_exactly's case.
+    lo, hi = (0.002, 80.0) if kind == "spread" else (0.05, 20.0)
+    x, sigma, ref = PROBLEMS[kind](B, D, n, torch.float32, sigma_lo=lo, sigma_hi=hi)
     grad_mu, grad_lse = torch.randn(B, D), torch.randn(B)
     rn = (ref * ref).sum(1)
     # Each backward gets its own forward's (mu, aux): w = exp(z - zlse) with z ~ 1e5 at small sigma
@@ -265,3 +313,51 @@ def test_small_sigma_x_gradient_cancels_exactly(emu_sm):
     # grad_x(px, mu, x, g_lse, 1/sigma^2) = (px + g_lse (mu - x)) / sigma^2 with px == 0 exactly:
     assert torch.equal(gx, (0 + grad_lse[:, None] * (mu - x)) * (1 / (sigma * sigma))[:, None])
     assert maxerr(gx, want) <= 1e-6 * want.abs().max().item()
+
+
+# ----------------------------------------------------------------------------------------------
+# tests/test_gpu.py's checks, run here: this emulation stands in for the cuda backend and the
+# Triton interpreter for the GPU's triton backend, so the comparisons a GPU user runs are known to
+# pass on the kernels' arithmetic and known to be able to fail.
+# ----------------------------------------------------------------------------------------------
+
+
+def _host_gpu_suite(emu, monkeypatch, corrupt_mu=1.0):
+    import test_gpu
+
+    from cdm_kernels.stf import available_backends
+
+    if "triton" not in available_backends("cpu"):
+        pytest.skip("the Triton interpreter is not registered for CPU tensors (TRITON_INTERPRET unset)")
+    public = test_gpu.run_backend
+
+    def run_backend(backend, x, sigma, ref, chunk, grad_mu=None, grad_lse=None):
+        if backend == "triton":
+            return public("triton", x, sigma, ref, chunk, grad_mu, grad_lse)
+        mu, lse, aux = emu_forward(emu, x, sigma, ref, chunk)
+        cols = stf_reference
+        out = {"mu": mu * corrupt_mu, "lse": lse, "n_eff": aux[:, cols.AUX_NEFF], "w_max": aux[:, cols.AUX_WMAX],
+               "d_bar": aux[:, cols.AUX_DBAR]}
+        if grad_mu is not None:
+            out["gx"], out["gs"], out["gr"] = emu_backward(emu, grad_mu, grad_lse, x, sigma, ref, mu, aux, chunk)
+        return out
+
+    monkeypatch.setattr(test_gpu, "DEVICE", "cpu")
+    monkeypatch.setattr(test_gpu, "_backend", lambda name: name)
+    monkeypatch.setattr(test_gpu, "run_backend", run_backend)
+    return test_gpu
+
+
+@pytest.mark.parametrize("B,D,n,chunk", [(3, 7, 5, 2), (65, 67, 257, 100)])
+def test_gpu_suite_checks_pass_on_the_host(emu, monkeypatch, B, D, n, chunk):
+    test_gpu = _host_gpu_suite(emu, monkeypatch)
+    test_gpu.test_forward_against_float64_judge("cuda", B, D, n, chunk)
+    test_gpu.test_gradients_against_float64_judge("cuda", B, D, n, chunk)
+    test_gpu.test_cuda_and_triton_agree(B, D, n, chunk)  # both against the judge, and each other
+
+
+def test_gpu_suite_checks_can_fail(emu, monkeypatch):
+    # mu off by 1e-3 relative (about 70 x the float32 budget on this case) must be caught.
+    test_gpu = _host_gpu_suite(emu, monkeypatch, corrupt_mu=1.001)
+    with pytest.raises(AssertionError, match=r"mu against the float64 judge"):
+        test_gpu.test_forward_against_float64_judge("cuda", 65, 67, 257, 100)
