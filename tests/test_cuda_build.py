@@ -4,7 +4,8 @@ shared-memory overflow for any kernel (there is no GPU here: this is how such a 
 Runs nvcc itself through tools/ptxas_report.py, prints the per-kernel figures (see them with -s) and
 writes the report into a temporary directory; the committed copy is
 benchmarks/results/ptxas_report.md (refresh it with `python tools/ptxas_report.py`).
-Skipped, visibly, only when nvcc is absent.
+Skipped, visibly, only when nvcc is absent. When nvcc and a CUDA build of torch are both present,
+an extension without its CUDA kernels is a failure, not a skip (`missing_cuda_build`).
 """
 
 from __future__ import annotations
@@ -139,6 +140,29 @@ def test_cuda_kernels_call_every_shared_function():
     assert functions - used == set()
 
 
+def missing_cuda_build(has_cuda_kernels: bool, nvcc: str | None, torch_cuda: str | None, env) -> str | None:
+    """Why the extension should have CUDA kernels and has not, or None. A CPU-only extension is
+    legitimate only without nvcc, with a CPU build of torch, or when CDM_FORCE_CPU=1 / CDM_SKIP_BUILD=1
+    asked for it; otherwise setup.py's CUDA build failed or was skipped, and the tests of the CUDA
+    ops must fail rather than skip."""
+    if has_cuda_kernels or nvcc is None or torch_cuda is None:
+        return None
+    if env.get("CDM_FORCE_CPU") == "1" or env.get("CDM_SKIP_BUILD") == "1":
+        return None
+    return (f"nvcc ({nvcc}) and a CUDA build of torch (CUDA {torch_cuda}) are present, but the extension has "
+            f"no CUDA kernels; the CUDA build failed or was skipped (see build/build.log; CDM_FORCE_CPU=1 opts out)")
+
+
+def test_missing_cuda_build_is_a_failure_not_a_skip():
+    # The decision itself, on any machine: toolchain present and no CUDA kernels is an error.
+    assert "the extension has no CUDA kernels" in missing_cuda_build(False, "/usr/bin/nvcc", "13.0", {})
+    assert missing_cuda_build(True, "/usr/bin/nvcc", "13.0", {}) is None
+    assert missing_cuda_build(False, None, "13.0", {}) is None
+    assert missing_cuda_build(False, "/usr/bin/nvcc", None, {}) is None
+    assert missing_cuda_build(False, "/usr/bin/nvcc", "13.0", {"CDM_FORCE_CPU": "1"}) is None
+    assert missing_cuda_build(False, "/usr/bin/nvcc", "13.0", {"CDM_SKIP_BUILD": "1"}) is None
+
+
 def test_cuda_ops_are_registered_for_the_cuda_key_only():
     # Without a GPU the built extension can still show that its CUDA ops exist, have the CPU ops'
     # schemas, serve the "cuda" backend, and are not dispatched for CPU tensors.
@@ -148,7 +172,10 @@ def test_cuda_ops_are_registered_for_the_cuda_key_only():
     from cdm_kernels.stf import available_backends
 
     if not cdm_kernels.has_cuda_kernels():
-        pytest.skip(f"extension built without CUDA kernels: {cdm_kernels.extension_status()}")
+        why = missing_cuda_build(False, NVCC, torch.version.cuda, os.environ)
+        if why:
+            pytest.fail(f"{why}: {cdm_kernels.extension_status()}")
+        pytest.skip(f"no nvcc or no CUDA build of torch, or CDM_FORCE_CPU=1: {cdm_kernels.extension_status()}")
     ops = torch.ops.cdm_kernels_C
     for name in ("stf_forward", "stf_backward"):
         cuda_schema = str(getattr(ops, f"{name}_cuda").default._schema)

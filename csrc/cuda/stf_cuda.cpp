@@ -14,12 +14,16 @@ namespace stf {
 namespace cuda {
 namespace {
 
-void check_tensor(const at::Tensor& t, const char* name, const at::Tensor& x, int64_t dim) {
+void check_device(const at::Tensor& t, const char* name, const at::Tensor& x) {
   TORCH_CHECK(t.is_cuda(), "stf_cuda: ", name, " must be a CUDA tensor, got device ", t.device());
   TORCH_CHECK(t.device() == x.device(), "stf_cuda: ", name, " is on ", t.device(), " but x is on ", x.device(),
               "; all tensors must be on one GPU");
   TORCH_CHECK(t.scalar_type() == x.scalar_type(), "stf_cuda: ", name, " has dtype ", t.scalar_type(),
               " but x has dtype ", x.scalar_type());
+}
+
+void check_tensor(const at::Tensor& t, const char* name, const at::Tensor& x, int64_t dim) {
+  check_device(t, name, x);
   TORCH_CHECK(t.dim() == dim, "stf_cuda: ", name, " must have ", dim, " dimensions, got shape ", t.sizes());
   TORCH_CHECK(t.is_contiguous(), "stf_cuda: ", name, " must be contiguous");
 }
@@ -80,6 +84,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stf_backward_cuda(
     const at::Tensor& ref, const at::Tensor& ref_sqnorm, const at::Tensor& mu, const at::Tensor& aux,
     int64_t chunk_size, bool ref_grad) {
   check_inputs(x, sigma, ref, ref_sqnorm, chunk_size);
+  // Device and dtype before .contiguous(), which would otherwise copy a misplaced tensor first.
+  check_device(grad_mu, "grad_mu", x);
+  check_device(grad_lse, "grad_lse", x);
+  check_device(mu, "mu", x);
+  check_device(aux, "aux", x);
   const at::Tensor g = grad_mu.contiguous(), gl = grad_lse.contiguous(), m = mu.contiguous(), a = aux.contiguous();
   check_tensor(g, "grad_mu", x, 2);
   check_tensor(gl, "grad_lse", x, 1);
