@@ -104,11 +104,11 @@ def emulate(mode, x, sigma, ref, grad_mu, grad_lse, perm=None, centre=True):
     # c - mg with mg from the unrounded mu and g, c from the rounded product, and the first-order
     # correction by s = sum_j w (c - mg) (stf_math.h, grad_x_corrected and cov_corrected).
     cm = gr @ rr.T - (mu * grad_mu).sum(1, keepdim=True)
-    d = (xn[:, None] - 2 * s2[:, None] * z).clamp_min(0)
     s = (w * cm).sum(1) if centre else torch.zeros_like(sigma)
-    wd = w * (d - dbar[:, None])
+    # dL/dsigma in the logit form, d - d_bar = -2 sigma^2 (z - z_bar) (stf_math.h, mean_logit).
+    wz = w * (z - ((xn - dbar) / (2 * s2))[:, None])
     gx = (round_to(mode, w * cm) @ rr - s[:, None] * mu + grad_lse[:, None] * (mu - x)) / s2[:, None]
-    gs = ((wd * cm).sum(1) - s * wd.sum(1) + grad_lse * dbar) / (s2 * sigma)
+    gs = (grad_lse * dbar - 2 * s2 * ((wz * cm).sum(1) - s * wz.sum(1))) / (s2 * sigma)
     # The ref gradient: mg moved by s first (the kernel's first sweep); its products are exact in
     # every mode (the kernel does not round them).
     cm = cm - s[:, None]

@@ -343,8 +343,8 @@ def _bwd_logits_kernel(
     p_ptr,  # (B, WS) out: w_ij (c_ij - mg_i)
     w_ptr,  # (B, WS) out if REF_GRAD: w_ij
     a_ptr,  # (B, WS) out if REF_GRAD: a_ij = w_ij (c_ij - mg_i + g_lse,i) / sigma_i^2
-    cov_ptr,  # (3, B, NCOV) out: per column block sum_j w_ij (d_ij - d_bar_i)(c_ij - mg_i),
-    #           s_i = sum_j w_ij (c_ij - mg_i) and sum_j w_ij (d_ij - d_bar_i), one plane each
+    cov_ptr,  # (3, B, NCOV) out: per column block sum_j w_ij (z_ij - z_bar_i)(c_ij - mg_i),
+    #           s_i = sum_j w_ij (c_ij - mg_i) and sum_j w_ij (z_ij - z_bar_i), one plane each
     B,
     D,
     n0,
@@ -394,16 +394,19 @@ def _bwd_logits_kernel(
     mg = tl.load(mg_ptr + rows, mask=rmask, other=0.0)
     zlse = tl.load(aux_ptr + rows64 * 4, mask=rmask, other=0.0)
     dbar = tl.load(aux_ptr + rows64 * 4 + 1, mask=rmask, other=0.0)
+    # The mean logit z_bar (stf_math.h, mean_logit): d - d_bar = -2 sigma^2 (z - z_bar), and the z form
+    # avoids rounding d = ||x||^2 - 2 sigma^2 z at the scale of ||x||^2. z_bar's own rounding cancels
+    # with the s correction below.
+    zbar = (xn - dbar) / (2.0 * s2)
     z = (s - 0.5 * rn[None, :]) * inv_s2[:, None]
     valid = rmask[:, None] & cmask[None, :]
     # Normalised weights from the forward's log-normaliser: no running rescale is needed here.
     w = tl.where(valid, tl.exp(tl.where(valid, z - zlse[:, None], 0.0)), 0.0)
-    d = tl.maximum(xn[:, None] - 2.0 * s2[:, None] * z, 0.0)
     cm = cc - mg[:, None]
     wc = w * cm
     woffs = rows64[:, None] * WS + cols[None, :]
     tl.store(p_ptr + woffs, wc, mask=valid)
-    wd = tl.where(valid, w * (d - dbar[:, None]), 0.0)
+    wd = tl.where(valid, w * (z - zbar[:, None]), 0.0)
     # The row sums of the first-order corrections (stf_math.h, grad_x_corrected / cov_corrected):
     # mg comes from unrounded mu and g, c from the (tensor-core-rounded) product, so s = sum_j w (c - mg),
     # zero in exact arithmetic, carries their rounding mismatch, which is divided by sigma^2.
@@ -744,7 +747,8 @@ def stf_backward(
     with c_ij = r_j . g_i, mg_i = mu_i . g_i. mg comes from unrounded mu and g, c from the mode's
     (rounded) product, so both forms get the first-order correction of stf_math.h with the streamed
     s_i = sum_j w_ij (c_ij - mg_i) (0 in exact arithmetic): dL/dx_i - s_i mu_i / sigma_i^2 and
-    dL/dsigma_i - s_i sum_j w_ij (d_ij - d_bar_i) / sigma_i^3; with ref_grad a first sweep of the
+    dL/dsigma_i - s_i sum_j w_ij (d_ij - d_bar_i) / sigma_i^3 (streamed in the logit form,
+    d - d_bar = -2 sigma^2 (z - z_bar), as stf_math.h); with ref_grad a first sweep of the
     logit products measures s and moves mg by it. The ref gradient's products are always exact
     float32 (or float64), whatever the precision mode, because sum_i a_ij (x_i - r_j) cancels.
     Memory beyond the outputs: one (B, chunk) workspace, three with ref_grad, and (3, B, n / BLOCK_N)
@@ -780,7 +784,7 @@ def stf_backward(
     a_ws = x.new_empty(B, chunk) if ref_grad else p_ws
     starts = list(range(0, n, chunk))
     ncov = sum(triton.cdiv(min(chunk, n - n0), BN) for n0 in starts)
-    # Per (row, column block): cov = sum_j w (d - d_bar)(c - mg), s = sum_j w (c - mg), dev = sum_j w (d - d_bar).
+    # Per (row, column block): cov = sum_j w (z - z_bar)(c - mg), s = sum_j w (c - mg), dev = sum_j w (z - z_bar).
     cov = x.new_empty(3, B, ncov)
     glse_s = None
 
@@ -823,7 +827,9 @@ def stf_backward(
         mg = mg + cov[1].sum(1)
     sweep(mg, True)
     dbar = aux[:, stf_reference.AUX_DBAR]
-    cov_dc, s_sum, dev_d = cov.sum(2).unbind(0)
-    # dL/dsigma with cov_corrected (stf_math.h): sum_j w (d - d_bar)(c - mg - s) = cov - s dev.
-    grad_sigma = (cov_dc - s_sum * dev_d + grad_lse * dbar) / (sigma * sigma * sigma)
+    cov_z, s_sum, dev_z = cov.sum(2).unbind(0)
+    # dL/dsigma (stf_math.h, grad_sigma) from the z form with cov_corrected:
+    # sum_j w (d - d_bar)(c - mg - s) = -2 sigma^2 (cov_z - s dev_z).
+    s2 = sigma * sigma
+    grad_sigma = (grad_lse * dbar - 2.0 * s2 * (cov_z - s_sum * dev_z)) / (s2 * sigma)
     return grad_x, grad_sigma, grad_ref
