@@ -79,9 +79,14 @@ def _extensions():
         os.environ.get("CDM_FORCE_CPU") != "1" and torch.version.cuda is not None and CUDA_HOME is not None
     )
     include_dirs = [os.path.join(ROOT, "csrc")]
-    cxx = ["-O3"]
+    # -fopenmp: at::parallel_for is a header template whose threads come from `#pragma omp parallel`;
+    # compiled without OpenMP it silently runs on one thread (the CPU kernels' element passes did).
+    # The loader then resolves libgomp.so.1 to the copy torch has already loaded: one runtime.
+    cxx = ["-O3", "-fopenmp"]
+    link = ["-fopenmp"]
     if not with_cuda:
-        ext = CppExtension("cdm_kernels._C", CPU_SOURCES, include_dirs=include_dirs, extra_compile_args={"cxx": cxx})
+        ext = CppExtension("cdm_kernels._C", CPU_SOURCES, include_dirs=include_dirs, extra_compile_args={"cxx": cxx},
+                           extra_link_args=link)
         return [ext], {"build_ext": BuildExtension}
     archs = [a.strip() for a in os.environ.get("CDM_CUDA_ARCHS", "80;90").replace(",", ";").split(";") if a.strip()]
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
@@ -94,6 +99,7 @@ def _extensions():
         include_dirs=include_dirs + _toolkit_include_dirs(CUDA_HOME) + _cuda_include_dirs(),
         library_dirs=_cuda_library_dirs(CUDA_HOME),
         extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc},
+        extra_link_args=link,
     )
     return [ext], {"build_ext": BuildExtension}
 
