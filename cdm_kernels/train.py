@@ -248,9 +248,10 @@ def _check_config(c: TrainConfig) -> None:
         raise ValueError(f"grid must be >= 0, got {c.grid}")
 
 
-def build_loss(c: TrainConfig, bank_images: torch.Tensor, local_batch: int, group=None, sharded: bool = False):
-    """The loss object of `c.loss`, with a ReferenceBank of `bank_images` for the STF losses."""
-    from .losses import CDMLoss, EDMLoss, ReferenceBank, STFCDMLoss, STFLoss
+def build_loss(c: TrainConfig, num_refs: int, local_batch: int, group=None, sharded: bool = False):
+    """The loss object of `c.loss`. The STF losses get each step's reference batch from the loop
+    (`ref=`, drawn by data.ReferenceDraw from a pool of `num_refs` images), checked against rbatch."""
+    from .losses import CDMLoss, EDMLoss, STFCDMLoss, STFLoss
 
     cdm = dict(num_steps=c.cdm_steps, lambda_m=c.lambda_m, eps_min=c.eps_min, eps_max=c.eps_max)
     if c.loss == "edm":
@@ -262,14 +263,13 @@ def build_loss(c: TrainConfig, bank_images: torch.Tensor, local_batch: int, grou
             f"rbatch ({c.rbatch}) must be at least the per-process batch ({local_batch}): the reference "
             "batch starts with the minibatch's own images"
         )
-    if c.rbatch - local_batch > bank_images.shape[0] - c.batch:
+    if c.rbatch - local_batch > num_refs - c.batch:
         # the other references are drawn outside the global batch (data.ReferenceDraw)
         raise ValueError(
             f"rbatch ({c.rbatch}) needs {c.rbatch - local_batch} references besides the batch but the data "
-            f"set offers {bank_images.shape[0] - c.batch} outside the global batch of {c.batch}; lower --rbatch"
+            f"set offers {num_refs - c.batch} outside the global batch of {c.batch}; lower --rbatch"
         )
-    bank = ReferenceBank(bank_images)
-    stf = dict(rbatch=c.rbatch, bank=bank, backend=c.backend, sharded=sharded, group=group)
+    stf = dict(rbatch=c.rbatch, backend=c.backend, sharded=sharded, group=group)
     if c.loss == "stf":
         return STFLoss(**stf)
     return STFCDMLoss(**cdm, **stf)
@@ -486,7 +486,7 @@ def train(c: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
     bank_images = ds.images.to(device)
     if c.xflip:
         bank_images = torch.cat([bank_images, bank_images.flip(-1)])
-    loss_fn = build_loss(c, bank_images, local_batch, group=dd.group, sharded=dd.active)
+    loss_fn = build_loss(c, bank_images.shape[0], local_batch, group=dd.group, sharded=dd.active)
     refs = None
     if c.loss in ("stf", "stf+cdm"):
         refs = ReferenceDraw(bank_images.shape[0], c.rbatch - local_batch, c.batch, c.seed, dd.rank, dd.world)
