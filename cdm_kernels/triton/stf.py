@@ -786,10 +786,8 @@ def stf_backward(
     ncov = sum(triton.cdiv(min(chunk, n - n0), BN) for n0 in starts)
     # Per (row, column block): cov = sum_j w (z - z_bar)(c - mg), s = sum_j w (c - mg), dev = sum_j w (z - z_bar).
     cov = x.new_empty(3, B, ncov)
-    glse_s = None
 
     def sweep(mg, final):
-        nonlocal glse_s
         col0 = 0
         for k, n0 in enumerate(starts):
             c = min(chunk, n - n0)
@@ -804,12 +802,11 @@ def stf_backward(
             col0 += nb
             if not final:
                 continue
-            if last:
-                # The small (3, B, n / BLOCK_N) partial sums, merged deterministically; the last
-                # accumulation reads (g_lse, s) per row for its corrected finish.
-                glse_s = torch.stack((grad_lse, cov[1].sum(1)))
+            # The small (3, B, n / BLOCK_N) partial sums, merged deterministically; the last
+            # accumulation reads (g_lse, s) per row for its corrected finish.
+            glse = torch.stack((grad_lse, cov[1].sum(1))) if last else grad_lse
             _bwd_acc_kernel[(grid_b, triton.cdiv(D, BDA))](
-                p_ws, ref, x, mu, sigma, glse_s if last else grad_lse, grad_x, B, D, n0, c, chunk,
+                p_ws, ref, x, mu, sigma, glse, grad_x, B, D, n0, c, chunk,
                 IS_FIRST=k == 0, IS_LAST=last, PREC=prec, NATIVE_BF16=native,
                 BLOCK_B=BB, BLOCK_N=BNA, BLOCK_D=BDA, **_LAUNCH,
             )
