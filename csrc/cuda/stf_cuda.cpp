@@ -14,17 +14,18 @@ namespace stf {
 namespace cuda {
 namespace {
 
-void check_device(const at::Tensor& t, const char* name, const at::Tensor& x) {
+// Device, dtype and rank: what .contiguous() keeps, so it is checked before any copy is made.
+void check_placed(const at::Tensor& t, const char* name, const at::Tensor& x, int64_t dim) {
   TORCH_CHECK(t.is_cuda(), "stf_cuda: ", name, " must be a CUDA tensor, got device ", t.device());
   TORCH_CHECK(t.device() == x.device(), "stf_cuda: ", name, " is on ", t.device(), " but x is on ", x.device(),
               "; all tensors must be on one GPU");
   TORCH_CHECK(t.scalar_type() == x.scalar_type(), "stf_cuda: ", name, " has dtype ", t.scalar_type(),
               " but x has dtype ", x.scalar_type());
+  TORCH_CHECK(t.dim() == dim, "stf_cuda: ", name, " must have ", dim, " dimensions, got shape ", t.sizes());
 }
 
 void check_tensor(const at::Tensor& t, const char* name, const at::Tensor& x, int64_t dim) {
-  check_device(t, name, x);
-  TORCH_CHECK(t.dim() == dim, "stf_cuda: ", name, " must have ", dim, " dimensions, got shape ", t.sizes());
+  check_placed(t, name, x, dim);
   TORCH_CHECK(t.is_contiguous(), "stf_cuda: ", name, " must be contiguous");
 }
 
@@ -84,16 +85,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stf_backward_cuda(
     const at::Tensor& ref, const at::Tensor& ref_sqnorm, const at::Tensor& mu, const at::Tensor& aux,
     int64_t chunk_size, bool ref_grad) {
   check_inputs(x, sigma, ref, ref_sqnorm, chunk_size);
-  // Device and dtype before .contiguous(), which would otherwise copy a misplaced tensor first.
-  check_device(grad_mu, "grad_mu", x);
-  check_device(grad_lse, "grad_lse", x);
-  check_device(mu, "mu", x);
-  check_device(aux, "aux", x);
+  // Checked before .contiguous(), which would otherwise copy a misplaced tensor first.
+  check_placed(grad_mu, "grad_mu", x, 2);
+  check_placed(grad_lse, "grad_lse", x, 1);
+  check_placed(mu, "mu", x, 2);
+  check_placed(aux, "aux", x, 2);
   const at::Tensor g = grad_mu.contiguous(), gl = grad_lse.contiguous(), m = mu.contiguous(), a = aux.contiguous();
-  check_tensor(g, "grad_mu", x, 2);
-  check_tensor(gl, "grad_lse", x, 1);
-  check_tensor(m, "mu", x, 2);
-  check_tensor(a, "aux", x, 2);
   TORCH_CHECK(g.sizes() == x.sizes() && m.sizes() == x.sizes(), "stf_backward_cuda: grad_mu and mu must be ",
               x.sizes(), ", got ", g.sizes(), " and ", m.sizes());
   TORCH_CHECK(gl.size(0) == x.size(0), "stf_backward_cuda: grad_lse must be (", x.size(0), ",), got ", gl.sizes());
