@@ -338,13 +338,6 @@ CSV_FIELDS = [
 ]
 
 
-def _load() -> str:
-    try:
-        return " ".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "unknown"
-
-
 def verdict(measured: float | None, target: float, check_ok: bool, quick: bool) -> str:
     if not check_ok:
         return "FAIL (wrong)"
@@ -361,7 +354,7 @@ def run(cfg: Config, methods: list[Method] | None = None, progress: bool = True)
     backend = cdm_kernels.resolve_rollout_backend("cpu", cfg.backend)
     methods = [m for m in all_methods() if m.name in cfg.methods] if methods is None else methods
     env = sc.environment("cpu")
-    load_start = _load()
+    load_start = sc.load_average()
     bar = tqdm(total=len(methods) * (1 + len(cfg.shapes()) * len(thread_counts)), desc="rollout bench", unit="step",
                disable=not progress, file=sys.stderr)
 
@@ -419,7 +412,7 @@ def run(cfg: Config, methods: list[Method] | None = None, progress: bool = True)
             bar.update(1)
     bar.close()
     torch.set_num_threads(default_threads)
-    load_end = _load()
+    load_end = sc.load_average()
     for r in rows:
         r["load_start"], r["load_end"] = load_start, load_end
     return {"rows": rows, "env": env, "backend": backend, "checks": checks, "load": (load_start, load_end),

@@ -72,14 +72,6 @@ QUICK = dict(dims=(1024,), batches=(16,), n_min=256, n_max=1024, budget_s=0.1, l
              mem_limit_gb=0.15)
 
 
-def _load() -> str:
-    # The machine is shared: the load average says how much the timings could have been disturbed.
-    try:
-        return "/".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "unknown"
-
-
 def default_mem_limit_gb() -> float:
     # 70% of what the machine has free now, at most 16 GiB: enough for n = 1M references at D = 3072
     # (12 GiB) on a 24 GiB machine, with room for the process and whatever else runs.
@@ -112,7 +104,7 @@ def run_sweep(cfg: SweepConfig, methods: list[sc.Method] | None = None, progress
     limit = cfg.mem_limit_gb * (1 << 30)
     mem_method = sc.MEM_METHOD_CUDA if torch.device(cfg.device).type == "cuda" else sc.MEM_METHOD_CPU
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    load_start = _load()
+    load_start = sc.load_average("/")
     base = {**env, "timestamp": stamp, "dtype": "float32", "matmul_gflops": f"{ceil.matmul_gflops:.1f}",
             "copy_gbps": f"{ceil.copy_gbps:.1f}", "mem_method": mem_method}
 
@@ -192,7 +184,8 @@ def run_sweep(cfg: SweepConfig, methods: list[sc.Method] | None = None, progress
             w.writerow({"device": env["device_name"], "method": g.method, "D": g.D, "pass": g.pass_name,
                         "verdict": "ok" if g.ok else "wrong", "detail": g.detail})
     md_path = os.path.join(cfg.out, "stf_bench.md")
-    env = {**env, "started": stamp, "load": f"{load_start} at the start, {_load()} at the end"}
+    load_end = sc.load_average("/")
+    env = {**env, "started": stamp, "load": f"{load_start} at the start, {load_end} at the end"}
     write_markdown(md_path, rows, gates, methods, env, ceil, cfg)
     plots = write_plots(cfg.out, rows, methods, env)
     return {"csv": csv_path, "gate": gate_path, "md": md_path, "plots": plots, "rows": rows, "gates": gates,

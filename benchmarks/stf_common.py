@@ -582,6 +582,14 @@ def device_name(device: str = "cpu") -> str:
     return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
+def load_average(sep: str = " ") -> str:
+    """The 1/5/15-minute load average: how much a shared machine could have disturbed the timings."""
+    try:
+        return sep.join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
 def environment(device: str = "cpu") -> dict[str, str]:
     """Versions and identity recorded in every row."""
     try:

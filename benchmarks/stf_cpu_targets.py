@@ -45,13 +45,6 @@ class Criterion:
     detail: str  # times and memories
 
 
-def _load() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "unknown"
-
-
 def _fmt_t(t: sc.Timing) -> str:
     return f"{t.median * 1e3:.1f} ms [{t.q25 * 1e3:.1f}-{t.q75 * 1e3:.1f}]"
 
@@ -117,7 +110,7 @@ def run(repeats: int = 5, time_wrong: bool = False, device: str = "cpu", log=pri
     if cpu not in r.methods:
         raise SystemExit("the fused CPU kernel is not built: run `MAX_JOBS=1 CDM_FORCE_CPU=1 python setup.py "
                          "build_ext --inplace` first (" + sc.cdm_kernels.extension_status() + ")")
-    info = {"load_start": _load(), "env": sc.environment(device)}
+    info = {"load_start": sc.load_average(), "env": sc.environment(device)}
 
     mm_rate, mm_t = sc.matmul_rate(2048, device, target_s=2.0)
     info["matmul"] = f"{mm_rate:.1f} GFLOP/s ({_fmt_t(mm_t)})"
@@ -194,7 +187,7 @@ def run(repeats: int = 5, time_wrong: bool = False, device: str = "cpu", log=pri
         else:
             crit.append(Criterion(key, f"{peer} / cpu", None, target, "FAIL (wrong)", "; ".join(probs)))
         log(crit[-1].detail)
-    info["load_end"] = _load()
+    info["load_end"] = sc.load_average()
     info["gates"] = r.gates
     return crit, info
 
