@@ -536,6 +536,36 @@ def test_t_requiring_grad_is_refused():
         cdm_kernels.rollout_step(x, D, t, 0.5, kind="sde")
 
 
+@pytest.mark.skipif(not cdm_kernels.has_cpu_kernels(), reason="the C++ extension is not built")
+@pytest.mark.parametrize("kind", KINDS)
+def test_cpu_step_rounds_like_its_float32_formula(kind):
+    # The CPU kernel's loops are compiled for AVX-512, AVX2 and baseline x86-64 (picked at load
+    # time) without FMA contraction: each clone rounds every operation of rollout_math.h as float32
+    # torch ops do, so results are the same bits on every CPU. Odd M: vector body and remainder.
+    shape = (5, 1100)
+    x, D, xe, De, z = _inputs(shape, torch.float32, kind)
+    t, tn = _levels(5, torch.float32)
+    h = tn - t
+    col = lambda v: v[:, None]  # noqa: E731
+    # sqrtf is correctly rounded; torch.sqrt's float32 CPU kernel is not always (1 ulp off for
+    # 38.3363838), while the float64 root of a float32 rounds correctly to float32.
+    sqrt = lambda v: torch.sqrt(v.double()).float()  # noqa: E731
+    if kind == "sde":
+        out = cdm_kernels.rollout_step(x, D, t, tn, kind="sde", noise=z, backend="cpu")
+        want = x + col(2 * h / t) * (x - D) + col(sqrt(2 * h.abs() * t)) * z
+    elif kind == "euler":
+        out = cdm_kernels.rollout_step(x, D, t, tn, kind="euler", backend="cpu")
+        want = x + col(h / t) * (x - D)
+    elif kind == "heun":
+        out = cdm_kernels.rollout_step(x, D, t, tn, kind="heun", x_euler=xe, denoised_euler=De, backend="cpu")
+        want = x + col(0.5 * h / t) * (x - D) + col(0.5 * h / tn) * (xe - De)
+    else:
+        out, t_hat = cdm_kernels.rollout_step(x, None, t, kind="churn", num_steps=4, S_churn=40.0, noise=z,
+                                              backend="cpu")
+        want = x + col(sqrt(t_hat * t_hat - t * t) * 1.0) * z
+    assert torch.equal(out, want)
+
+
 # ----------------------------------------------------------------------------------------------
 # The registered ops: opcheck and torch.compile
 # ----------------------------------------------------------------------------------------------

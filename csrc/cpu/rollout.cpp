@@ -195,8 +195,9 @@ void check_flat(const at::Tensor& t, const char* name, const at::Tensor& x) {
   TORCH_CHECK(t.is_contiguous(), "rollout_step: ", name, " must be contiguous");
 }
 
+// Always inlined: into each target clone of step_range_simd below, where it is vectorised for that ISA.
 template <typename T>
-void step_range(int kind, const T* x, const T* D, const T* xe, const T* De, const T* noise, const T* tc,
+__attribute__((always_inline)) inline void step_range(int kind, const T* x, const T* D, const T* xe, const T* De, const T* noise, const T* tc,
                 const T* tn, T s_noise, uint64_t seed, uint64_t offset, int64_t M, int64_t begin, int64_t end,
                 T* out) {
   float z[kTile];
@@ -235,6 +236,30 @@ void step_range(int kind, const T* x, const T* D, const T* xe, const T* De, cons
   }
 }
 
+// step_range_simd: step_range compiled for AVX-512, AVX2 and baseline x86-64, picked at load time: ATen's own
+// element-wise ops use AVX2/AVX-512, and with baseline SSE2 loops the Heun step (four inputs) was
+// bound by arithmetic, not memory (213 us against a 4-input torch.addcmul's 133 us, one thread).
+// GCC contracts a * b + c into an FMA wherever the target has one, even in ISO C++ mode: the
+// clones turn that off, so every clone rounds each operation of rollout_math.h as float32 torch
+// ops do and a step gives the same bits on every x86-64 CPU (tests/test_rollout.py checks it).
+#if defined(CDM_ROLLOUT_AVX2) && !defined(__clang__)
+#define CDM_ROLLOUT_CLONES \
+  __attribute__((target_clones("avx512f", "avx2", "default"), optimize("fp-contract=off")))
+#else
+#define CDM_ROLLOUT_CLONES
+#endif
+
+#define CDM_STEP_RANGE_ARGS(T)                                                                                     \
+  int kind, const T *x, const T *D, const T *xe, const T *De, const T *noise, const T *tc, const T *tn, T s_noise, \
+      uint64_t seed, uint64_t offset, int64_t M, int64_t begin, int64_t end, T *out
+CDM_ROLLOUT_CLONES void step_range_simd(CDM_STEP_RANGE_ARGS(float)) {
+  step_range<float>(kind, x, D, xe, De, noise, tc, tn, s_noise, seed, offset, M, begin, end, out);
+}
+CDM_ROLLOUT_CLONES void step_range_simd(CDM_STEP_RANGE_ARGS(double)) {
+  step_range<double>(kind, x, D, xe, De, noise, tc, tn, s_noise, seed, offset, M, begin, end, out);
+}
+#undef CDM_STEP_RANGE_ARGS
+
 at::Tensor rollout_step_cpu(const at::Tensor& x, const at::Tensor& denoised, const at::Tensor& t_cur,
                             const at::Tensor& t_next, const c10::optional<at::Tensor>& x_euler,
                             const c10::optional<at::Tensor>& denoised_euler, const c10::optional<at::Tensor>& noise,
@@ -268,8 +293,8 @@ at::Tensor rollout_step_cpu(const at::Tensor& x, const at::Tensor& denoised, con
     const scalar_t* tn = t_next.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, B * M, kGrain, [&](int64_t begin, int64_t end) {
-      step_range<scalar_t>(static_cast<int>(kind), xp, Dp, xe, De, z, tc, tn, static_cast<scalar_t>(s_noise),
-                           static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), M, begin, end, op);
+      step_range_simd(static_cast<int>(kind), xp, Dp, xe, De, z, tc, tn, static_cast<scalar_t>(s_noise),
+                      static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), M, begin, end, op);
     });
   });
   return out;
