@@ -19,6 +19,11 @@ except ImportError as exc:  # not built, or built against another torch
     _ERROR = f"{type(exc).__name__}: {exc}"
 
 
+def module():
+    """The loaded `cdm_kernels._C` module (its pybind helpers), or None."""
+    return _C
+
+
 def has_cpu_kernels() -> bool:
     """True when the fused C++ CPU kernels are built and loaded."""
     return _C is not None

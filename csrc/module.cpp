@@ -3,6 +3,8 @@
 // in each op's file, so no central list of ops exists to keep in sync).
 #include <torch/extension.h>
 
+#include "cpu/rollout_cpu.h"
+
 #ifndef CDM_CUDA_ARCHS
 #define CDM_CUDA_ARCHS ""
 #endif
@@ -17,4 +19,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   });
   m.def("cuda_archs", []() { return std::string(CDM_CUDA_ARCHS); });
+  m.def("rollout_levels_valid", &cdm::rollout::levels_valid, "rollout_step's check of t_cur, t_next on the CPU",
+        pybind11::arg("t_cur"), pybind11::arg("t_next"), pybind11::arg("next_positive"));
 }

@@ -537,6 +537,96 @@ def test_t_requiring_grad_is_refused():
 
 
 @pytest.mark.skipif(not cdm_kernels.has_cpu_kernels(), reason="the C++ extension is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_levels_check_agrees_with_the_reductions(dtype):
+    # rollout_step checks CPU levels in one C++ pass and other devices' with torch reductions; both
+    # must accept and refuse the same levels, including NaN, +-inf, 0 and equal levels, and strided views.
+    from cdm_kernels.rollout import _EXT, _levels_valid_by_reductions
+
+    gen = torch.Generator().manual_seed(3)
+    specials = torch.tensor([math.nan, math.inf, -math.inf, 0.0, -0.0, -1.0, 1e-30, 2.0, 80.0], dtype=dtype)
+    decisions = set()
+    for trial in range(400):
+        B = 1 + trial % 5
+        t_cur = torch.rand(B, generator=gen, dtype=dtype) * 3 + 0.01
+        t_next = t_cur * torch.rand(B, generator=gen, dtype=dtype)
+        for t in (t_cur, t_next):  # a special value somewhere, in about half of the trials
+            if torch.rand(1, generator=gen).item() < 0.3:
+                t[torch.randint(B, (1,), generator=gen)] = specials[torch.randint(len(specials), (1,), generator=gen)]
+        if trial % 7 == 0:
+            t_next = t_cur.clone()  # t_next = t_cur is allowed
+        if trial % 11 == 0:
+            t_cur, t_next = t_cur[:1].expand(B), t_next[:1].expand(B)  # stride 0, as a 0-d level gives
+        for kind in ("euler", "heun", "churn"):
+            tn = None if kind == "churn" else t_next
+            want = _levels_valid_by_reductions(kind, t_cur, tn)
+            assert _EXT.rollout_levels_valid(t_cur, tn, kind == "heun") == want, (kind, t_cur, tn)
+            decisions.add(want)
+    assert decisions == {True, False}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_eager_no_grad_launch_equals_the_op(backend, kind):
+    # Without autograd or any mode, rollout_step calls the launcher itself instead of going through
+    # cdm_kernels::rollout_step (whose dispatch would only call that launcher): same bits.
+    from cdm_kernels.rollout import _dispatch_is_a_plain_call
+
+    shape = (3, 2, 5, 7)
+    x, D, xe, De, z = _inputs(shape, torch.float32, kind)
+    t, tn = _levels(3, torch.float32)
+    if kind == "churn":
+        out, t_hat = _call(kind, x, D, xe, De, t, tn, backend, noise=z)
+        args = (x.reshape(3, -1), x.reshape(3, -1), t, t_hat, None, None, z.reshape(3, -1), 0, 0, kind, 1.0)
+    else:
+        out = _call(kind, x, D, xe, De, t, tn, backend, seed=7, offset=5)
+        flat = lambda v: None if v is None else v.reshape(3, -1)  # noqa: E731
+        args = (flat(x), flat(D), t, tn, flat(xe), flat(De), None, 7 if kind == "sde" else 0,
+                5 if kind == "sde" else 0, kind, 1.0)
+    assert _dispatch_is_a_plain_call(args)
+    assert torch.equal(out, _rollout_step_op(*args, backend).reshape(shape))
+
+
+def test_rollout_step_goes_through_the_op_when_dispatch_matters():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from cdm_kernels.rollout import _dispatch_is_a_plain_call
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, D = torch.randn(2, 3), torch.randn(2, 3)
+    t, tn = torch.tensor([1.0, 2.0]), torch.tensor([0.5, 1.0])
+    args = (x, D, t, tn, None, None, None, 0, 0, "euler", 1.0)
+    assert _dispatch_is_a_plain_call(args)
+    xg = x.clone().requires_grad_()
+    assert not _dispatch_is_a_plain_call((xg,) + args[1:])  # autograd needs the op's formula
+    with torch.no_grad():
+        assert _dispatch_is_a_plain_call((xg,) + args[1:])
+    with Record() as mode:
+        assert not _dispatch_is_a_plain_call(args)
+        cdm_kernels.rollout_step(x, D, t, tn, kind="euler")
+    assert "cdm_kernels.rollout_step.default" in mode.ops
+    with torch.profiler.profile() as prof:
+        assert not _dispatch_is_a_plain_call(args)
+        cdm_kernels.rollout_step(x, D, t, tn, kind="euler", backend="reference")
+    assert "cdm_kernels::rollout_step" in {e.name for e in prof.events()}
+    with torch._subclasses.fake_tensor.FakeTensorMode() as fake:
+        fx, fD = fake.from_tensor(x), fake.from_tensor(D)
+        assert not _dispatch_is_a_plain_call((fx, fD) + args[2:])
+    # The gradient still flows through the op's autograd formula.
+    out = cdm_kernels.rollout_step(xg, D, t, tn, kind="euler")
+    out.sum().backward()
+    torch.testing.assert_close(xg.grad, (1 + (tn - t) / t)[:, None].expand(2, 3))
+
+
+@pytest.mark.skipif(not cdm_kernels.has_cpu_kernels(), reason="the C++ extension is not built")
 @pytest.mark.parametrize("kind", KINDS)
 def test_cpu_step_rounds_like_its_float32_formula(kind):
     # The CPU kernel's loops are compiled for AVX-512, AVX2 and baseline x86-64 (picked at load

@@ -16,7 +16,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 
+#include "cpu/rollout_cpu.h"
 #include "philox.h"
 #include "rollout_math.h"
 
@@ -370,6 +372,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> martingale_loss_backward_cpu(
 }
 
 }  // namespace
+
+bool levels_valid(const at::Tensor& t_cur, const c10::optional<at::Tensor>& t_next, bool next_positive) {
+  const bool with_next = t_next.has_value();
+  TORCH_CHECK(t_cur.device().is_cpu() && t_cur.dim() == 1 &&
+                  (!with_next || (t_next->device().is_cpu() && t_next->sizes() == t_cur.sizes() &&
+                                  t_next->scalar_type() == t_cur.scalar_type())),
+              "levels_valid: t_cur and t_next must be 1-D CPU tensors of one shape and dtype");
+  bool ok = true;
+  AT_DISPATCH_FLOATING_TYPES(t_cur.scalar_type(), "levels_valid", [&] {
+    const auto tc = t_cur.accessor<scalar_t, 1>();
+    const scalar_t inf = std::numeric_limits<scalar_t>::infinity();
+    for (int64_t b = 0; b < tc.size(0); ++b) ok &= tc[b] > 0 && tc[b] < inf;  // false for NaN
+    if (with_next) {
+      const auto tn = t_next->accessor<scalar_t, 1>();
+      for (int64_t b = 0; b < tn.size(0); ++b) {
+        ok &= (next_positive ? tn[b] > 0 : tn[b] >= 0) && tn[b] <= tc[b];  // <= t_cur < inf: finite
+      }
+    }
+  });
+  return ok;
+}
+
 }  // namespace rollout
 }  // namespace cdm
 
