@@ -5,8 +5,9 @@
 // both cores with at::parallel_for in flat-index ranges; within a range, per row, the coefficients
 // come from rollout_math.h once and the element loops run in tiles of kTile: first the Philox
 // words and uniforms (explicit AVX-512/AVX2 on x86-64, philox.h's scalar code elsewhere), then
-// Box-Muller (philox.h's branch-free log/cos, auto-vectorised), then the multiply-adds, so no
-// tile-sized temporary ever leaves the L1 cache.
+// Box-Muller (philox.h's branch-free log/cos, auto-vectorised), then the multiply-adds (vectorised
+// for AVX-512, AVX2 or baseline x86-64, whichever the CPU has), so no tile-sized temporary ever
+// leaves the L1 cache.
 //
 // This file also defines the schemas of every rollout op of cdm_kernels_C; the CUDA
 // implementations register against them in csrc/cuda/rollout_cuda.cpp.
@@ -197,11 +198,12 @@ void check_flat(const at::Tensor& t, const char* name, const at::Tensor& x) {
   TORCH_CHECK(t.is_contiguous(), "rollout_step: ", name, " must be contiguous");
 }
 
-// Always inlined: into each target clone of step_range_simd below, where it is vectorised for that ISA.
+// Always inlined: into each target clone of step_range_simd below, which vectorises it for its ISA.
 template <typename T>
-__attribute__((always_inline)) inline void step_range(int kind, const T* x, const T* D, const T* xe, const T* De, const T* noise, const T* tc,
-                const T* tn, T s_noise, uint64_t seed, uint64_t offset, int64_t M, int64_t begin, int64_t end,
-                T* out) {
+__attribute__((always_inline)) inline void step_range(int kind, const T* x, const T* D, const T* xe, const T* De,
+                                                      const T* noise, const T* tc, const T* tn, T s_noise,
+                                                      uint64_t seed, uint64_t offset, int64_t M, int64_t begin,
+                                                      int64_t end, T* out) {
   float z[kTile];
   for (int64_t i = begin; i < end;) {
     const int64_t b = i / M;
@@ -238,9 +240,10 @@ __attribute__((always_inline)) inline void step_range(int kind, const T* x, cons
   }
 }
 
-// step_range_simd: step_range compiled for AVX-512, AVX2 and baseline x86-64, picked at load time: ATen's own
-// element-wise ops use AVX2/AVX-512, and with baseline SSE2 loops the Heun step (four inputs) was
-// bound by arithmetic, not memory (213 us against a 4-input torch.addcmul's 133 us, one thread).
+// step_range_simd: step_range compiled for AVX-512, AVX2 and baseline x86-64, picked at load
+// time. ATen's own element-wise ops use AVX2/AVX-512; with baseline SSE2 loops the Heun step (four
+// inputs) was bound by arithmetic, not memory (213 us against a 4-input torch.addcmul's 133 us,
+// one thread).
 // GCC contracts a * b + c into an FMA wherever the target has one, even in ISO C++ mode: the
 // clones turn that off, so every clone rounds each operation of rollout_math.h as float32 torch
 // ops do and a step gives the same bits on every x86-64 CPU (tests/test_rollout.py checks it).
