@@ -504,7 +504,8 @@ def test_tiles_fill_the_gpu(monkeypatch):
 
 def test_kernels_compile_for_sm90_without_spills():
     """Triton -> PTX -> ptxas for sm_90 without a GPU (python -m cdm_kernels.triton.compile_check
-    runs every variant for sm_80 and sm_90; this runs the bf16 forward/backward ones)."""
+    runs every variant for sm_80 and sm_90; this runs the bf16 stable-target forward/backward ones
+    and the float32 rollout, noise and martingale-loss kernels)."""
     import subprocess
     import sys
 
@@ -517,7 +518,10 @@ def test_kernels_compile_for_sm90_without_spills():
     )
     assert res.returncode == 0, res.stdout + res.stderr
     rows = [line for line in res.stdout.splitlines() if line.startswith("| _")]
-    assert len(rows) == 4 and all("| 0/0 |" in r and "wgmma" in r for r in rows), res.stdout
+    rollout = [r for r in rows if r.startswith(("| _rollout_step_kernel", "| _martingale_kernel", "| _philox"))]
+    stf = [r for r in rows if r not in rollout]
+    assert len(stf) == 4 and all("| 0/0 |" in r and "wgmma" in r for r in stf), res.stdout
+    assert len(rollout) == 11 and all("| 0/0 |" in r for r in rollout), res.stdout
 
 
 # ----------------------------------------------------------------------------------------------

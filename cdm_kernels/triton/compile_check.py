@@ -1,8 +1,10 @@
-"""Compiles every Triton kernel of the stable target for real GPUs, without a GPU, and reports ptxas's
+"""Compiles every Triton kernel of the package for real GPUs, without a GPU, and reports ptxas's
 register, spill and shared-memory use (the Triton counterpart of nvcc's -Xptxas -v in CI).
 
-Each variant is compiled with the block sizes and num_warps the launcher uses on a GPU
-(`stf.block_sizes("cuda")`, `stf.NUM_WARPS`, `stf.NUM_STAGES`), lowered to PTX by Triton, and assembled by ptxas.
+Each variant is compiled with the block sizes and num_warps its launcher uses on a GPU (the stable
+target: `stf.block_sizes("cuda")`, `stf.NUM_WARPS`, `stf.NUM_STAGES`; the rollout steps, noise and
+martingale loss: `rollout.BLOCK` and Triton's default warps and stages), lowered to PTX by Triton,
+and assembled by ptxas.
 
     python -m cdm_kernels.triton.compile_check [--arch 80 90] [--quick]
 
@@ -33,6 +35,7 @@ class Variant:
     label: str
     signature: dict
     constexprs: dict
+    module: str = "stf"  # cdm_kernels.triton.<module> defines the kernel
 
 
 def _ptr(names, dtype="fp32"):
@@ -44,8 +47,9 @@ def _ints(names):
 
 
 def variants(quick: bool = False) -> list[Variant]:
-    """The kernel instantiations the launchers produce on a GPU: float32 in every mode, float64 in
-    "ieee"; the first and middle chunks' variants (IS_FIRST, IS_LAST) differ only in their ends."""
+    """The kernel instantiations the launchers produce on a GPU: for the stable target float32 in
+    every mode, float64 in "ieee" (the first and middle chunks' variants, IS_FIRST and IS_LAST,
+    differ only in their ends); then `rollout_variants`."""
     from . import stf
 
     cases = [("float32", "bf16")] if quick else [("float32", m) for m in stf.PRECISIONS] + [("float64", "ieee")]
@@ -114,6 +118,37 @@ def variants(quick: bool = False) -> list[Variant]:
                       and v.label in ("ieee, block_b 16", "tf32, block_b 16", "bf16, block_b 16")]:
                 out.append(Variant(v.kernel, f"{v.label}, block_d {block_d}", v.signature,
                                    {**v.constexprs, "BLOCK_D": block_d}))
+    return out + rollout_variants(quick)
+
+
+def rollout_variants(quick: bool = False) -> list[Variant]:
+    """The rollout launchers' instantiations: every step kind with in-kernel or passed noise, the
+    martingale loss forward and backward with per-row or per-element weights, float32 and float64;
+    the noise kernel. Seeds and offsets are 64-bit (they may exceed 2^31), M is 32-bit."""
+    from . import rollout
+
+    blk = {"BLOCK": rollout.BLOCK}
+    out = [Variant("_philox_randn_kernel", "float32",
+                   {"out_ptr": "*fp32", "n": "i64", "seed": "i64", "offset": "i64"}, blk, "rollout")]
+    for ty in ("fp32",) if quick else ("fp32", "fp64"):
+        label = "float32" if ty == "fp32" else "float64"
+        for kind, code in rollout._KINDS.items():
+            for has_noise in ((False, True) if kind in ("sde", "churn") else (False,)):
+                out.append(Variant(
+                    "_rollout_step_kernel", f"{kind}{', noise passed' if has_noise else ''}, {label}",
+                    {**_ptr(["x_ptr", "d_ptr", "xe_ptr", "de_ptr", "z_ptr", "tc_ptr", "tn_ptr", "out_ptr"], ty),
+                     "M": "i32", "seed": "i64", "offset": "i64", "s_noise": "fp32"},
+                    {"KIND": code, "HAS_NOISE": has_noise, **blk}, "rollout",
+                ))
+        for backward in (False, True):
+            for per_row in (True, False):
+                out.append(Variant(
+                    "_martingale_kernel",
+                    f"{'backward' if backward else 'forward'}, {'per-row' if per_row else 'per-element'} weight, {label}",
+                    {**_ptr(["g_ptr", "d0_ptr", "da_ptr", "db_ptr", "y_ptr", "w_ptr", "out_ptr", "ga_ptr", "gb_ptr"],
+                            ty), "M": "i32", "lambda_m": "fp32"},
+                    {"PER_ROW": per_row, "BACKWARD": backward, **blk}, "rollout",
+                ))
     return out
 
 
@@ -133,12 +168,14 @@ def compile_variant(v: Variant, arch: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from . import stf
+    from . import rollout, stf
 
-    fn = getattr(stf, v.kernel)
+    mod = {"stf": stf, "rollout": rollout}[v.module]
+    fn = getattr(mod, v.kernel)
     sig = {**v.signature, **{k: "constexpr" for k in v.constexprs}}
     src = ASTSource(fn, sig, v.constexprs)
-    options = {"num_warps": stf.NUM_WARPS, "num_stages": stf.NUM_STAGES}
+    # The stable target's launchers pass their warps and stages; the rollout launchers, Triton's defaults.
+    options = {"num_warps": stf.NUM_WARPS, "num_stages": stf.NUM_STAGES} if v.module == "stf" else {}
     k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     ptx = k.asm["ptx"]
     gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
@@ -160,7 +197,8 @@ def compile_variant(v: Variant, arch: int) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
-    ap.add_argument("--quick", action="store_true", help="bf16 forward/backward kernels only")
+    ap.add_argument("--quick", action="store_true",
+                    help="the stable target's bf16 forward/backward kernels and the float32 rollout kernels only")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("compile_check: unset TRITON_INTERPRET (the interpreter has nothing to compile)", file=sys.stderr)
