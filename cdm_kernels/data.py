@@ -312,16 +312,14 @@ class BatchOrder:
         if self.pos + global_batch > self.num_images:
             self.epoch, self.pos = self.epoch + 1, 0
             self._make_epoch()
-        sl = slice(self.pos + self.rank, self.pos + global_batch, self.world_size)
         whole = slice(self.pos, self.pos + global_batch)
         self.pos += global_batch
-        idx = self._perm[sl]
-        flip = self._flip[sl] if self.xflip else torch.zeros(idx.shape[0], dtype=torch.bool)
-        # The whole global batch (every process's images), for draws that must avoid it.
+        # The whole global batch (every process's images), kept for draws that must avoid it.
         g_idx = self._perm[whole]
-        g_flip = self._flip[whole] if self.xflip else torch.zeros(g_idx.shape[0], dtype=torch.bool)
+        g_flip = self._flip[whole] if self.xflip else torch.zeros(global_batch, dtype=torch.bool)
         self.last_global = (g_idx, g_flip)
-        return idx, flip
+        # This process's share: every world_size-th image from position rank.
+        return g_idx[self.rank :: self.world_size], g_flip[self.rank :: self.world_size]
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "epoch": self.epoch, "pos": self.pos, "num_images": self.num_images}

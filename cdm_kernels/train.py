@@ -187,6 +187,9 @@ def _config_dict(c: TrainConfig) -> dict:
 def _check_resume_config(saved: dict, c: TrainConfig, ckpt_path: str) -> None:
     """Raises ValueError naming every option of `c` that differs from the checkpoint's `saved`
     configuration, except those in RESUME_MAY_CHANGE (and options older checkpoints lack)."""
+    def show(v):
+        return ",".join(map(str, v)) if isinstance(v, list) else str(v)
+
     now = _config_dict(c)
     diffs = []
     for name, value in now.items():
@@ -195,10 +198,6 @@ def _check_resume_config(saved: dict, c: TrainConfig, ckpt_path: str) -> None:
         old = saved[name]
         if name == "data" and os.path.exists(old) and os.path.exists(value) and os.path.samefile(old, value):
             continue  # the same data set named by another path
-
-        def show(v):
-            return ",".join(map(str, v)) if isinstance(v, list) else str(v)
-
         flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
         diffs.append(f"{flag} {show(value)} (the checkpoint has {show(saved[name])})")
     if diffs:
@@ -435,11 +434,12 @@ def train(c: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
 
     # The output folder and the checkpoint to resume, checked before any work.
     ckpt_path, ckpt = None, None
+    existing = _checkpoints(c.outdir)
     if c.resume:
         if c.overwrite:
             raise ValueError("--overwrite starts a fresh run and --resume continues one: give only one of them")
         ckpt_path = find_checkpoint(c.resume)
-        if _checkpoints(c.outdir) and not os.path.samefile(os.path.dirname(os.path.abspath(ckpt_path)), c.outdir):
+        if existing and not os.path.samefile(os.path.dirname(os.path.abspath(ckpt_path)), c.outdir):
             raise FileExistsError(
                 f"--outdir {c.outdir!r} already holds checkpoints of another run than --resume {ckpt_path!r}; "
                 "resume into the checkpoint's own folder or into an empty --outdir"
@@ -451,10 +451,10 @@ def train(c: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
                 f"{ckpt_path} was written by {ckpt['world_size']} processes; resume it with the same number "
                 f"(this run has {dd.world}) so that every random state carries over"
             )
-    elif _checkpoints(c.outdir) and not c.overwrite:
+    elif existing and not c.overwrite:
         # Else a later --resume of this folder would continue the old run from its latest checkpoint.
         raise FileExistsError(
-            f"--outdir {c.outdir!r} already holds checkpoints ({os.path.basename(_checkpoints(c.outdir)[-1])} "
+            f"--outdir {c.outdir!r} already holds checkpoints ({os.path.basename(existing[-1])} "
             f"the latest): continue that run with --resume {c.outdir}, choose another --outdir, or pass "
             "--overwrite to delete its checkpoints, log and samples and start afresh"
         )
