@@ -1,23 +1,18 @@
 """cdm_kernels: fused kernels for the stable target (STF) and consistency (CDM) diffusion objectives.
 
 Public API:
-    stf_target, stf_score, ref_sqnorm, STFStats   the stable target (math.md section 1)
-    resolve_backend, available_backends           which backend runs on a device
+    stf_target, stf_score, STFStats               the stable target (docs/math.md)
+    resolve_backend, available_backends           which backend an op family runs on, per device
     extension_status                              whether the compiled kernels are loaded
     EDMLoss, STFLoss, CDMLoss, STFCDMLoss         training losses (math.md sections 2 and 3)
     ReferenceBank                                 references (and cached norms) for the STF losses
     stf_target_sharded                            the stable target over references split across processes
 """
 
-import importlib.util
-
+from . import backends as _backends  # noqa: F401  (every backend registration, in one place)
 from ._ext import extension_status, has_cpu_kernels, has_cuda_kernels
-from .stf import STFStats, available_backends, ref_sqnorm, resolve_backend, stf_score, stf_target
-
-# The Triton backend registers itself when triton is installed (CUDA tensors; CPU tensors too under
-# TRITON_INTERPRET=1). Without triton the package runs on its C++ and reference backends.
-if importlib.util.find_spec("triton") is not None:
-    from . import triton as _triton_backend  # noqa: F401
+from .registry import available_backends, resolve_backend
+from .stf import STFStats, ref_sqnorm, stf_score, stf_target
 
 __version__ = "0.1.0"
 

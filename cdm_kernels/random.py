@@ -13,20 +13,19 @@ numbers, and a fused step's noise can be reproduced outside the kernel for testi
 between backends bit for bit in the integer part and to a few float32 ulps after log/cos (each
 platform's libm).
 
-Backends: "cpu" (C++, csrc/philox.h), "cuda", "triton", and "reference" (numpy, below: the spec).
+Backends: "cpu" (C++, csrc/philox.h), "cuda", "triton", and "reference" (numpy, below: the spec,
+whose launcher `philox_randn` is the reference backend's for the op family "randn").
 """
 
 from __future__ import annotations
-
-import os
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ._ext import has_cpu_kernels, has_cuda_kernels
+from . import registry
 
-__all__ = ["philox_randn_reference", "randn", "seed_from_generator", "check_seed_offset"]
+__all__ = ["check_seed_offset", "philox_randn", "philox_randn_reference", "randn", "seed_from_generator"]
 
 PHILOX_ROUND_A = 0xD2511F53
 PHILOX_ROUND_B = 0xCD9E8D57
@@ -83,12 +82,16 @@ def philox_randn_reference(numel: int, seed: int, offset: int = 0) -> np.ndarray
     return (r * np.cos(TWO_PI * u1)).astype(np.float32)
 
 
-# ----------------------------------------------------------------------------------------------
-# The registered op: one schema, a kernel per device type, the backend as an argument.
-# ----------------------------------------------------------------------------------------------
+def philox_randn(anchor: Tensor, shape: list[int], seed: int, offset: int) -> Tensor:
+    """The `reference` backend's launcher of op family randn: float32 noise of `shape` on anchor's
+    device, element i = (seed, offset + i) (`philox_randn_reference`)."""
+    n = int(np.prod(shape)) if shape else 1
+    return torch.from_numpy(philox_randn_reference(n, seed, offset)).reshape(shape).to(anchor.device)
 
-_RANDN: dict[tuple[str, str], object] = {}
-_AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+
+# ----------------------------------------------------------------------------------------------
+# The registered op: one schema, a kernel per device type, the backend as the last argument.
+# ----------------------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("cdm_kernels::philox_randn", mutates_args=())
@@ -101,64 +104,7 @@ def _(anchor, shape, seed, offset, backend):
     return anchor.new_empty(shape, dtype=torch.float32)
 
 
-def _register_device(device_type: str) -> None:
-    @_philox_randn.register_kernel(device_type)
-    def _(anchor, shape, seed, offset, backend):
-        return _RANDN[(backend, device_type)](anchor.device, list(shape), seed, offset)
-
-
-for _dt in ("cpu", "cuda"):
-    _register_device(_dt)
-
-
-def _reference_randn(device, shape, seed, offset):
-    n = int(np.prod(shape)) if shape else 1
-    return torch.from_numpy(philox_randn_reference(n, seed, offset)).reshape(shape).to(device)
-
-
-_RANDN[("reference", "cpu")] = _reference_randn
-_RANDN[("reference", "cuda")] = _reference_randn
-if has_cpu_kernels():
-    _RANDN[("cpu", "cpu")] = lambda device, shape, seed, offset: torch.ops.cdm_kernels_C.philox_randn(
-        torch.empty(0, device=device), shape, seed, offset
-    )
-if has_cuda_kernels():
-    _RANDN[("cuda", "cuda")] = lambda device, shape, seed, offset: torch.ops.cdm_kernels_C.philox_randn(
-        torch.empty(0, device=device), shape, seed, offset
-    )
-
-
-def _triton_randn(device, shape, seed, offset):
-    from .triton.rollout import philox_randn as launch
-
-    return launch(device, shape, seed, offset)
-
-
-try:
-    import triton  # noqa: F401
-
-    _RANDN[("triton", "cuda")] = _triton_randn
-    # Under the interpreter, Triton kernels run on CPU tensors (how the tests exercise them).
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        _RANDN[("triton", "cpu")] = _triton_randn
-except ImportError:  # pragma: no cover - torch's CUDA wheels bring triton
-    pass
-
-
-def randn_backends(device="cpu") -> list[str]:
-    """The noise backends usable on `device`, in the order "auto" prefers them."""
-    dt = torch.device(device).type
-    order = _AUTO_ORDER.get(dt, ("reference",))
-    return [b for b in dict.fromkeys((*order, "triton", "reference")) if (b, dt) in _RANDN]
-
-
-def resolve_randn_backend(device, backend: str) -> str:
-    dt = torch.device(device).type
-    if backend == "auto":
-        return randn_backends(device)[0]
-    if (backend, dt) not in _RANDN:
-        raise ValueError(f"backend {backend!r} is not available for {dt} tensors (available: {randn_backends(device)})")
-    return backend
+registry.register_device_kernels(_philox_randn, "randn", "philox_randn")
 
 
 def randn(
@@ -191,7 +137,7 @@ def randn(
     numel = int(np.prod(shape)) if shape else 1
     check_seed_offset(seed, offset, numel, "randn")
     device = torch.device(device)
-    name = resolve_randn_backend(device, backend)
+    name = registry.resolve_backend("randn", device, backend)
     if numel == 0:
         return torch.empty(shape, device=device, dtype=dtype)
     out = _philox_randn(torch.empty(0, device=device), shape, seed, offset, name)

@@ -3,7 +3,8 @@
 Layers, as for every op of the package:
   kernel    csrc/cpu/rollout.cpp, csrc/cuda/rollout.cu (arithmetic in csrc/rollout_math.h,
             noise in csrc/philox.h), cdm_kernels/triton/rollout.py, rollout_reference.py
-  launcher  the per-backend functions registered with `register_backend`
+  launcher  `rollout_step`, `martingale_loss_forward`, `martingale_loss_backward` of each backend
+            (contract: cdm_kernels/contract.py; registered in cdm_kernels/backends.py)
   op        `cdm_kernels::rollout_step`, `cdm_kernels::martingale_loss` and
             `cdm_kernels::martingale_loss_backward` (torch.library: one schema each, a kernel per
             device type, a fake implementation, the autograd formula)
@@ -20,90 +21,40 @@ reproduces that noise outside the kernel.
 from __future__ import annotations
 
 import math
-import os
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 from torch import Tensor
 
+from . import registry
 from . import rollout_reference as ref
-from ._ext import has_cpu_kernels, has_cuda_kernels
 from ._ext import module as _ext_module
-from .random import check_seed_offset, randn, seed_from_generator
+from .contract import KINDS
+from .random import check_seed_offset, seed_from_generator
 from .schedule import edm_schedule
+from .checks import check_float, compute_dtype
 
 __all__ = [
     "KINDS",
     "available_rollout_backends",
     "consistency_rollout",
     "martingale_loss",
-    "register_backend",
     "resolve_rollout_backend",
     "rollout_step",
 ]
 
-KINDS = ("sde", "euler", "heun", "churn")
 _EXT = _ext_module()
-BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
-_AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
-
-
-class _Backend(NamedTuple):
-    step: Callable
-    loss_forward: Callable
-    loss_backward: Callable
-
-
-_BACKENDS: dict[tuple[str, str], _Backend] = {}
-_RESOLVED: dict[tuple[str, str], str] = {}  # (device type, backend argument) -> name; reset by register_backend
-
-
-def register_backend(name: str, device_type: str, step: Callable, loss_forward: Callable, loss_backward: Callable):
-    """Registers launchers for (`name`, `device_type`).
-
-    step(x, denoised, t_cur, t_next, x_euler, denoised_euler, noise, seed, offset, kind, s_noise) -> x'
-        x, denoised, x_euler, denoised_euler, noise: (B, M) contiguous, one float dtype (float32 or
-        float64; x_euler/denoised_euler only for "heun", noise None to draw Philox noise from
-        (seed, offset + b*M + j)); t_cur, t_next (B,) of that dtype ("churn": t_next is t_hat).
-    loss_forward(D0, D1a, D1b, y, weight, lambda_m) -> loss (B, M); weight (B,) per row or (B, M).
-    loss_backward(grad, D0, D1a, D1b, y, weight, lambda_m) -> (grad_D0, grad_D1a, grad_D1b).
-    """
-    if name not in BACKEND_NAMES:
-        raise ValueError(f"backend name must be one of {BACKEND_NAMES}, got {name!r}")
-    _BACKENDS[(name, device_type)] = _Backend(step, loss_forward, loss_backward)
-    _RESOLVED.clear()
 
 
 def available_rollout_backends(device: torch.device | str = "cpu") -> list[str]:
-    """The rollout backends that can run on `device`, in the order "auto" prefers them."""
-    dt = torch.device(device).type
-    order = _AUTO_ORDER.get(dt, ("reference",))
-    return [n for n in dict.fromkeys((*order, *BACKEND_NAMES)) if (n, dt) in _BACKENDS]
+    """Alias of `cdm_kernels.available_backends("rollout_step", device)` (the rollout steps and the
+    martingale loss have the same backends)."""
+    return registry.available_backends("rollout_step", device)
 
 
 def resolve_rollout_backend(device: torch.device | str = "cpu", backend: str = "auto") -> str:
-    """The backend `rollout_step(..., backend=backend)` uses for tensors on `device`."""
-    dt = device.type if isinstance(device, torch.device) else torch.device(device).type
-    key = (dt, backend)
-    if isinstance(backend, str) and key in _RESOLVED:
-        return _RESOLVED[key]
-    _RESOLVED[key] = name = _resolve(dt, device, backend)
-    return name
-
-
-def _resolve(dt: str, device, backend) -> str:
-    if backend == "auto":
-        names = available_rollout_backends(device)
-        if not names:
-            raise RuntimeError(f"no rollout backend is registered for device type {dt!r}")
-        return names[0]
-    if backend not in BACKEND_NAMES:
-        raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
-    if (backend, dt) not in _BACKENDS:
-        raise ValueError(
-            f"backend {backend!r} is not available for {dt} tensors (available: {available_rollout_backends(device)})"
-        )
-    return backend
+    """Alias of `cdm_kernels.resolve_backend("rollout_step", device, backend)`."""
+    return registry.resolve_backend("rollout_step", device, backend)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,25 +92,9 @@ def _loss_backward_op(
     raise NotImplementedError(f"cdm_kernels::martingale_loss_backward has no kernel for {D0.device.type!r}")
 
 
-def _register_device_kernels(device_type: str) -> None:
-    def step(x, denoised, t_cur, t_next, x_euler, denoised_euler, noise, seed, offset, kind, s_noise, backend):
-        return _BACKENDS[(backend, device_type)].step(
-            x, denoised, t_cur, t_next, x_euler, denoised_euler, noise, seed, offset, kind, s_noise
-        )
-
-    def loss_forward(D0, D1a, D1b, y, weight, lambda_m, backend):
-        return _BACKENDS[(backend, device_type)].loss_forward(D0, D1a, D1b, y, weight, lambda_m)
-
-    def loss_backward(grad, D0, D1a, D1b, y, weight, lambda_m, backend):
-        return _BACKENDS[(backend, device_type)].loss_backward(grad, D0, D1a, D1b, y, weight, lambda_m)
-
-    _rollout_step_op.register_kernel(device_type)(step)
-    _loss_op.register_kernel(device_type)(loss_forward)
-    _loss_backward_op.register_kernel(device_type)(loss_backward)
-
-
-for _device_type in ("cpu", "cuda"):
-    _register_device_kernels(_device_type)
+registry.register_device_kernels(_rollout_step_op, "rollout_step", "rollout_step")
+registry.register_device_kernels(_loss_op, "martingale_loss", "martingale_loss_forward")
+registry.register_device_kernels(_loss_backward_op, "martingale_loss", "martingale_loss_backward")
 
 
 @_rollout_step_op.register_fake
@@ -236,104 +171,12 @@ _loss_op.register_autograd(_loss_backward, setup_context=_loss_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------
-# Backends
-# ----------------------------------------------------------------------------------------------
-
-
-def _reference_step(x, denoised, t_cur, t_next, x_euler, denoised_euler, noise, seed, offset, kind, s_noise):
-    if noise is None and kind in ("sde", "churn"):
-        noise = randn(x.shape, seed, offset, device=x.device, dtype=x.dtype)
-    if kind == "sde":
-        return ref.sde_step(x, denoised, t_cur, t_next, noise)
-    if kind == "euler":
-        return ref.euler_step(x, denoised, t_cur, t_next)
-    if kind == "heun":
-        return ref.heun_step(x, denoised, x_euler, denoised_euler, t_cur, t_next)
-    return ref.churn_step(x, t_cur, t_next, s_noise, noise)
-
-
-def _row_weight(weight: Tensor) -> Tensor:
-    return weight.unsqueeze(1) if weight.dim() == 1 else weight
-
-
-def _reference_loss_forward(D0, D1a, D1b, y, weight, lambda_m):
-    return ref.martingale_loss(D0, D1a, D1b, y, _row_weight(weight), lambda_m)
-
-
-def _reference_loss_backward(grad, D0, D1a, D1b, y, weight, lambda_m):
-    return ref.martingale_loss_grads(grad, D0, D1a, D1b, y, _row_weight(weight), lambda_m)
-
-
-register_backend("reference", "cpu", _reference_step, _reference_loss_forward, _reference_loss_backward)
-register_backend("reference", "cuda", _reference_step, _reference_loss_forward, _reference_loss_backward)
-
-
-def _c_step(x, denoised, t_cur, t_next, x_euler, denoised_euler, noise, seed, offset, kind, s_noise):
-    return torch.ops.cdm_kernels_C.rollout_step(
-        x, denoised, t_cur, t_next, x_euler, denoised_euler, noise, seed, offset, KINDS.index(kind), s_noise
-    )
-
-
-def _c_loss_forward(D0, D1a, D1b, y, weight, lambda_m):
-    return torch.ops.cdm_kernels_C.martingale_loss(D0, D1a, D1b, y, weight, lambda_m)
-
-
-def _c_loss_backward(grad, D0, D1a, D1b, y, weight, lambda_m):
-    return tuple(torch.ops.cdm_kernels_C.martingale_loss_backward(grad, D0, D1a, D1b, y, weight, lambda_m))
-
-
-if has_cpu_kernels() and hasattr(torch.ops.cdm_kernels_C, "rollout_step"):
-    register_backend("cpu", "cpu", _c_step, _c_loss_forward, _c_loss_backward)
-if has_cuda_kernels() and hasattr(torch.ops.cdm_kernels_C, "rollout_step"):
-    register_backend("cuda", "cuda", _c_step, _c_loss_forward, _c_loss_backward)
-
-
-def _triton_step(*args):
-    from .triton import rollout as tr
-
-    return tr.rollout_step(*args)
-
-
-def _triton_loss_forward(*args):
-    from .triton import rollout as tr
-
-    return tr.martingale_loss_forward(*args)
-
-
-def _triton_loss_backward(*args):
-    from .triton import rollout as tr
-
-    return tr.martingale_loss_backward(*args)
-
-
-try:
-    import triton  # noqa: F401
-
-    register_backend("triton", "cuda", _triton_step, _triton_loss_forward, _triton_loss_backward)
-    if os.environ.get("TRITON_INTERPRET") == "1":  # Triton kernels on CPU tensors, for testing
-        register_backend("triton", "cpu", _triton_step, _triton_loss_forward, _triton_loss_backward)
-except ImportError:  # pragma: no cover
-    pass
-
-
-# ----------------------------------------------------------------------------------------------
 # Public functions
 # ----------------------------------------------------------------------------------------------
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _check_tensor(t, name: str) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must have a floating dtype, got {t.dtype}")
-
-
 def _check_like(t, name: str, x: Tensor, xname: str = "x") -> None:
-    _check_tensor(t, name)
+    check_float(t, name)
     if tuple(t.shape) != tuple(x.shape):
         raise ValueError(f"{name} must have the shape of {xname}, {tuple(x.shape)}; got {tuple(t.shape)}")
     if t.device != x.device:
@@ -355,7 +198,7 @@ def _noise_level(t, name: str, B: int, x: Tensor, dtype: torch.dtype) -> Tensor:
     """A per-sample level as (B,) in the compute dtype, from a float, a (B,) or a (B, 1, ..., 1)."""
     if isinstance(t, (int, float)) and not isinstance(t, bool):
         return torch.full((B,), float(t), dtype=dtype, device=x.device)
-    _check_tensor(t, name)
+    check_float(t, name)
     if t.device != x.device:
         raise ValueError(f"{name} is on {t.device} but x is on {x.device}; put them on one device")
     if t.dim() == 1 and t.shape[0] == B and t.dtype == dtype:  # the common case, as it is
@@ -469,11 +312,11 @@ def rollout_step(
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    _check_tensor(x, "x")
+    check_float(x, "x")
     if x.dim() < 1:
         raise ValueError("x must have shape (B, *S) with at least one dimension, got a 0-d tensor")
     B = x.shape[0]
-    dtype = _compute_dtype(x.dtype)
+    dtype = compute_dtype(x.dtype)
     tc = _noise_level(t_cur, "t_cur", B, x, dtype)
     if isinstance(t_cur, Tensor) and t_cur.requires_grad and torch.is_grad_enabled():
         raise ValueError("t_cur must not require grad: rollout_step treats noise levels as constants")
@@ -527,7 +370,7 @@ def rollout_step(
         check_seed_offset(seed_v, offset_v, x.numel(), "rollout_step")
     else:  # deterministic steps draw no noise
         seed_v, offset_v = 0, 0
-    name = resolve_rollout_backend(x.device, backend)
+    name = registry.resolve_backend("rollout_step", x.device, backend)
     N = x.numel()
     M = N // B if B else 0
 
@@ -543,7 +386,7 @@ def rollout_step(
         args = (flat(x), flat(denoised), tc.contiguous(), tn.contiguous(), flat(x_euler), flat(denoised_euler),
                 flat(noise), seed_v, offset_v, kind, float(S_noise))
         if _dispatch_is_a_plain_call(args):
-            out = _BACKENDS[(name, x.device.type)].step(*args)
+            out = registry.launchers("rollout_step", name, x.device.type).rollout_step(*args)
         else:
             out = _rollout_step_op(*args, name)
     out = out.reshape(x.shape)
@@ -612,7 +455,7 @@ def consistency_rollout(
     Returns (x_final, sigma_final): x_final (K, B, *S) in x_t's dtype, and sigma_final (B,), the
     schedule's last level (sigma_min), at which D(x_final; sigma_final) is to be evaluated.
     """
-    _check_tensor(x_t, "x_t")
+    check_float(x_t, "x_t")
     if x_t.dim() < 1:
         raise ValueError("x_t must have shape (B, *S), got a 0-d tensor")
     if isinstance(num_trajectories, bool) or not isinstance(num_trajectories, int) or num_trajectories < 1:
@@ -620,7 +463,7 @@ def consistency_rollout(
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
         raise ValueError(f"num_steps must be an int >= 2 (the schedule includes both endpoints), got {num_steps!r}")
     B, K = x_t.shape[0], num_trajectories
-    dtype = _compute_dtype(x_t.dtype)
+    dtype = compute_dtype(x_t.dtype)
     hi = _noise_level(sigma, "sigma", B, x_t, torch.float64)
     lo = _noise_level(sigma_min, "sigma_min", B, x_t, torch.float64)
     t = edm_schedule(hi, lo, num_steps, rho).to(dtype)  # (B, N)
@@ -662,7 +505,7 @@ def martingale_loss(
     (fused): dD0 = 2 w (D0 - y) - lambda_m ((D1a - D0) + (D1b - D0)), dD1a = lambda_m (D1b - D0),
     dD1b = lambda_m (D1a - D0); y and weight get their gradients too.
     """
-    _check_tensor(D0, "D0")
+    check_float(D0, "D0")
     for t, n in ((D1a, "D1a"), (D1b, "D1b"), (y, "y")):
         _check_like(t, n, D0, "D0")
         if t.dtype != D0.dtype:
@@ -671,13 +514,13 @@ def martingale_loss(
         raise ValueError(f"lambda_m must be a finite number, got {lambda_m!r}")
     if D0.dim() < 1:
         raise ValueError("D0 must have shape (B, *S), got a 0-d tensor")
-    dtype = _compute_dtype(D0.dtype)
+    dtype = compute_dtype(D0.dtype)
     B = D0.shape[0]
     M = D0[0].numel() if B else 0
     if isinstance(weight, (int, float)) and not isinstance(weight, bool):
         w = torch.full((B,), float(weight), dtype=dtype, device=D0.device)
     else:
-        _check_tensor(weight, "weight")
+        check_float(weight, "weight")
         if weight.device != D0.device:
             raise ValueError(f"weight is on {weight.device} but D0 is on {D0.device}")
         try:
@@ -694,7 +537,7 @@ def martingale_loss(
         else:
             w = weight.expand(D0.shape).reshape(B, M).to(dtype)
         w = w.contiguous()
-    name = resolve_rollout_backend(D0.device, backend)
+    name = registry.resolve_backend("martingale_loss", D0.device, backend)
 
     def flat(t):
         return t.reshape(B, M).to(dtype).contiguous()

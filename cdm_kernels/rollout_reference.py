@@ -2,7 +2,10 @@
 
 The spec every fused backend is tested against: separate tensor operations, any device, any float
 dtype, computed in the dtype it is given (run it in float64 to judge). Per-sample noise levels
-`t_cur`, `t_next` are (B,) and broadcast over the trailing dimensions of x here.
+`t_cur`, `t_next` are (B,) and broadcast over the trailing dimensions of x here. It is also the
+`reference` backend of the op families rollout_step and martingale_loss: the launchers
+`rollout_step`, `martingale_loss_forward` and `martingale_loss_backward` at the end (their contract:
+cdm_kernels/contract.py).
 
 Step formulas (h = t_next - t_cur):
     sde    x' = x + 2 h (x - D) / t_cur + sqrt(2 |h| t_cur) z              (reverse SDE, Euler-Maruyama)
@@ -18,8 +21,13 @@ import math
 import torch
 from torch import Tensor
 
+from .random import philox_randn
+
 __all__ = [
     "churn_step",
+    "martingale_loss_backward",
+    "martingale_loss_forward",
+    "rollout_step",
     "churn_t_hat",
     "euler_step",
     "heun_step",
@@ -79,3 +87,35 @@ def martingale_loss_grads(grad: Tensor, D0, D1a, D1b, y, weight, lambda_m: float
     ea, eb = D1a - D0, D1b - D0
     g0 = grad * (2 * weight * (D0 - y) - lambda_m * (ea + eb))
     return g0, grad * lambda_m * eb, grad * lambda_m * ea
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers of the `reference` backend (arguments: cdm_kernels/contract.py)
+# ----------------------------------------------------------------------------------------------
+
+
+def rollout_step(x, denoised, t_cur, t_next, x_euler, denoised_euler, noise, seed, offset, kind, s_noise):
+    """One step of `kind` on (B, M) tensors; noise None draws Philox noise (seed, offset + flat index)."""
+    if noise is None and kind in ("sde", "churn"):
+        noise = philox_randn(x, list(x.shape), seed, offset).to(x.dtype)
+    if kind == "sde":
+        return sde_step(x, denoised, t_cur, t_next, noise)
+    if kind == "euler":
+        return euler_step(x, denoised, t_cur, t_next)
+    if kind == "heun":
+        return heun_step(x, denoised, x_euler, denoised_euler, t_cur, t_next)
+    return churn_step(x, t_cur, t_next, s_noise, noise)
+
+
+def _row_weight(weight: Tensor) -> Tensor:
+    return weight.unsqueeze(1) if weight.dim() == 1 else weight
+
+
+def martingale_loss_forward(D0, D1a, D1b, y, weight, lambda_m):
+    """The loss on (B, M) tensors, weight (B,) per row or (B, M)."""
+    return martingale_loss(D0, D1a, D1b, y, _row_weight(weight), lambda_m)
+
+
+def martingale_loss_backward(grad, D0, D1a, D1b, y, weight, lambda_m):
+    """(dL/dD0, dL/dD1a, dL/dD1b) on (B, M) tensors."""
+    return martingale_loss_grads(grad, D0, D1a, D1b, y, _row_weight(weight), lambda_m)

@@ -1,6 +1,6 @@
 // The Python module `cdm_kernels._C`. Importing it loads the library, whose static initialisers
-// register every op of csrc/cpu and csrc/cuda under torch.ops.cdm_kernels_C (TORCH_LIBRARY_FRAGMENT
-// in each op's file, so no central list of ops exists to keep in sync).
+// register every op under torch.ops.cdm_kernels_C: the schemas of csrc/ops.cpp and the
+// implementations of csrc/cpu and csrc/cuda (TORCH_LIBRARY_IMPL per dispatch key in each op's file).
 #include <torch/extension.h>
 
 #include "cpu/rollout_cpu.h"

@@ -15,11 +15,7 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__CUDACC__)
-#define CDM_PHILOX_HD __host__ __device__ __forceinline__
-#else
-#define CDM_PHILOX_HD inline
-#endif
+#include "common.h"
 
 namespace cdm {
 namespace philox {
@@ -33,7 +29,7 @@ constexpr float kUniformScale = 4.6566127342e-10f;
 constexpr float kTwoPi = 6.283185307179586f;
 constexpr float kMinUniform = 1.0e-7f;  // keeps log(u0) finite
 
-CDM_PHILOX_HD uint32_t mulhi(uint32_t a, uint32_t b) {
+CDM_HD uint32_t mulhi(uint32_t a, uint32_t b) {
 #if defined(__CUDA_ARCH__)
   return __umulhi(a, b);
 #else
@@ -43,7 +39,7 @@ CDM_PHILOX_HD uint32_t mulhi(uint32_t a, uint32_t b) {
 
 // The first two output words of Philox4x32-10 for counter (lo, hi, 0, 0) and key (k0, k1): the
 // only words tl.randn uses.
-CDM_PHILOX_HD void philox_2words(uint32_t lo, uint32_t hi, uint32_t k0, uint32_t k1, uint32_t* r0,
+CDM_HD void philox_2words(uint32_t lo, uint32_t hi, uint32_t k0, uint32_t k1, uint32_t* r0,
                                  uint32_t* r1) {
   uint32_t c0 = lo, c1 = hi, c2 = 0u, c3 = 0u;
 #if defined(__CUDA_ARCH__)
@@ -64,7 +60,7 @@ CDM_PHILOX_HD void philox_2words(uint32_t lo, uint32_t hi, uint32_t k0, uint32_t
 }
 
 // uint32 -> [0, 1) as Triton: reinterpret as int32, fold negatives with ~, scale in float32.
-CDM_PHILOX_HD float uniform(uint32_t r) {
+CDM_HD float uniform(uint32_t r) {
   int32_t s = static_cast<int32_t>(r);
   s = s < 0 ? ~s : s;
   return static_cast<float>(s) * kUniformScale;
@@ -74,20 +70,20 @@ CDM_PHILOX_HD float uniform(uint32_t r) {
 // (glibc's logf/cosf are scalar calls and cost 3x the Philox rounds). Cephes' minimax polynomials:
 // both are within 1-2 float32 ulps of the exact value on the arguments used here (u0 in
 // [1e-7, 1), theta in [0, 2 pi)), checked against float64 in tests/test_random.py.
-CDM_PHILOX_HD float bits_to_float(uint32_t b) {
+CDM_HD float bits_to_float(uint32_t b) {
   float f;
   memcpy(&f, &b, sizeof f);
   return f;
 }
 
-CDM_PHILOX_HD uint32_t float_to_bits(float f) {
+CDM_HD uint32_t float_to_bits(float f) {
   uint32_t b;
   memcpy(&b, &f, sizeof b);
   return b;
 }
 
 // log(v) for normal positive v.
-CDM_PHILOX_HD float log_poly(float v) {
+CDM_HD float log_poly(float v) {
   const uint32_t bits = float_to_bits(v);
   float e = static_cast<float>(static_cast<int32_t>(bits >> 23) - 126);
   const float m = bits_to_float((bits & 0x007fffffu) | 0x3f000000u);  // v = m 2^e, m in [0.5, 1)
@@ -115,7 +111,7 @@ CDM_PHILOX_HD float log_poly(float v) {
 
 // cos(theta) for theta in [0, 2 pi]: quadrant q = rint(theta / (pi/2)), a three-part Cody-Waite
 // reduction (q <= 4, so q * kPio2Hi is exact), and the quadrant's sin or cos polynomial.
-CDM_PHILOX_HD float cos_poly(float theta) {
+CDM_HD float cos_poly(float theta) {
   const float q = static_cast<float>(static_cast<int32_t>(theta * 0.63661977236758134308f + 0.5f));  // theta >= 0
   float r = theta - q * 1.5703125f;
   r = r - q * 4.837512969970703125e-4f;
@@ -134,7 +130,7 @@ CDM_PHILOX_HD float cos_poly(float theta) {
 // Box-Muller, z = sqrt(-2 log max(u0, 1e-7)) cos(2 pi u1), in three parts so that CPU loops can
 // vectorise the first two (sqrtf with errno semantics stops GCC's vectoriser) and take the sqrt in
 // a short scalar loop. box_muller() composes them: the same operations, the same bits.
-CDM_PHILOX_HD float box_muller_radius_sq(float u0) {
+CDM_HD float box_muller_radius_sq(float u0) {
   // max(u0, 1e-7) on the bit patterns (u0 >= 0, so they order as the floats do): an all-ones mask
   // from the sign of the difference. A float compare here stops GCC's vectoriser (trapping math).
   const uint32_t b = float_to_bits(u0), k = float_to_bits(kMinUniform);
@@ -142,14 +138,14 @@ CDM_PHILOX_HD float box_muller_radius_sq(float u0) {
   return -2.0f * log_poly(bits_to_float((b & ~below) | (k & below)));
 }
 
-CDM_PHILOX_HD float box_muller_cos(float u1) { return cos_poly(kTwoPi * u1); }
+CDM_HD float box_muller_cos(float u1) { return cos_poly(kTwoPi * u1); }
 
-CDM_PHILOX_HD float box_muller(float u0, float u1) {
+CDM_HD float box_muller(float u0, float u1) {
   return sqrtf(box_muller_radius_sq(u0)) * box_muller_cos(u1);
 }
 
 // The two uniforms of one element; split from box_muller so CPU loops can vectorise this part.
-CDM_PHILOX_HD void uniforms(uint64_t seed, uint64_t counter, float* u0, float* u1) {
+CDM_HD void uniforms(uint64_t seed, uint64_t counter, float* u0, float* u1) {
   uint32_t r0, r1;
   philox_2words(static_cast<uint32_t>(counter), static_cast<uint32_t>(counter >> 32),
                 static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), &r0, &r1);
@@ -158,7 +154,7 @@ CDM_PHILOX_HD void uniforms(uint64_t seed, uint64_t counter, float* u0, float* u
 }
 
 // tl.randn(seed, counter) for one element.
-CDM_PHILOX_HD float randn(uint64_t seed, uint64_t counter) {
+CDM_HD float randn(uint64_t seed, uint64_t counter) {
   float u0, u1;
   uniforms(seed, counter, &u0, &u1);
   return box_muller(u0, u1);

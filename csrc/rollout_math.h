@@ -1,4 +1,4 @@
-// Shared arithmetic of the rollout steps and the martingale loss (math.md sections 2 and 3).
+// Shared arithmetic of the rollout steps and the martingale loss (docs/math.md).
 //
 // The CPU kernels (csrc/cpu/rollout.cpp) and the CUDA kernels (csrc/cuda/rollout.cu) call exactly
 // these __host__ __device__ functions, so the arithmetic a GPU runs is executed and tested on the
@@ -9,20 +9,13 @@
 
 #include <cmath>
 
-#if defined(__CUDACC__)
-#define CDM_RHD __host__ __device__ __forceinline__
-#else
-#define CDM_RHD inline
-#endif
+#include "common.h"
 
 namespace cdm {
 namespace rollout {
 
-// Order of cdm_kernels.rollout.KINDS.
-enum Kind : int { KIND_SDE = 0, KIND_EULER = 1, KIND_HEUN = 2, KIND_CHURN = 3, KIND_COUNT = 4 };
-
-CDM_RHD float tsqrt(float v) { return sqrtf(v); }
-CDM_RHD double tsqrt(double v) { return sqrt(v); }
+CDM_HD float tsqrt(float v) { return sqrtf(v); }
+CDM_HD double tsqrt(double v) { return sqrt(v); }
 
 // Per-sample coefficients of  x' = x + g (x - D) + e (x_e - D_e) + s z.
 template <typename T>
@@ -32,12 +25,25 @@ struct StepCoef {
   T s;  // on the noise z
 };
 
-// h = t_next - t_cur; for KIND_CHURN t_next is t_hat.
+// Whether a sample's levels are valid for a step of `kind`: 0 < t_cur < inf and, for the reverse
+// steps, 0 <= t_next <= t_cur (t_next > 0 for Heun, which divides by it); for churn t_next is
+// t_hat >= t_cur. False for NaN (every comparison with NaN is).
 template <typename T>
-CDM_RHD StepCoef<T> step_coef(int kind, T t_cur, T t_next, T s_noise) {
+CDM_HD bool levels_ok(int kind, T t_cur, T t_next) {
+  const bool cur = t_cur > T(0) && t_cur - t_cur == T(0);
+  if (kind == KIND_CHURN) return cur && t_next >= t_cur && t_next - t_next == T(0);
+  return cur && (kind == KIND_HEUN ? t_next > T(0) : t_next >= T(0)) && t_next <= t_cur;
+}
+
+// h = t_next - t_cur; for KIND_CHURN t_next is t_hat. A sample whose levels are not valid gets NaN
+// coefficients, so its whole row of x' is NaN, never a plausible value: the GPU paths check the
+// levels here, inside the kernel, instead of synchronising with the host before the launch.
+template <typename T>
+CDM_HD StepCoef<T> step_coef(int kind, T t_cur, T t_next, T s_noise) {
+  if (!levels_ok(kind, t_cur, t_next)) return StepCoef<T>{T(NAN), T(NAN), T(NAN)};
   const T h = t_next - t_cur;
   StepCoef<T> c{T(0), T(0), T(0)};
-  if (kind == KIND_SDE) {  // math.md 3.4: 2 h (x - D) / t + sqrt(2 |h| t) z
+  if (kind == KIND_SDE) {  // docs/math.md, the reverse SDE: 2 h (x - D) / t + sqrt(2 |h| t) z
     c.g = T(2) * h / t_cur;
     c.s = tsqrt(T(2) * (h < T(0) ? -h : h) * t_cur);
   } else if (kind == KIND_EULER) {  // EDM: h (x - D) / t
@@ -52,35 +58,35 @@ CDM_RHD StepCoef<T> step_coef(int kind, T t_cur, T t_next, T s_noise) {
 }
 
 template <typename T>
-CDM_RHD T sde_element(T x, T D, T z, const StepCoef<T>& c) {
+CDM_HD T sde_element(T x, T D, T z, const StepCoef<T>& c) {
   return x + c.g * (x - D) + c.s * z;
 }
 
 template <typename T>
-CDM_RHD T euler_element(T x, T D, const StepCoef<T>& c) {
+CDM_HD T euler_element(T x, T D, const StepCoef<T>& c) {
   return x + c.g * (x - D);
 }
 
 template <typename T>
-CDM_RHD T heun_element(T x, T D, T x_e, T D_e, const StepCoef<T>& c) {
+CDM_HD T heun_element(T x, T D, T x_e, T D_e, const StepCoef<T>& c) {
   return x + c.g * (x - D) + c.e * (x_e - D_e);
 }
 
 template <typename T>
-CDM_RHD T churn_element(T x, T z, const StepCoef<T>& c) {
+CDM_HD T churn_element(T x, T z, const StepCoef<T>& c) {
   return x + c.s * z;
 }
 
 // loss = w (D0 - y)^2 + lambda_m (D1a - D0)(D1b - D0)    (math.md 3.1 and 3.6)
 template <typename T>
-CDM_RHD T martingale_loss(T D0, T D1a, T D1b, T y, T w, T lambda_m) {
+CDM_HD T martingale_loss(T D0, T D1a, T D1b, T y, T w, T lambda_m) {
   const T r = D0 - y;
   return w * r * r + lambda_m * (D1a - D0) * (D1b - D0);
 }
 
 // The fused backward: dL/dD0, dL/dD1a, dL/dD1b times the incoming gradient g (math.md 3).
 template <typename T>
-CDM_RHD void martingale_grads(T g, T D0, T D1a, T D1b, T y, T w, T lambda_m, T* g0, T* ga, T* gb) {
+CDM_HD void martingale_grads(T g, T D0, T D1a, T D1b, T y, T w, T lambda_m, T* g0, T* ga, T* gb) {
   const T ea = D1a - D0, eb = D1b - D0;
   *g0 = g * (T(2) * w * (D0 - y) - lambda_m * (ea + eb));
   *ga = g * lambda_m * eb;

@@ -6,25 +6,36 @@ import math
 import numpy as np
 import pytest
 import torch
+from matrix import cases
 
 import cdm_kernels
-from cdm_kernels.random import philox4x32_10, philox_randn_reference, randn_backends
+from cdm_kernels.backends import triton_interpreted
+from cdm_kernels.random import philox4x32_10, philox_randn_reference
 
-BACKENDS = randn_backends("cpu")
+CASES = cases("randn")
 # (seed, offset): small, one that takes the int64 path in Triton, and counters crossing 2^32 (the
 # high counter word in use) with a seed using both key words.
-CASES = [(0, 0), (1, 7), (123456789, 1000), (2**40 + 17, 2**32 - 300)]
+SEEDS = [(0, 0), (1, 7), (123456789, 1000), (2**40 + 17, 2**32 - 300)]
 # log/cos are each platform's float32 ones (the CPU kernel's branch-free polynomials, numpy's in
 # the Triton interpreter): measured differences are <= 5e-7; radius <= 5.7, so this is ~3 ulps.
 ATOL = 1.5e-6
 
 
-def test_backends_cover_cpu_and_triton():
-    # The CPU kernel needs the built extension; Triton runs here only under the interpreter.
-    assert "reference" in BACKENDS
-    if cdm_kernels.has_cpu_kernels():
-        assert "cpu" in BACKENDS
-    assert "triton" in BACKENDS  # tests/conftest.py sets TRITON_INTERPRET=1 without a GPU
+@pytest.fixture
+def triton_device():
+    """Where Triton kernels run in this process: on the GPU, or on the CPU under the interpreter."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if triton_interpreted():
+        return "cpu"
+    pytest.skip("Triton needs a GPU or the interpreter (tests/conftest.py sets it without a GPU)")
+
+
+def test_backends_cover_the_compiled_kernels():
+    names = cdm_kernels.available_backends("randn", "cpu")
+    assert names[: 1 + cdm_kernels.has_cpu_kernels()] == (["cpu"] if cdm_kernels.has_cpu_kernels() else []) + [
+        "reference"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -45,16 +56,19 @@ def test_reference_philox_known_answers(counter, key, expected):
     assert tuple(int(v) for v in out) == expected
 
 
-@pytest.mark.parametrize("seed,offset", CASES)
-def test_triton_randn_matches_reference_bit_for_bit(seed, offset):
+@pytest.mark.parametrize("seed,offset", SEEDS)
+def test_triton_randn_matches_reference_bit_for_bit(triton_device, seed, offset):
     n = 2000
-    ours = cdm_kernels.randn(n, seed, offset, backend="triton")
+    ours = cdm_kernels.randn(n, seed, offset, backend="triton", device=triton_device).cpu()
     ref = torch.from_numpy(philox_randn_reference(n, seed, offset))
-    assert torch.equal(ours, ref)
+    if triton_device == "cpu":  # the interpreter's log/cos are numpy's, the reference's too
+        assert torch.equal(ours, ref)
+    else:
+        assert (ours.double() - ref.double()).abs().max() <= ATOL
 
 
-@pytest.mark.parametrize("seed,offset", CASES)
-def test_triton_kernel_tl_randn_directly(seed, offset):
+@pytest.mark.parametrize("seed,offset", SEEDS)
+def test_triton_kernel_tl_randn_directly(triton_device, seed, offset):
     # Independent of our launcher: a bare kernel calling tl.randn on explicit offsets.
     import triton
     import triton.language as tl
@@ -64,15 +78,15 @@ def test_triton_kernel_tl_randn_directly(seed, offset):
         i = tl.arange(0, N)
         tl.store(out_ptr + i, tl.randn(seed, tl.load(off_ptr + i)))
 
-    offs = torch.arange(256, dtype=torch.int64) * 3 + offset  # strided counters, any order
-    out = torch.empty(256)
+    offs = torch.arange(256, dtype=torch.int64, device=triton_device) * 3 + offset  # strided counters
+    out = torch.empty(256, device=triton_device)
     k[(1,)](out, seed, offs, N=256)
-    full = philox_randn_reference(3 * 256, seed, offset)
-    assert torch.equal(out, torch.from_numpy(full[::3].copy()))
+    full = torch.from_numpy(philox_randn_reference(3 * 256, seed, offset)[::3].copy())
+    assert (out.cpu().double() - full.double()).abs().max() <= (0 if triton_device == "cpu" else ATOL)
 
 
 @pytest.mark.skipif(not cdm_kernels.has_cpu_kernels(), reason="the C++ extension is not built")
-@pytest.mark.parametrize("seed,offset", CASES)
+@pytest.mark.parametrize("seed,offset", SEEDS)
 def test_cpu_randn_matches_tl_randn(seed, offset):
     n = 5000
     ours = cdm_kernels.randn((50, 100), seed, offset, backend="cpu").reshape(-1).double()
@@ -106,17 +120,31 @@ def test_cpu_log_and_cos_polynomials_against_float64():
     assert np.max(np.abs(ours - exact) / (radius * 2.0**-23)) <= 4.0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_consecutive_offsets_continue_one_stream(backend):
-    a = cdm_kernels.randn(600, 5, 100, backend=backend)
-    b = cdm_kernels.randn(200, 5, 500, backend=backend)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("seed,offset", SEEDS)
+def test_every_backend_matches_tl_randn(case, seed, offset):
+    z = cdm_kernels.randn((40, 50), seed, offset, backend=case.backend, device=case.device)
+    assert z.device.type == case.device and z.dtype == torch.float32
+    ref = torch.from_numpy(philox_randn_reference(2000, seed, offset)).double()
+    assert (z.reshape(-1).cpu().double() - ref).abs().max() <= ATOL
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_consecutive_offsets_continue_one_stream(case):
+    a = cdm_kernels.randn(600, 5, 100, backend=case.backend, device=case.device)
+    b = cdm_kernels.randn(200, 5, 500, backend=case.backend, device=case.device)
     assert torch.equal(a[400:], b)
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_opcheck(case):
+    anchor = torch.empty(0, device=case.device)
+    torch.library.opcheck(torch.ops.cdm_kernels.philox_randn.default, (anchor, [3, 5], 7, 11, case.backend))
+
+
 def test_moments_of_standard_normal():
-    backend = BACKENDS[0]
     n = 400_000
-    z = cdm_kernels.randn(n, 2024, 0, backend=backend).double()
+    z = cdm_kernels.randn(n, 2024, 0).double()
     mean, var = z.mean().item(), z.var().item()
     kurt = (((z - mean) ** 4).mean() / var**2).item()
     # Five standard errors: mean 1/sqrt(n), variance sqrt(2/n), kurtosis sqrt(24/n).
@@ -131,11 +159,10 @@ def test_moments_of_standard_normal():
 
 
 def test_independence_across_offsets_and_seeds():
-    backend = BACKENDS[0]
     n = 200_000
-    a = cdm_kernels.randn(n, 11, 0, backend=backend).double()
-    b = cdm_kernels.randn(n, 11, n, backend=backend).double()  # disjoint counters, same seed
-    c = cdm_kernels.randn(n, 12, 0, backend=backend).double()  # same counters, next seed
+    a = cdm_kernels.randn(n, 11, 0).double()
+    b = cdm_kernels.randn(n, 11, n).double()  # disjoint counters, same seed
+    c = cdm_kernels.randn(n, 12, 0).double()  # same counters, next seed
     bound = 5 / math.sqrt(n)
     for u, v in ((a, b), (a, c), (a[:-1], a[1:])):  # the last pair: lag-one autocorrelation
         r = torch.corrcoef(torch.stack([u, v]))[0, 1].item()
@@ -156,19 +183,10 @@ def test_dtype_device_shape():
         (dict(seed=1.5), r"seed must be an int in \[0, 2\*\*63\), got 1.5"),
         (dict(seed=1, offset=-3), "offset must be a non-negative int, got -3"),
         (dict(seed=1, offset=2**63 - 5), "exceeds the 2\\*\\*63 - 1 counter range"),
-        (dict(seed=1, backend="nope"), "backend 'nope' is not available for cpu tensors"),
+        (dict(seed=1, backend="nope"), r"backend must be 'auto' or one of \('reference', 'cpu', 'cuda', 'triton'\), got 'nope'"),
+        (dict(seed=1, backend="cuda"), r"backend 'cuda' is not available for cpu tensors"),
     ],
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         cdm_kernels.randn(10, **kwargs)
-
-
-@pytest.mark.gpu
-def test_cuda_randn_matches_tl_randn():
-    for backend in ("cuda", "triton"):
-        if backend not in randn_backends("cuda"):
-            continue
-        z = cdm_kernels.randn(10_000, 3, 2**32 - 17, device="cuda", backend=backend).cpu().double()
-        ref = torch.from_numpy(philox_randn_reference(10_000, 3, 2**32 - 17)).double()
-        assert (z - ref).abs().max() <= ATOL

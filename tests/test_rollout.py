@@ -1,6 +1,6 @@
 """Rollout steps, consistency_rollout, martingale_loss and edm_schedule against float64
-transcriptions of math.md, on every backend runnable here (reference, cpu, triton under the
-interpreter); autograd by gradcheck; opcheck and torch.compile of the registered ops; bad input."""
+transcriptions of docs/math.md, on every backend (the op x backend matrix of tests/matrix.py);
+autograd by gradcheck; opcheck and torch.compile of the registered ops; bad input."""
 
 import math
 
@@ -8,25 +8,22 @@ import numpy as np
 import pytest
 import torch
 
+from matrix import cases
+
 import cdm_kernels
 from cdm_kernels import rollout_reference as ref
-from cdm_kernels.rollout import (
-    KINDS,
-    _loss_backward_op,
-    _loss_op,
-    _rollout_step_op,
-    available_rollout_backends,
-    step_coefficients,
-)
+from cdm_kernels.rollout import KINDS, _loss_backward_op, _loss_op, _rollout_step_op, step_coefficients
 
-BACKENDS = available_rollout_backends("cpu")
+CASES = cases("rollout_step")
+LOSS_CASES = cases("martingale_loss")
 SHAPES = [(3, 1), (4, 3, 7, 7), (2, 1100)]  # M = 1, 147 and 1100: not multiples of any tile
 EPS = {torch.float32: torch.finfo(torch.float32).eps, torch.float64: torch.finfo(torch.float64).eps}
 
 
 def test_backends_present():
-    assert "reference" in BACKENDS and "triton" in BACKENDS
-    assert ("cpu" in BACKENDS) == cdm_kernels.has_cpu_kernels()
+    names = cdm_kernels.available_backends("rollout_step", "cpu")
+    assert "reference" in names and ("cpu" in names) == cdm_kernels.has_cpu_kernels()
+    assert cdm_kernels.available_backends("martingale_loss", "cpu") == names
 
 
 def _levels(B, dtype=torch.float64):
@@ -68,13 +65,20 @@ def _inputs(shape, dtype, kind):
     return cast(x), cast(D), cast(xe), cast(De), cast(z)
 
 
-def _call(kind, x, D, xe, De, t, tn, backend, **kw):
+def _call(kind, x, D, xe, De, t, tn, case, **kw):
+    """rollout_step on the case's device and backend, results back on the CPU."""
+    x, D, xe, De, t, tn = case.to(x, D, xe, De, t, tn)
+    if "noise" in kw:
+        kw["noise"] = case.to(kw["noise"])[0]
     if kind == "churn":
-        return cdm_kernels.rollout_step(
+        out = cdm_kernels.rollout_step(
             x, None, t, kind="churn", num_steps=kw.pop("num_steps", 4), S_churn=kw.pop("S_churn", 40.0),
-            backend=backend, **kw,
+            backend=case.backend, **kw,
         )
-    return cdm_kernels.rollout_step(x, D, t, tn, kind=kind, x_euler=xe, denoised_euler=De, backend=backend, **kw)
+        return tuple(o.cpu() for o in out)
+    return cdm_kernels.rollout_step(
+        x, D, t, tn, kind=kind, x_euler=xe, denoised_euler=De, backend=case.backend, **kw
+    ).cpu()
 
 
 def _assert_close(out, expected, bound, dtype, what):
@@ -85,17 +89,17 @@ def _assert_close(out, expected, bound, dtype, what):
     assert worst <= 1.0, f"{what}: error {err.max().item():.3g}, {worst:.2f}x the float rounding bound"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_step_explicit_noise(backend, kind, dtype, shape):
+def test_step_explicit_noise(case, kind, dtype, shape):
     x, D, xe, De, z = _inputs(shape, dtype, kind)
     t, tn = _levels(shape[0], dtype)
     if kind == "euler":
         tn[-1] = 0.0  # EDM's last step goes to t_N = 0
     noise = z if kind in ("sde", "churn") else None
-    out = _call(kind, x, D, xe, De, t, tn, backend, noise=noise)
+    out = _call(kind, x, D, xe, De, t, tn, case, noise=noise)
     if kind == "churn":
         out, t_hat = out
         gamma = min(40.0 / 4, math.sqrt(2) - 1)
@@ -103,29 +107,30 @@ def test_step_explicit_noise(backend, kind, dtype, shape):
         tn = t_hat
     assert out.dtype == dtype and out.shape == x.shape
     expected, bound = _expected(kind, x, D, xe, De, t, tn, z)
-    _assert_close(out, expected, bound, dtype, f"{kind} on {backend}")
+    _assert_close(out, expected, bound, dtype, f"{kind} on {case}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("kind", ["sde", "churn"])
 @pytest.mark.parametrize("shape", [(4, 3, 7, 7), (2, 1100)])
-def test_step_in_kernel_noise_is_the_generators(backend, kind, shape):
+def test_step_in_kernel_noise_is_the_generators(case, kind, shape):
     dtype = torch.float32
     x, D, _, _, _ = _inputs(shape, dtype, kind)
     t, tn = _levels(shape[0], dtype)
     seed, offset = 2**33 + 5, 2**32 - 1000  # counters cross 2^32 inside the tensor
-    out = _call(kind, x, D, None, None, t, tn, backend, seed=seed, offset=offset)
+    out = _call(kind, x, D, None, None, t, tn, case, seed=seed, offset=offset)
     if kind == "churn":
         out, tn = out
-    noise_backend = "cpu" if backend == "cpu" else ("triton" if backend == "triton" else "auto")
-    z = cdm_kernels.randn(x.shape, seed, offset, backend=noise_backend)
+    # The same backend's noise kernel (the reference draws with the reference generator).
+    noise_backend = case.backend if case.backend in cdm_kernels.available_backends("randn", case.device) else "auto"
+    z = cdm_kernels.randn(x.shape, seed, offset, backend=noise_backend, device=case.device).cpu()
     expected, bound = _expected(kind, x, D, None, None, t, tn, z)
-    _assert_close(out, expected, bound, dtype, f"{kind} on {backend} with in-kernel noise")
+    _assert_close(out, expected, bound, dtype, f"{kind} on {case} with in-kernel noise")
     # A different offset gives different noise (and the same offset the same).
-    again = _call(kind, x, D, None, None, t, tn if kind != "churn" else None, backend, seed=seed, offset=offset)
+    again = _call(kind, x, D, None, None, t, tn if kind != "churn" else None, case, seed=seed, offset=offset)
     again = again[0] if kind == "churn" else again
     assert torch.equal(out, again)
-    other = _call(kind, x, D, None, None, t, tn if kind != "churn" else None, backend, seed=seed, offset=offset + x.numel())
+    other = _call(kind, x, D, None, None, t, tn if kind != "churn" else None, case, seed=seed, offset=offset + x.numel())
     other = other[0] if kind == "churn" else other
     assert not torch.allclose(out, other)
 
@@ -133,8 +138,9 @@ def test_step_in_kernel_noise_is_the_generators(backend, kind, shape):
 def test_in_kernel_noise_agrees_across_backends():
     x, D, _, _, _ = _inputs((3, 500), torch.float32, "sde")
     t, tn = _levels(3, torch.float32)
-    outs = {b: cdm_kernels.rollout_step(x, D, t, tn, kind="sde", seed=77, offset=3, backend=b) for b in BACKENDS}
-    base = outs["triton"].double()
+    names = cdm_kernels.available_backends("rollout_step", "cpu")
+    outs = {b: cdm_kernels.rollout_step(x, D, t, tn, kind="sde", seed=77, offset=3, backend=b) for b in names}
+    base = outs["reference"].double()
     for b, o in outs.items():
         # Only log/cos roundings of the noise differ (<= 1.5e-6 per unit of noise scale).
         scale = torch.sqrt(2 * (t - tn).abs() * t).double().unsqueeze(1)
@@ -163,10 +169,10 @@ def _step_in(dtype, kind, x, D, z, t, tn):
     return x + 2 * h * (x - D) / t + torch.sqrt(2 * h.abs() * t) * z if kind == "sde" else x + h * (x - D) / t
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("kind", ["sde", "euler"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_inputs_compute_in_float32(backend, kind, dtype):
+def test_low_precision_inputs_compute_in_float32(case, kind, dtype):
     x, D, z, t, tn = _cancelling_inputs(kind, dtype)
     expected, terms = _expected(kind, x, D, None, None, t, tn, z)
     # One rounding to `dtype` (at most half its eps relative) plus float32 arithmetic on the terms.
@@ -179,9 +185,9 @@ def test_low_precision_inputs_compute_in_float32(backend, kind, dtype):
     # float32 then rounded once to `dtype` passes it.
     assert worst(_step_in(dtype, kind, x, D, z, t, tn)) > 4
     assert worst(_step_in(torch.float32, kind, x, D, z, t, tn).to(dtype)) <= 1
-    out = cdm_kernels.rollout_step(x, D, t, tn, kind=kind, noise=z if kind == "sde" else None, backend=backend)
+    out = _call(kind, x, D, None, None, t, tn, case, noise=z if kind == "sde" else None)
     assert out.dtype == dtype and out.shape == x.shape
-    assert worst(out) <= 1, f"{kind} on {backend} in {dtype}: {worst(out):.2f}x the bound"
+    assert worst(out) <= 1, f"{kind} on {case} in {dtype}: {worst(out):.2f}x the bound"
 
 
 def test_t_as_edm_broadcast_shape_and_float():
@@ -224,24 +230,24 @@ def test_heun_is_second_order_on_a_linear_ode():
     assert e_heun[0] / e_heun[1] == pytest.approx(4, rel=0.2)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("kind", KINDS)
-def test_gradcheck_float64(backend, kind):
+def test_gradcheck_float64(case, kind):
     shape = (2, 3)
     x, D, xe, De, z = (
         None if v is None else v.requires_grad_() for v in _inputs(shape, torch.float64, kind)
     )
     t, tn = _levels(2)
     if kind in ("sde", "churn"):
-        fn = lambda x, D, z: _call(kind, x, D, None, None, t, tn, backend, noise=z)  # noqa: E731
+        fn = lambda x, D, z: _call(kind, x, D, None, None, t, tn, case, noise=z)  # noqa: E731
         fn2 = (lambda x, D, z: fn(x, D, z)[0]) if kind == "churn" else fn  # noqa: E731
         args = (x, z) if kind == "churn" else (x, D, z)
         f = (lambda x, z: fn2(x, None, z)) if kind == "churn" else fn2  # noqa: E731
         assert torch.autograd.gradcheck(f, args)
     elif kind == "euler":
-        assert torch.autograd.gradcheck(lambda x, D: _call(kind, x, D, None, None, t, tn, backend), (x, D))
+        assert torch.autograd.gradcheck(lambda x, D: _call(kind, x, D, None, None, t, tn, case), (x, D))
     else:
-        assert torch.autograd.gradcheck(lambda x, D, xe, De: _call(kind, x, D, xe, De, t, tn, backend), (x, D, xe, De))
+        assert torch.autograd.gradcheck(lambda x, D, xe, De: _call(kind, x, D, xe, De, t, tn, case), (x, D, xe, De))
 
 
 def test_gradient_is_math_md_per_sample_scale():
@@ -280,16 +286,18 @@ def _closed_form(sched):
     return A, V
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_consistency_rollout_matches_closed_form_moments(backend):
+@pytest.mark.parametrize("case", CASES)
+def test_consistency_rollout_matches_closed_form_moments(case):
     B, D = 2, 3000
     x_t = torch.randn(B, D) * 2
     sigma = torch.tensor([2.0, 0.4])
     sigma_min = torch.tensor([1.96, 0.38])
     K = 4
     x_final, s_final = cdm_kernels.consistency_rollout(
-        gaussian_denoiser, x_t, sigma, sigma_min, num_steps=6, num_trajectories=K, seed=5, backend=backend
+        gaussian_denoiser, *case.to(x_t, sigma, sigma_min), num_steps=6, num_trajectories=K, seed=5,
+        backend=case.backend,
     )
+    x_final, s_final = x_final.cpu(), s_final.cpu()
     assert x_final.shape == (K, B, D) and torch.equal(s_final, sigma_min)
     sched = cdm_kernels.edm_schedule(sigma.double(), sigma_min.double(), 6)
     for b in range(B):
@@ -352,10 +360,10 @@ def _loss_inputs(shape, dtype):
     return [torch.randn(shape, dtype=torch.float64).to(dtype) for _ in range(4)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", LOSS_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("wshape", ["float", "per_sample", "full", "per_channel"])
-def test_martingale_loss_and_grads(backend, dtype, wshape):
+def test_martingale_loss_and_grads(case, dtype, wshape):
     shape = (3, 2, 5, 7)
     D0, D1a, D1b, y = _loss_inputs(shape, dtype)
     weight = {
@@ -364,8 +372,9 @@ def test_martingale_loss_and_grads(backend, dtype, wshape):
         "full": torch.rand(shape, dtype=dtype) + 0.5,
         "per_channel": torch.rand(1, 2, 1, 1, dtype=dtype) + 0.5,
     }[wshape]
-    leaves = [v.clone().requires_grad_() for v in (D0, D1a, D1b)]
-    loss = cdm_kernels.martingale_loss(*leaves, y, weight, lambda_m=1.7, backend=backend)
+    leaves = [v.clone().to(case.device).requires_grad_() for v in (D0, D1a, D1b)]
+    wd = weight if isinstance(weight, float) else weight.to(case.device)
+    loss = cdm_kernels.martingale_loss(*leaves, y.to(case.device), wd, lambda_m=1.7, backend=case.backend).cpu()
     w = weight if isinstance(weight, float) else weight.double()
     d0, da, db, yy = (v.double() for v in (D0, D1a, D1b, y))
     expected = w * (d0 - yy) ** 2 + 1.7 * (da - d0) * (db - d0)  # math.md 3.1 + 3.6
@@ -375,22 +384,25 @@ def test_martingale_loss_and_grads(backend, dtype, wshape):
     g = torch.randn(shape, dtype=dtype)
     loss.backward(g)
     gd = g.double()
+    leaves = [v.cpu() for v in leaves]
     exp_g0 = gd * (2 * w * (d0 - yy) - 1.7 * ((da - d0) + (db - d0)))
     exp_ga, exp_gb = gd * 1.7 * (db - d0), gd * 1.7 * (da - d0)
-    for got, exp in zip((leaves[0].grad, leaves[1].grad, leaves[2].grad), (exp_g0, exp_ga, exp_gb)):
+    for got, exp in zip((v.grad.cpu() for v in leaves), (exp_g0, exp_ga, exp_gb)):
         scale = gd.abs() * (2 * abs(w if isinstance(w, float) else w) * (d0.abs() + yy.abs()) + 1.7 * (da.abs() + db.abs() + 2 * d0.abs()))
         assert ((got.double() - exp).abs() <= 16 * EPS[dtype] * scale + 1e-300).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_martingale_loss_gradcheck_all_inputs(backend):
-    D0, D1a, D1b, y = (v.requires_grad_() for v in _loss_inputs((2, 3), torch.float64))
-    w = (torch.rand(2, 1, dtype=torch.float64) + 0.5).requires_grad_()
+@pytest.mark.parametrize("case", LOSS_CASES)
+def test_martingale_loss_gradcheck_all_inputs(case):
+    D0, D1a, D1b, y = (v.to(case.device).requires_grad_() for v in _loss_inputs((2, 3), torch.float64))
+    w = (torch.rand(2, 1, dtype=torch.float64, device=case.device) + 0.5).requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda *a: cdm_kernels.martingale_loss(*a, lambda_m=2.0, backend=backend), (D0, D1a, D1b, y, w)
+        lambda *a: cdm_kernels.martingale_loss(*a, lambda_m=2.0, backend=case.backend), (D0, D1a, D1b, y, w)
     )
-    wf = (torch.rand(2, 3, dtype=torch.float64) + 0.5).requires_grad_()
-    assert torch.autograd.gradcheck(lambda *a: cdm_kernels.martingale_loss(*a, backend=backend), (D0, D1a, D1b, y, wf))
+    wf = (torch.rand(2, 3, dtype=torch.float64, device=case.device) + 0.5).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda *a: cdm_kernels.martingale_loss(*a, backend=case.backend), (D0, D1a, D1b, y, wf)
+    )
 
 
 def test_martingale_term_is_unbiased_for_the_squared_bias():
@@ -491,7 +503,7 @@ def _xD():
         (lambda x, D: cdm_kernels.rollout_step(x, None, 1.0, kind="churn", num_steps=4, S_min="0"), ValueError,
          r"S_min must be a number \(not NaN; \+-inf allowed\), got '0'"),
         (lambda x, D: cdm_kernels.rollout_step(x.int(), D, 1.0, 0.5, kind="sde"), TypeError,
-         "x must have a floating dtype, got torch.int32"),
+         r"x must have a floating dtype \(float16, bfloat16, float32 or float64\), got torch.int32"),
         (lambda x, D: cdm_kernels.rollout_step(x, D, 1.0, 0.5, kind="sde", backend="cuda"), ValueError,
          r"backend 'cuda' is not available for cpu tensors"),
         (lambda x, D: cdm_kernels.consistency_rollout(gaussian_denoiser, x, 1.0, 0.5, num_steps=1), ValueError,
@@ -565,9 +577,9 @@ def test_cpu_levels_check_agrees_with_the_reductions(dtype):
     assert decisions == {True, False}
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("kind", KINDS)
-def test_eager_no_grad_launch_equals_the_op(backend, kind):
+def test_eager_no_grad_launch_equals_the_op(case, kind):
     # Without autograd or any mode, rollout_step calls the launcher itself instead of going through
     # cdm_kernels::rollout_step (whose dispatch would only call that launcher): same bits.
     from cdm_kernels.rollout import _dispatch_is_a_plain_call
@@ -576,15 +588,16 @@ def test_eager_no_grad_launch_equals_the_op(backend, kind):
     x, D, xe, De, z = _inputs(shape, torch.float32, kind)
     t, tn = _levels(3, torch.float32)
     if kind == "churn":
-        out, t_hat = _call(kind, x, D, xe, De, t, tn, backend, noise=z)
+        out, t_hat = _call(kind, x, D, xe, De, t, tn, case, noise=z)
         args = (x.reshape(3, -1), x.reshape(3, -1), t, t_hat, None, None, z.reshape(3, -1), 0, 0, kind, 1.0)
     else:
-        out = _call(kind, x, D, xe, De, t, tn, backend, seed=7, offset=5)
+        out = _call(kind, x, D, xe, De, t, tn, case, seed=7, offset=5)
         flat = lambda v: None if v is None else v.reshape(3, -1)  # noqa: E731
         args = (flat(x), flat(D), t, tn, flat(xe), flat(De), None, 7 if kind == "sde" else 0,
                 5 if kind == "sde" else 0, kind, 1.0)
+    args = case.to(*args)
     assert _dispatch_is_a_plain_call(args)
-    assert torch.equal(out, _rollout_step_op(*args, backend).reshape(shape))
+    assert torch.equal(out, _rollout_step_op(*args, case.backend).reshape(shape).cpu())
 
 
 def test_rollout_step_goes_through_the_op_when_dispatch_matters():
@@ -661,11 +674,13 @@ def test_cpu_step_rounds_like_its_float32_formula(kind):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
-def test_opcheck(backend):
+@pytest.mark.parametrize("case", CASES)
+def test_opcheck(case):
     B, M = 2, 5
-    x, D, xe, De, z = (torch.randn(B, M, dtype=torch.float64, requires_grad=True) for _ in range(5))
-    t = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    backend = case.backend
+    x, D, xe, De, z = (torch.randn(B, M, dtype=torch.float64, device=case.device, requires_grad=True)
+                       for _ in range(5))
+    t = torch.tensor([1.0, 2.0], dtype=torch.float64, device=case.device)
     tn = t * 0.5
     for kind, noise in (("sde", z), ("sde", None), ("euler", None)):
         torch.library.opcheck(_rollout_step_op, (x, D, t, tn, None, None, noise, 3, 0, kind, 1.0, backend))
@@ -673,15 +688,16 @@ def test_opcheck(backend):
     torch.library.opcheck(_rollout_step_op, (x, D, t, t_hat, None, None, z, 0, 0, "churn", 1.0, backend))
     torch.library.opcheck(_rollout_step_op, (x, D, t, t_hat, None, None, None, 5, 7, "churn", 1.0, backend))
     torch.library.opcheck(_rollout_step_op, (x, D, t, tn, xe, De, None, 0, 0, "heun", 1.0, backend))
-    w = torch.rand(B, dtype=torch.float64)
+    w = torch.rand(B, dtype=torch.float64, device=case.device)
     torch.library.opcheck(_loss_op, (x, D, xe, De, w, 2.0, backend))
-    torch.library.opcheck(_loss_op, (x, D, xe, De, torch.rand(B, M, dtype=torch.float64), 2.0, backend))
-    g = torch.randn(B, M, dtype=torch.float64)
+    torch.library.opcheck(_loss_op, (x, D, xe, De, torch.rand(B, M, dtype=torch.float64, device=case.device), 2.0,
+                                     backend))
+    g = torch.randn(B, M, dtype=torch.float64, device=case.device)
     torch.library.opcheck(_loss_backward_op, (g, x.detach(), D.detach(), xe.detach(), De.detach(), w, 2.0, backend))
 
 
 def test_torch_compile():
-    backend = BACKENDS[0]
+    backend = cdm_kernels.resolve_backend("rollout_step", "cpu")
     x, D, _, _, z = _inputs((2, 3, 4), torch.float32, "sde")
     y = torch.randn_like(x)
     t, tn = _levels(2, torch.float32)
@@ -698,32 +714,3 @@ def test_torch_compile():
     eager.sum().backward()
     comp.sum().backward()
     assert torch.allclose(Dg.grad, Dc.grad, rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("kind", KINDS)
-def test_cuda_backends_match_reference(kind):
-    for backend in available_rollout_backends("cuda"):
-        x, D, xe, De, z = (None if v is None else v.cuda() for v in _inputs((4, 3, 7, 7), torch.float32, kind))
-        t, tn = (v.cuda() for v in _levels(4, torch.float32))
-        out = _call(kind, x, D, xe, De, t, tn, backend, noise=z if kind in ("sde", "churn") else None)
-        if kind == "churn":
-            out, tn = out
-        expected, bound = _expected(kind, x, D, xe, De, t, tn, z)
-        _assert_close(out, expected, bound, torch.float32, f"{kind} on {backend}")
-
-
-@pytest.mark.gpu
-def test_cuda_in_kernel_noise_and_martingale_loss():
-    for backend in available_rollout_backends("cuda"):
-        x, D, _, _, _ = (None if v is None else v.cuda() for v in _inputs((3, 2, 33, 33), torch.float32, "sde"))
-        t, tn = (v.cuda() for v in _levels(3, torch.float32))
-        out = cdm_kernels.rollout_step(x, D, t, tn, kind="sde", seed=2**33 + 1, offset=2**32 - 7, backend=backend)
-        z = cdm_kernels.randn(x.shape, 2**33 + 1, 2**32 - 7, device="cuda", backend="triton" if backend == "triton" else "auto")
-        expected, bound = _expected("sde", x, D, None, None, t, tn, z)
-        _assert_close(out, expected, bound, torch.float32, f"sde on {backend} with in-kernel noise")
-        D0, D1a, D1b, y = (v.cuda().requires_grad_() for v in _loss_inputs((3, 2, 5, 5), torch.float64))
-        w = (torch.rand(3, 1, 1, 1, dtype=torch.float64, device="cuda") + 0.5).requires_grad_()
-        assert torch.autograd.gradcheck(
-            lambda *a: cdm_kernels.martingale_loss(*a, backend=backend), (D0, D1a, D1b, y, w)
-        )

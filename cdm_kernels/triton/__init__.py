@@ -1,26 +1,10 @@
-"""Triton backend of cdm_kernels: registers itself as backend "triton" of the package's ops.
+"""Triton kernels of cdm_kernels: backend "triton" of every op family (registered, with the other
+backends, in cdm_kernels/backends.py; these modules are imported on first use).
 
-For CUDA tensors always; for CPU tensors too when TRITON_INTERPRET=1 was set before triton was first
-imported (then the kernels run for real on the CPU under Triton's interpreter; that is how CI tests
-them). Precision modes: "ieee" (exact, the default), "tf32", "bf16".
+    stf.py       stf_forward, stf_backward          (op family stf_target)
+    rollout.py   rollout_step, martingale_loss_*,   (rollout_step, martingale_loss, randn)
+                 philox_randn
+
+They run on CUDA tensors, and on CPU tensors when TRITON_INTERPRET=1 was set before triton was first
+imported (the Triton interpreter: how the tests run them without a GPU).
 """
-
-import os
-
-from .. import stf as _stf
-from . import stf
-
-__all__ = ["stf"]
-
-
-def _forward(x, sigma, ref, ref_sqnorm, chunk_size, precision):
-    return stf.stf_forward(x, sigma, ref, ref_sqnorm, chunk_size, precision)
-
-
-def _backward(grad_mu, grad_lse, x, sigma, ref, ref_sqnorm, mu, aux, chunk_size, precision, ref_grad):
-    return stf.stf_backward(grad_mu, grad_lse, x, sigma, ref, ref_sqnorm, mu, aux, chunk_size, precision, ref_grad)
-
-
-_stf.register_backend("triton", "cuda", _forward, _backward, precisions=stf.PRECISIONS)
-if os.environ.get("TRITON_INTERPRET") == "1":
-    _stf.register_backend("triton", "cpu", _forward, _backward, precisions=stf.PRECISIONS)

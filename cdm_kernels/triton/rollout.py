@@ -1,11 +1,13 @@
-"""Triton kernels of the rollout steps, Philox noise and the martingale loss (math.md 2-3).
+"""Triton kernels of the rollout steps, Philox noise and the martingale loss (docs/math.md): backend
+"triton" of the op families rollout_step, martingale_loss and randn.
 
 The same arithmetic as csrc/rollout_math.h, block by block: per row (one sample), the step's
-coefficients from t_cur, t_next; per element, a few multiply-adds. Noise is `tl.randn(seed,
-offset + flat index)`, the construction csrc/philox.h reproduces, so every backend draws the same
-numbers. Launchers take (B, M) contiguous tensors of one float dtype; a grid of (B, cdiv(M, BLOCK))
-programs, each reading x and D once and writing x' once. Under TRITON_INTERPRET=1 the kernels run
-on CPU tensors (how the tests run them).
+coefficients from t_cur, t_next (NaN for a sample whose levels are not valid, as rollout_math.h's
+step_coef: its row of x' is NaN, never a plausible value); per element, a few multiply-adds. Noise
+is `tl.randn(seed, offset + flat index)`, the construction csrc/philox.h reproduces, so every backend
+draws the same numbers. The launchers (contract: cdm_kernels/contract.py) take (B, M) contiguous
+tensors of one float dtype; a grid of (B, cdiv(M, BLOCK)) programs, each reading x and D once and
+writing x' once. Under TRITON_INTERPRET=1 the kernels run on CPU tensors (how the tests run them).
 """
 
 from __future__ import annotations
@@ -37,6 +39,15 @@ def _rollout_step_kernel(
     idx = row.to(tl.int64) * M + cols
     t = tl.load(tc_ptr + row)
     tn = tl.load(tn_ptr + row)
+    # rollout_math.h, levels_ok: 0 < t < inf and 0 <= t' <= t (t' > 0 for Heun; t_hat >= t for churn).
+    ok = (t > 0) & (t - t == 0)
+    if KIND == 3:
+        ok = ok & (tn >= t) & (tn - tn == 0)
+    elif KIND == 2:
+        ok = ok & (tn > 0) & (tn <= t)
+    else:
+        ok = ok & (tn >= 0) & (tn <= t)
+    t = tl.where(ok, t, float("nan"))
     h = tn - t
     x = tl.load(x_ptr + idx, mask=mask)
     if KIND == 0 or KIND == 3:  # stochastic steps: noise passed in, or drawn here
@@ -95,9 +106,10 @@ def _martingale_kernel(
         tl.store(out_ptr + idx, w * r * r + lambda_m * ea * eb, mask=mask)
 
 
-def philox_randn(device, shape, seed: int, offset: int) -> torch.Tensor:
-    """float32 tensor of `shape`: tl.randn(seed, offset + flat index)."""
-    out = torch.empty(shape, device=device, dtype=torch.float32)
+def philox_randn(anchor: torch.Tensor, shape, seed: int, offset: int) -> torch.Tensor:
+    """Launcher of `cdm_kernels::philox_randn`: float32 tensor of `shape` on anchor's device,
+    tl.randn(seed, offset + flat index)."""
+    out = torch.empty(shape, device=anchor.device, dtype=torch.float32)
     n = out.numel()
     if n:
         _philox_randn_kernel[(triton.cdiv(n, BLOCK),)](out, n, seed, offset, BLOCK=BLOCK)
@@ -109,7 +121,7 @@ def _block(M: int) -> int:
 
 
 def rollout_step(x, denoised, t_cur, t_next, x_euler, denoised_euler, noise, seed, offset, kind, s_noise):
-    """Launcher of `cdm_kernels::rollout_step` (argument conventions of rollout.register_backend)."""
+    """Launcher of `cdm_kernels::rollout_step` (arguments: cdm_kernels/contract.py)."""
     B, M = x.shape
     out = torch.empty_like(x)
     blk = _block(M)

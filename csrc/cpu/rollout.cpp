@@ -9,8 +9,7 @@
 // for AVX-512, AVX2 or baseline x86-64, whichever the CPU has), so no tile-sized temporary ever
 // leaves the L1 cache.
 //
-// This file also defines the schemas of every rollout op of cdm_kernels_C; the CUDA
-// implementations register against them in csrc/cuda/rollout_cuda.cpp.
+// The ops' schemas are in csrc/ops.cpp, their contract checks in csrc/contract.h.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -19,6 +18,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "contract.h"
 #include "cpu/rollout_cpu.h"
 #include "philox.h"
 #include "rollout_math.h"
@@ -179,7 +179,7 @@ void philox_tile(uint64_t seed, uint64_t counter0, int64_t n, float* z) {
 }
 
 at::Tensor philox_randn_cpu(const at::Tensor& anchor, at::IntArrayRef shape, int64_t seed, int64_t offset) {
-  TORCH_CHECK(seed >= 0 && offset >= 0, "philox_randn: seed and offset must be >= 0, got ", seed, ", ", offset);
+  contract::philox("philox_randn (cpu)", seed, offset);
   at::Tensor out = at::empty(shape, anchor.options().dtype(at::kFloat));
   float* p = out.data_ptr<float>();
   at::parallel_for(0, out.numel(), kGrain, [&](int64_t begin, int64_t end) {
@@ -189,13 +189,6 @@ at::Tensor philox_randn_cpu(const at::Tensor& anchor, at::IntArrayRef shape, int
     }
   });
   return out;
-}
-
-void check_flat(const at::Tensor& t, const char* name, const at::Tensor& x) {
-  TORCH_CHECK(t.sizes() == x.sizes(), "rollout_step: ", name, " must have x's shape ", x.sizes(), ", got ",
-              t.sizes());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "rollout_step: ", name, " must have x's dtype");
-  TORCH_CHECK(t.is_contiguous(), "rollout_step: ", name, " must be contiguous");
 }
 
 // Always inlined: into each target clone of step_range_simd below, which vectorises it for its ISA.
@@ -268,25 +261,10 @@ CDM_ROLLOUT_CLONES void step_range_simd(CDM_STEP_RANGE_ARGS(double)) {
 at::Tensor rollout_step_cpu(const at::Tensor& x, const at::Tensor& denoised, const at::Tensor& t_cur,
                             const at::Tensor& t_next, const c10::optional<at::Tensor>& x_euler,
                             const c10::optional<at::Tensor>& denoised_euler, const c10::optional<at::Tensor>& noise,
-                            int64_t seed, int64_t offset, int64_t kind, double s_noise) {
-  TORCH_CHECK(kind >= 0 && kind < KIND_COUNT, "rollout_step: unknown kind ", kind);
-  TORCH_CHECK(x.dim() == 2, "rollout_step: x must be (B, M), got ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "rollout_step: x must be float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK(x.is_contiguous(), "rollout_step: x must be contiguous");
-  check_flat(denoised, "denoised", x);
+                            int64_t seed, int64_t offset, c10::string_view kind_name, double s_noise) {
+  const int kind = contract::rollout_step("rollout_step (cpu)", x, denoised, t_cur, t_next, x_euler, denoised_euler,
+                                          noise, seed, offset, kind_name);
   const int64_t B = x.size(0), M = x.size(1);
-  for (const at::Tensor* t : {&t_cur, &t_next}) {
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == B && t->scalar_type() == x.scalar_type() && t->is_contiguous(),
-                "rollout_step: t_cur and t_next must be contiguous (B,) = (", B, ",) of x's dtype, got ", t->sizes());
-  }
-  if (kind == KIND_HEUN) {
-    TORCH_CHECK(x_euler.has_value() && denoised_euler.has_value(), "rollout_step: heun needs x_euler and denoised_euler");
-    check_flat(*x_euler, "x_euler", x);
-    check_flat(*denoised_euler, "denoised_euler", x);
-  }
-  if (noise.has_value()) check_flat(*noise, "noise", x);
-  TORCH_CHECK(seed >= 0 && offset >= 0, "rollout_step: seed and offset must be >= 0");
   at::Tensor out = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rollout_step_cpu", [&] {
     const scalar_t* xe = kind == KIND_HEUN ? x_euler->data_ptr<scalar_t>() : nullptr;
@@ -303,22 +281,6 @@ at::Tensor rollout_step_cpu(const at::Tensor& x, const at::Tensor& denoised, con
     });
   });
   return out;
-}
-
-// weight is (B,) (one per sample) or (B, M).
-void check_loss(const at::Tensor& D0, std::initializer_list<const at::Tensor*> others, const at::Tensor& weight) {
-  TORCH_CHECK(D0.dim() == 2 && D0.is_contiguous(), "martingale_loss: D0 must be contiguous (B, M), got ", D0.sizes());
-  TORCH_CHECK(D0.scalar_type() == at::kFloat || D0.scalar_type() == at::kDouble,
-              "martingale_loss: tensors must be float32 or float64, got ", D0.scalar_type());
-  for (const at::Tensor* t : others) {
-    TORCH_CHECK(t->sizes() == D0.sizes() && t->scalar_type() == D0.scalar_type() && t->is_contiguous(),
-                "martingale_loss: every input must be a contiguous ", D0.sizes(), " tensor of D0's dtype, got ",
-                t->sizes());
-  }
-  const bool per_row = weight.dim() == 1 && weight.size(0) == D0.size(0);
-  TORCH_CHECK((per_row || weight.sizes() == D0.sizes()) && weight.scalar_type() == D0.scalar_type() &&
-                  weight.is_contiguous(),
-              "martingale_loss: weight must be contiguous (B,) or (B, M) of D0's dtype, got ", weight.sizes());
 }
 
 // Runs f(i, w_i) over all flat indices, in parallel, with w_i the weight of element i.
@@ -343,7 +305,7 @@ void for_each_weighted(const at::Tensor& D0, const at::Tensor& weight, F f) {
 
 at::Tensor martingale_loss_cpu(const at::Tensor& D0, const at::Tensor& D1a, const at::Tensor& D1b,
                                const at::Tensor& y, const at::Tensor& weight, double lambda_m) {
-  check_loss(D0, {&D1a, &D1b, &y}, weight);
+  contract::martingale("martingale_loss (cpu)", D0, {&D1a, &D1b, &y}, weight);
   at::Tensor out = at::empty_like(D0);
   AT_DISPATCH_FLOATING_TYPES(D0.scalar_type(), "martingale_loss_cpu", [&] {
     const scalar_t *d0 = D0.data_ptr<scalar_t>(), *da = D1a.data_ptr<scalar_t>(), *db = D1b.data_ptr<scalar_t>(),
@@ -360,7 +322,7 @@ at::Tensor martingale_loss_cpu(const at::Tensor& D0, const at::Tensor& D1a, cons
 std::tuple<at::Tensor, at::Tensor, at::Tensor> martingale_loss_backward_cpu(
     const at::Tensor& grad, const at::Tensor& D0, const at::Tensor& D1a, const at::Tensor& D1b, const at::Tensor& y,
     const at::Tensor& weight, double lambda_m) {
-  check_loss(D0, {&grad, &D1a, &D1b, &y}, weight);
+  contract::martingale("martingale_loss_backward (cpu)", D0, {&grad, &D1a, &D1b, &y}, weight);
   at::Tensor g0 = at::empty_like(D0), ga = at::empty_like(D0), gb = at::empty_like(D0);
   AT_DISPATCH_FLOATING_TYPES(D0.scalar_type(), "martingale_loss_backward_cpu", [&] {
     const scalar_t *g = grad.data_ptr<scalar_t>(), *d0 = D0.data_ptr<scalar_t>(), *da = D1a.data_ptr<scalar_t>(),
@@ -400,20 +362,9 @@ bool levels_valid(const at::Tensor& t_cur, const c10::optional<at::Tensor>& t_ne
 }  // namespace rollout
 }  // namespace cdm
 
-TORCH_LIBRARY_FRAGMENT(cdm_kernels_C, m) {
-  m.def("philox_randn(Tensor anchor, int[] shape, int seed, int offset) -> Tensor");
-  m.def(
-      "rollout_step(Tensor x, Tensor denoised, Tensor t_cur, Tensor t_next, Tensor? x_euler, "
-      "Tensor? denoised_euler, Tensor? noise, int seed, int offset, int kind, float s_noise) -> Tensor");
-  m.def("martingale_loss(Tensor D0, Tensor D1a, Tensor D1b, Tensor y, Tensor weight, float lambda_m) -> Tensor");
-  m.def(
-      "martingale_loss_backward(Tensor grad, Tensor D0, Tensor D1a, Tensor D1b, Tensor y, Tensor weight, "
-      "float lambda_m) -> (Tensor, Tensor, Tensor)");
-}
-
 TORCH_LIBRARY_IMPL(cdm_kernels_C, CPU, m) {
   m.impl("philox_randn", &cdm::rollout::philox_randn_cpu);
   m.impl("rollout_step", &cdm::rollout::rollout_step_cpu);
-  m.impl("martingale_loss", &cdm::rollout::martingale_loss_cpu);
+  m.impl("martingale_loss_forward", &cdm::rollout::martingale_loss_cpu);
   m.impl("martingale_loss_backward", &cdm::rollout::martingale_loss_backward_cpu);
 }

@@ -1,24 +1,27 @@
-// CUDA kernels of the rollout steps, Philox noise and the martingale loss (math.md 2-3).
+// CUDA kernels of the rollout steps, Philox noise and the martingale loss (docs/math.md).
 //
-// Only the CUDA runtime and the project's headers: the per-element arithmetic is the
-// __host__ __device__ code of rollout_math.h and philox.h, which the CPU backend executes and the
-// tests check. Torch glue (streams, guards, checks, registration) is in rollout_cuda.cpp, which
-// includes no CUDA header at all: launchers take the stream as void* and return nullptr or the
-// CUDA error string, so the glue compiles with the host compiler alone.
+// Only the CUDA runtime and the project's headers: the per-element arithmetic is the CDM_HD code of
+// rollout_math.h and philox.h, which the CPU backend executes and the tests check (invalid noise
+// levels give NaN rows there, so no launch waits for a host-side check). Torch glue (streams,
+// guards, checks, registration) is in rollout_cuda.cpp; the convention between them is
+// csrc/cuda/launch.h's.
 //
 // Layout: (B, M) contiguous. A 2-D grid, blockIdx.x over column tiles, blockIdx.y striding over
 // rows (B may exceed the 65535 limit of gridDim.y); each block computes its row's coefficients
 // once and each thread handles kItems elements, so x and D are read once and x' written once.
-#include <cuda_runtime.h>
-
 #include <cstdint>
 
+#include "cuda/launch.h"
+#include "cuda/rollout_cuda.h"
 #include "philox.h"
 #include "rollout_math.h"
 
 namespace cdm {
 namespace rollout {
 namespace cuda {
+
+using cdm::cuda::as_stream;
+using cdm::cuda::launch_status;
 
 constexpr int kThreads = 256;
 constexpr int kItems = 4;
@@ -82,11 +85,6 @@ __global__ void martingale_kernel(const T* __restrict__ grad, const T* __restric
   }
 }
 
-const char* launch_status() {
-  const cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
-}
-
 dim3 grid_for(int64_t B, int64_t M) {
   const int64_t gx = (M + kTileCols - 1) / kTileCols;
   return dim3(static_cast<unsigned>(gx), static_cast<unsigned>(B < kMaxGridY ? B : kMaxGridY));
@@ -96,7 +94,7 @@ const char* launch_philox_randn(float* out, int64_t n, uint64_t seed, uint64_t o
   if (n == 0) return nullptr;
   const int64_t blocks = (n + kThreads - 1) / kThreads;
   const unsigned grid = static_cast<unsigned>(blocks < (1 << 20) ? blocks : (1 << 20));
-  philox_randn_kernel<<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(out, n, seed, offset);
+  philox_randn_kernel<<<grid, kThreads, 0, as_stream(stream)>>>(out, n, seed, offset);
   return launch_status();
 }
 
@@ -105,7 +103,7 @@ const char* launch_rollout_step(const T* x, const T* D, const T* xe, const T* De
                                 const T* t_next, T s_noise, uint64_t seed, uint64_t offset, int64_t B, int64_t M,
                                 int kind, T* out, void* stream) {
   if (B == 0 || M == 0) return nullptr;
-  rollout_step_kernel<T><<<grid_for(B, M), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(x, D, xe, De, noise, t_cur, t_next, s_noise, seed,
+  rollout_step_kernel<T><<<grid_for(B, M), kThreads, 0, as_stream(stream)>>>(x, D, xe, De, noise, t_cur, t_next, s_noise, seed,
                                                                    offset, B, M, kind, out);
   return launch_status();
 }
@@ -115,7 +113,7 @@ const char* launch_martingale(const T* grad, const T* D0, const T* D1a, const T*
                               bool per_row, T lambda_m, int64_t B, int64_t M, T* out, T* ga, T* gb,
                               void* stream) {
   if (B == 0 || M == 0) return nullptr;
-  martingale_kernel<T><<<grid_for(B, M), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(grad, D0, D1a, D1b, y, w, per_row, lambda_m, B, M,
+  martingale_kernel<T><<<grid_for(B, M), kThreads, 0, as_stream(stream)>>>(grad, D0, D1a, D1b, y, w, per_row, lambda_m, B, M,
                                                                 out, ga, gb);
   return launch_status();
 }
