@@ -1,18 +1,9 @@
-"""The stable target over references sharded across processes (math.md section 1, the merge).
+"""The stable target over references sharded across processes (docs/math.md, "Streaming").
 
 With data-parallel training each process can hold its own slice of a large reference set. The
-stable target of a query must still be taken over the union of all slices; the log-sum-exp merge of
-partial states makes that exact with a handful of collectives and no process ever holding the union:
-
-  1. all_gather every process's queries x and noise levels sigma (padded to the largest batch);
-  2. each process computes the partial state (m, l, l2, t, a) of ALL queries over its local shard,
-     with the fused stable-target op of its device (`cdm_kernels::stf_forward`, any backend);
-  3. all_reduce(MAX) of m, rescale the local sums to the global m, all_reduce(SUM) of (l, l2, t, a);
-  4. finalize, and keep the rows of the local queries.
-
-Traffic per call: the gathered queries (world B_max D) plus one reduction of world B_max (D + 3)
-numbers. Works with any backend of torch.distributed that has all_gather and all_reduce (gloo on the
-CPU, NCCL on GPUs): every tensor stays on x's device.
+stable target of a query must still be taken over the union of all slices; the exact merge of
+partial states makes that possible with a handful of collectives and no process ever holding the
+union (`stf_target_sharded` says how).
 """
 
 from __future__ import annotations
@@ -21,8 +12,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import stf_reference
-from .stf import PRECISIONS, _check_float, _check_sigma, _compute_dtype, default_chunk_size, resolve_backend
+from . import registry, stf_reference
+from .checks import compute_dtype
+from .contract import AUX_DBAR, AUX_DMIN, AUX_LOGL, AUX_NEFF
+from .stf import _deprecated_norms, check_chunk_and_precision, check_queries_and_refs, check_sigma
 
 __all__ = ["stf_target_sharded"]
 
@@ -37,23 +30,77 @@ def _all_gather_padded(t: Tensor, rows: int, max_rows: int, world: int, group) -
     return torch.cat(out)
 
 
-def _shard_state(xs: Tensor, sigmas: Tensor, r2: Tensor, norms: Tensor, chunk_size, backend, precision):
+def _shard_state(xs: Tensor, sigmas: Tensor, shard: Tensor, chunk_size: int, backend: str, precision: str):
     """The partial state of every query over this process's shard, from the fused forward op.
 
-    The op returns the shard's finished softmax; written as a partial state whose reference level
-    is the shard's own log-normaliser zlse (instead of the row maximum), e_ij = w_ij, so
-        m = zlse,  l = 1,  a = mu,  l2 = sum_j w_ij^2 = 1 / n_eff,
-        t = sum_j w_ij (z_ij - zlse) = (||x_i||^2 - d_bar_i) / (2 sigma_i^2) - zlse
-    (d_ij = ||x_i||^2 - 2 sigma_i^2 z_ij), which merges exactly like the streaming state.
+    The op returns the shard's finished softmax. Each shard has its own centre, so the state is
+    written in full squared distances, at the reference level lambda_i = -lse_i / k_i, at which
+    exp(-(d - lambda) k) is the shard's own normalised weight w_ij (k = 1 / (2 sigma^2)):
+        m = lambda,  l = 1,  l2 = sum_j w_ij^2 = 1 / n_eff,  t = sum_j w_ij (d_ij - lambda) = d_bar - lambda,
+        a = mu (absolute coordinates),
+    which merges exactly like the streaming state (docs/math.md, "Streaming in distance space").
+    lambda = d_min - log(l) / k from aux (d_min exact), so that a sigma whose k overflowed stays finite.
     """
-    if r2.shape[0] == 0:
-        return stf_reference.empty_state(xs)
-    chunk = chunk_size or default_chunk_size(xs.shape[0], r2.shape[0], xs.shape[1])
-    mu, _, aux = torch.ops.cdm_kernels.stf_forward(xs, sigmas, r2, norms, chunk, backend, precision)
-    zlse = aux[:, stf_reference.AUX_ZLSE]
-    s2 = sigmas * sigmas
-    t = ((xs * xs).sum(1) - aux[:, stf_reference.AUX_DBAR]) / (2 * s2) - zlse
-    return stf_reference.State(zlse, torch.ones_like(zlse), 1.0 / aux[:, stf_reference.AUX_NEFF], t, mu)
+    B, D = xs.shape
+    if shard.shape[0] == 0:
+        return stf_reference.empty_state(B, D, xs)
+    centre = stf_reference.centre_of(shard)
+    mu, _, aux = torch.ops.cdm_kernels.stf_forward(xs, sigmas, shard, centre, chunk_size, precision, backend)
+    k = stf_reference.half_inv_sq(sigmas)
+    level = aux[:, AUX_DMIN] - aux[:, AUX_LOGL] / k
+    ones = torch.ones_like(level)
+    no_arg = torch.full(level.shape, -1, dtype=torch.int64, device=level.device)  # not needed after the op
+    return stf_reference.State(level, ones, 1.0 / aux[:, AUX_NEFF], aux[:, AUX_DBAR] - level, mu, no_arg)
+
+
+def _merge_across(state: stf_reference.State, sigmas: Tensor, group) -> stf_reference.State:
+    """The exact merge of every process's state: all_reduce(MIN) of the reference levels, each
+    local state rebased to the global one (an empty shard stays at 0), all_reduce(SUM) of the sums."""
+    m = state.m.clone()
+    dist.all_reduce(m, op=dist.ReduceOp.MIN, group=group)
+    state = stf_reference.rebase(state, m, stf_reference.half_inv_sq(sigmas))
+    sums = torch.cat([state.l[:, None], state.l2[:, None], state.t[:, None], state.a], dim=1).contiguous()
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    return stf_reference.State(m, sums[:, 0], sums[:, 1], sums[:, 2], sums[:, 3:], state.arg)
+
+
+def _sizes_of_every_process(B: int, n_local: int, D: int, device, group) -> list[list[int]]:
+    """(B, n_local, D) of every process, by rank: the only host synchronisation, needed for the shapes
+    (and so that a mismatch is a clear error on every process rather than a hang)."""
+    world = dist.get_world_size(group)
+    sizes = torch.tensor([B, n_local, D], dtype=torch.int64, device=device)
+    all_sizes = [torch.empty_like(sizes) for _ in range(world)]
+    dist.all_gather(all_sizes, sizes, group=group)
+    all_sizes = torch.stack(all_sizes).tolist()
+    dims = [d for _, _, d in all_sizes]
+    if len(set(dims)) > 1:
+        raise ValueError(
+            f"every process must pass x and ref_shard with the same number of elements per sample; "
+            f"got D = {dims} (by rank in the group)"
+        )
+    if sum(n for _, n, _ in all_sizes) == 0:
+        raise ValueError("every process's ref_shard is empty: the stable target needs at least one reference")
+    return all_sizes
+
+
+def _check_collective(x, sigma, ref_shard, group) -> tuple[int, int]:
+    """The user-facing checks particular to the sharded call; returns (world size, rank)."""
+    if torch.is_grad_enabled() and (
+        x.requires_grad or ref_shard.requires_grad or (isinstance(sigma, Tensor) and sigma.requires_grad)
+    ):
+        raise RuntimeError(
+            "stf_target_sharded computes the training target only (no backward through the collectives); "
+            "call it under torch.no_grad() or pass detached x, sigma and ref_shard"
+        )
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "stf_target_sharded needs an initialized torch.distributed process group "
+            "(torch.distributed.init_process_group); for one process use cdm_kernels.stf_target"
+        )
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise RuntimeError("stf_target_sharded: this process is not a member of `group`")
+    return dist.get_world_size(group), rank
 
 
 def stf_target_sharded(
@@ -77,107 +124,47 @@ def stf_target_sharded(
     Forward only: it is meant for the training target, computed under `torch.no_grad()`; it raises
     if called with grad mode on and an input that requires grad.
 
+    Steps: all_gather every process's queries and noise levels (padded to the largest batch); each
+    process takes the partial state of ALL queries over its shard with the fused op of its device
+    (`_shard_state`); the states merge exactly across processes (`_merge_across`); each process keeps
+    its own rows. Traffic per call: the gathered queries (world B_max D) plus one reduction of
+    world B_max (D + 3) numbers. Works with any torch.distributed backend that has all_gather and
+    all_reduce (gloo on the CPU, NCCL on GPUs): every tensor stays on x's device.
+
     Args:
         x: this process's queries, shape (B, *S), float16/bfloat16/float32/float64.
         sigma: their noise levels, > 0 and finite: shape (B,), (B, 1, ..., 1) or a float.
         ref_shard: this process's references, shape (n_local, *S), n_local >= 0, x's dtype and device.
         group: the torch.distributed process group (None: the default group).
-        ref_sqnorm: optional cached ||r_j||^2 of the shard, shape (n_local,) (`cdm_kernels.ref_sqnorm`).
+        ref_sqnorm: deprecated and ignored, as in `stf_target`.
         chunk_size: references per streaming chunk; None picks one.
-        backend, precision: of the local computation, as in `stf_target` ("auto" picks the fastest
-            backend registered for x's device).
+        backend, precision: of the local computation, as in `stf_target`.
         return_lse: also return lse_i = log sum_j exp(-||x_i - r_j||^2 / (2 sigma_i^2)), shape (B,).
 
     Returns mu with x's shape and dtype (and lse in the compute dtype if asked), equal to
     `stf_target(x, sigma, torch.cat(all shards))` up to rounding. Arithmetic is float32 for
     float16/bfloat16/float32 inputs and float64 for float64 inputs.
     """
-    _check_float(x, "x")
-    _check_float(ref_shard, "ref_shard")
-    if torch.is_grad_enabled() and (
-        x.requires_grad or ref_shard.requires_grad or (isinstance(sigma, Tensor) and sigma.requires_grad)
-    ):
-        raise RuntimeError(
-            "stf_target_sharded computes the training target only (no backward through the collectives); "
-            "call it under torch.no_grad() or pass detached x, sigma and ref_shard"
-        )
-    if x.dim() < 1:
-        raise ValueError("x must have shape (B, *S) with at least one dimension, got a 0-d tensor")
-    if ref_shard.dim() < 1 or tuple(ref_shard.shape[1:]) != tuple(x.shape[1:]):
-        raise ValueError(
-            f"ref_shard must have shape (n_local, *S) with the trailing shape S = {tuple(x.shape[1:])} of x; "
-            f"got {tuple(ref_shard.shape)}"
-        )
-    if ref_shard.device != x.device:
-        raise ValueError(f"ref_shard is on {ref_shard.device} but x is on {x.device}; put them on one device")
-    if ref_shard.dtype != x.dtype:
-        raise TypeError(f"ref_shard has dtype {ref_shard.dtype} but x has dtype {x.dtype}; they must match")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    name = resolve_backend(x.device, backend, precision)
-    B, n_local = x.shape[0], ref_shard.shape[0]
-    dtype = _compute_dtype(x.dtype)
-    sig = _check_sigma(sigma, B, x, dtype)
-    x2 = x.detach().reshape(B, -1).to(dtype)
-    D = x2.shape[1]
-    r2 = ref_shard.detach().reshape(n_local, D).to(dtype)
-    if ref_sqnorm is None:
-        norms = (r2 * r2).sum(1)
-    else:
-        if not isinstance(ref_sqnorm, Tensor) or tuple(ref_sqnorm.shape) != (n_local,):
-            got = tuple(ref_sqnorm.shape) if isinstance(ref_sqnorm, Tensor) else type(ref_sqnorm).__name__
-            raise ValueError(f"ref_sqnorm must be a tensor of shape (n_local,) = ({n_local},), got {got}")
-        if ref_sqnorm.device != x.device:
-            raise ValueError(f"ref_sqnorm is on {ref_sqnorm.device} but x is on {x.device}")
-        norms = ref_sqnorm.detach().to(dtype)
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError(
-            "stf_target_sharded needs an initialized torch.distributed process group "
-            "(torch.distributed.init_process_group); for one process use cdm_kernels.stf_target"
-        )
-
-    world = dist.get_world_size(group)
-    rank = dist.get_rank(group)
-    if rank < 0:
-        raise RuntimeError("stf_target_sharded: this process is not a member of `group`")
-    # Batch size, shard size and D of every process: the only host synchronisation, needed for the
-    # shapes (and so that a mismatch is a clear error on every process rather than a hang).
-    sizes = torch.tensor([B, n_local, D], dtype=torch.int64, device=x.device)
-    all_sizes = [torch.empty_like(sizes) for _ in range(world)]
-    dist.all_gather(all_sizes, sizes, group=group)
-    all_sizes = torch.stack(all_sizes).tolist()
-    dims = [d for _, _, d in all_sizes]
-    if len(set(dims)) > 1:
-        raise ValueError(
-            f"every process must pass x and ref_shard with the same number of elements per sample; "
-            f"got D = {dims} (by rank in the group)"
-        )
-    if sum(n for _, n, _ in all_sizes) == 0:
-        raise ValueError("every process's ref_shard is empty: the stable target needs at least one reference")
+    B, n_local, D = check_queries_and_refs(x, ref_shard, "ref_shard", "n_local")
+    dtype = compute_dtype(x.dtype)
+    sig = check_sigma(sigma, B, x, dtype)
+    name = registry.resolve_backend("stf_target", x.device, backend, precision)
+    check_chunk_and_precision(chunk_size, precision, dtype, B, max(n_local, 1), D)
+    _deprecated_norms(ref_sqnorm, n_local)
+    world, rank = _check_collective(x, sigma, ref_shard, group)
+    all_sizes = _sizes_of_every_process(B, n_local, D, x.device, group)
     B_max = max(b for b, _, _ in all_sizes)
+    chunk = check_chunk_and_precision(chunk_size, precision, dtype, world * B_max, max(n_local, 1), D)
 
+    x2 = x.detach().reshape(B, D).to(dtype)
     xs = _all_gather_padded(x2, B, B_max, world, group)  # (world B_max, D)
     sigmas = _all_gather_padded(sig, B, B_max, world, group)  # (world B_max,)
-
-    state = _shard_state(xs, sigmas, r2.contiguous(), norms.contiguous(), chunk_size, name, precision)
-
-    # Exact merge across processes: bring every local state to the global row maximum (merging with
-    # an empty state held at that maximum rescales l, l2, t and a and leaves an empty shard at 0),
-    # then the rescaled sums add up.
-    m = state.m.clone()
-    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-    zeros = torch.zeros_like(m)
-    state = stf_reference.merge_states(
-        state, stf_reference.State(m, zeros, zeros.clone(), zeros.clone(), torch.zeros_like(state.a))
-    )
-    sums = torch.cat([state.l[:, None], state.l2[:, None], state.t[:, None], state.a], dim=1).contiguous()
-    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-    merged = stf_reference.State(m, sums[:, 0], sums[:, 1], sums[:, 2], sums[:, 3:])
+    shard = ref_shard.detach().reshape(n_local, D).to(dtype).contiguous()
+    merged = _merge_across(_shard_state(xs, sigmas, shard, chunk, name, precision), sigmas, group)
 
     rows = slice(rank * B_max, rank * B_max + B)
-    mine = stf_reference.State(merged.m[rows], merged.l[rows], merged.l2[rows], merged.t[rows], merged.a[rows])
-    mu, lse, _ = stf_reference.finalize(mine, x2, sig)
+    mine = stf_reference.State(*(v[rows] for v in (merged.m, merged.l, merged.l2, merged.t, merged.a, merged.arg)))
+    # In full distances and absolute coordinates: the level is m itself and the centre is 0.
+    mu, lse, _ = stf_reference.finalize(mine, torch.zeros_like(xs[0]), sig, mine.m)
     mu = mu.reshape(x.shape).to(x.dtype)
     return (mu, lse) if return_lse else mu

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .random import seed_from_generator
 from .rollout import consistency_rollout, martingale_loss
-from .stf import ref_sqnorm, stf_target
+from .stf import stf_target
 
 __all__ = ["CDMLoss", "EDMLoss", "ReferenceBank", "STFCDMLoss", "STFLoss"]
 
@@ -110,16 +110,16 @@ class EDMLoss:
 
 
 class ReferenceBank:
-    """A pool of clean references for the stable target, with their squared norms cached.
+    """A pool of clean references for the stable target.
 
-    `refresh(images)` replaces the pool (images (N, *S), kept detached, not copied) and computes
-    ||r_j||^2 once (`cdm_kernels.ref_sqnorm`); `sample(k)` draws k distinct references uniformly.
-    The training loop refreshes it, e.g. every step with a fresh batch of the data set.
+    `refresh(images)` replaces the pool (images (N, *S), kept detached, not copied); `sample(k)`
+    draws k distinct references uniformly. The training loop refreshes it, e.g. every step with a
+    fresh batch of the data set. (It cached ||r_j||^2 in 0.1; the stable target's kernels now compute
+    the norms of the centred references in their pass, which the exact distances need.)
     """
 
     def __init__(self, images: Tensor | None = None):
         self.refs: Tensor | None = None
-        self.sqnorm: Tensor | None = None
         if images is not None:
             self.refresh(images)
 
@@ -127,13 +127,12 @@ class ReferenceBank:
         """Replaces the pool by `images` (N, *S), N >= 1, floating dtype."""
         _check_images(images)
         self.refs = images.detach()
-        self.sqnorm = ref_sqnorm(self.refs)
 
     def __len__(self) -> int:
         return 0 if self.refs is None else self.refs.shape[0]
 
-    def sample(self, k: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """k distinct references (k, *S) and their ||r||^2 (k,), uniformly without replacement.
+    def sample(self, k: int, generator: torch.Generator | None = None) -> Tensor:
+        """k distinct references (k, *S), uniformly without replacement.
 
         One draw: torch.randperm(N) on the generator's device (or the pool's)."""
         if self.refs is None:
@@ -145,7 +144,7 @@ class ReferenceBank:
             raise ValueError(f"cannot sample k = {k} distinct references from a bank of {N}; refresh it with more")
         device = generator.device if generator is not None else self.refs.device
         idx = torch.randperm(N, generator=generator, device=device)[:k].to(self.refs.device)
-        return self.refs[idx], self.sqnorm[idx]
+        return self.refs[idx]
 
 
 class _StableTargetMixin:
@@ -162,7 +161,7 @@ class _StableTargetMixin:
         self.chunk_size, self.backend = chunk_size, backend
         self.sharded, self.group = bool(sharded), group
 
-    def _reference_batch(self, y: Tensor, ref: Tensor | None, generator) -> tuple[Tensor, Tensor]:
+    def _reference_batch(self, y: Tensor, ref: Tensor | None, generator) -> Tensor:
         # The minibatch's own clean (augmented) images come first, as in the authors' code
         # (ref_images[:len(y)] = y); the rest of the reference batch are other samples.
         B = y.shape[0]
@@ -183,9 +182,7 @@ class _StableTargetMixin:
                 )
             if self.rbatch is not None and ref.shape[0] != self.rbatch:
                 raise ValueError(f"ref has {ref.shape[0]} rows but this loss was built with rbatch = {self.rbatch}")
-            rest = ref[B:].detach().to(device=y.device, dtype=y.dtype)
-            refs = torch.cat([y, rest])
-            return refs, ref_sqnorm(refs)
+            return torch.cat([y, ref[B:].detach().to(device=y.device, dtype=y.dtype)])
         if self.bank is None:
             raise ValueError("no reference batch: pass ref= to the call, or build the loss with bank=ReferenceBank(...)")
         if self.rbatch < B:
@@ -193,26 +190,23 @@ class _StableTargetMixin:
                 f"rbatch = {self.rbatch} is smaller than the minibatch B = {B}: the reference batch must hold "
                 f"the minibatch's own images first"
             )
-        rest, rest_sqnorm = self.bank.sample(self.rbatch - B, generator)
+        rest = self.bank.sample(self.rbatch - B, generator)
         if tuple(rest.shape[1:]) != tuple(y.shape[1:]):
             raise ValueError(
                 f"the bank holds references of shape {tuple(rest.shape[1:])} but the images have shape {tuple(y.shape[1:])}"
             )
-        rest = rest.to(device=y.device, dtype=y.dtype)
-        y_sqnorm = ref_sqnorm(y)  # only the minibatch's norms are new; the bank's are cached
-        norms = torch.cat([y_sqnorm, rest_sqnorm.to(device=y.device, dtype=y_sqnorm.dtype)])
-        return torch.cat([y, rest]), norms
+        return torch.cat([y, rest.to(device=y.device, dtype=y.dtype)])
 
-    def stable_target(self, x: Tensor, sigma: Tensor, refs: Tensor, norms: Tensor) -> Tensor:
+    def stable_target(self, x: Tensor, sigma: Tensor, refs: Tensor) -> Tensor:
         """mu(x; sigma) over `refs` (or over the union of every process's refs when sharded)."""
         with torch.no_grad():
             if self.sharded:
                 from .distributed import stf_target_sharded
 
                 return stf_target_sharded(
-                    x, sigma, refs, group=self.group, ref_sqnorm=norms, chunk_size=self.chunk_size, backend=self.backend
+                    x, sigma, refs, group=self.group, chunk_size=self.chunk_size, backend=self.backend
                 )
-            return stf_target(x, sigma, refs, ref_sqnorm=norms, chunk_size=self.chunk_size, backend=self.backend)
+            return stf_target(x, sigma, refs, chunk_size=self.chunk_size, backend=self.backend)
 
 
 class STFLoss(EDMLoss, _StableTargetMixin):
@@ -249,8 +243,8 @@ class STFLoss(EDMLoss, _StableTargetMixin):
 
     def __call__(self, net, images, labels=None, augment_pipe=None, *, ref=None, generator=None) -> Tensor:
         sigma, y, augment_labels, x = self._noisy(images, augment_pipe, generator)
-        refs, norms = self._reference_batch(y, ref, generator)
-        target = self.stable_target(x.detach(), sigma, refs, norms)
+        refs = self._reference_batch(y, ref, generator)
+        target = self.stable_target(x.detach(), sigma, refs)
         D_yn = net(x, sigma, labels, augment_labels=augment_labels)
         return self.weight(sigma) * (D_yn - target) ** 2
 
@@ -384,6 +378,6 @@ class STFCDMLoss(CDMLoss, _StableTargetMixin):
 
     def __call__(self, net, images, labels=None, augment_pipe=None, *, ref=None, generator=None) -> Tensor:
         sigma, y, augment_labels, x_t = self._noisy(images, augment_pipe, generator)
-        refs, norms = self._reference_batch(y, ref, generator)
-        mu = self.stable_target(x_t.detach(), sigma, refs, norms)
+        refs = self._reference_batch(y, ref, generator)
+        mu = self.stable_target(x_t.detach(), sigma, refs)
         return self._martingale(net, x_t, sigma, mu, labels, augment_labels, generator)

@@ -1,8 +1,9 @@
-"""The stable target (Xu et al., ICLR 2023; math.md section 1) as one registered op with autograd.
+"""The stable target (Xu et al., ICLR 2023; docs/math.md) as one registered op family with autograd.
 
-Layers, the same for every op of the package:
+Layers, the same for every op family of the package (docs/contributing.md):
   kernel    csrc/cpu/stf.cpp, csrc/cuda/stf.cu, cdm_kernels/triton/stf.py, stf_reference.py
-  launcher  the per-backend forward/backward functions registered with `register_backend`
+  launcher  `stf_forward` / `stf_backward` of each backend (their contract: cdm_kernels/contract.py),
+            registered in cdm_kernels/backends.py and looked up through cdm_kernels/registry.py
   op        `cdm_kernels::stf_forward` / `cdm_kernels::stf_backward` (torch.library: one schema each,
             a kernel per device type, a fake implementation, and the autograd formula)
   public    `stf_target`, `stf_score` below: input checks, shapes, dtypes, backend choice.
@@ -11,109 +12,30 @@ Layers, the same for every op of the package:
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+import warnings
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from . import stf_reference
-from ._ext import has_cpu_kernels, has_cuda_kernels
+from . import registry, stf_reference
+from .checks import check_float, compute_dtype
+from .contract import AUX_COLS, AUX_DBAR, AUX_NEFF, AUX_WMAX
+from .registry import PRECISIONS
 
 __all__ = [
+    "PRECISIONS",
     "STFStats",
-    "available_backends",
     "default_chunk_size",
     "ref_sqnorm",
-    "register_backend",
-    "resolve_backend",
     "stf_score",
     "stf_target",
 ]
 
-BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
-# "auto" takes the first of these that is registered for the tensors' device type.
-_AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
-
-
-class _Backend(NamedTuple):
-    forward: Callable
-    backward: Callable
-    precisions: tuple[str, ...]
-
-
-# "ieee": exact float32 (or float64) products. "tf32" / "bf16": matrix products on TF32 / bfloat16
-# tensor cores with float32 accumulation (GPU backends); the softmax arithmetic stays float32.
-PRECISIONS = ("ieee", "tf32", "bf16")
-
-
-_BACKENDS: dict[tuple[str, str], _Backend] = {}
-
-
-def register_backend(
-    name: str, device_type: str, forward: Callable, backward: Callable, precisions: tuple[str, ...] = ("ieee",)
-) -> None:
-    """Registers a launcher pair for (`name`, `device_type`).
-
-    forward(x, sigma, ref, ref_sqnorm, chunk_size, precision) -> (mu, lse, aux), with x (B, D),
-    sigma (B,), ref (n, D), ref_sqnorm (n,), all contiguous and of one float dtype (float32 or
-    float64), and aux (B, 4) = [zlse, d_bar, n_eff, w_max] (stf_reference.AUX_*).
-    backward(grad_mu, grad_lse, x, sigma, ref, ref_sqnorm, mu, aux, chunk_size, precision, ref_grad)
-    -> (grad_x, grad_sigma, grad_ref), grad_ref of shape (0,) unless ref_grad.
-    precision is one of PRECISIONS; a launcher that does not support the one asked for raises
-    ValueError naming it. `supported_precisions` lists what each backend accepts.
-    """
-    if name not in BACKEND_NAMES:
-        raise ValueError(f"backend name must be one of {BACKEND_NAMES}, got {name!r}")
-    bad = [p for p in precisions if p not in PRECISIONS]
-    if bad:
-        raise ValueError(f"precisions must be among {PRECISIONS}, got {bad}")
-    _BACKENDS[(name, device_type)] = _Backend(forward, backward, tuple(precisions))
-
-
-def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """The backends that can run on `device`, in the order "auto" prefers them."""
-    device_type = torch.device(device).type
-    order = _AUTO_ORDER.get(device_type, ("reference",))
-    extra = [name for (name, dt) in _BACKENDS if dt == device_type and name not in order]
-    return [name for name in (*order, *extra) if (name, device_type) in _BACKENDS]
-
-
-def resolve_backend(device: torch.device | str = "cpu", backend: str = "auto", precision: str = "ieee") -> str:
-    """The backend that `stf_target(..., backend=backend, precision=precision)` uses for tensors on
-    `device`. "auto" takes the first backend of the device type's preference order that supports
-    `precision`: on a GPU "cuda" (ieee only), then "triton" (ieee, tf32, bf16), then "reference"."""
-    device_type = torch.device(device).type
-    if backend == "auto":
-        names = available_backends(device)
-        if not names:
-            raise RuntimeError(f"no stable-target backend is registered for device type {device_type!r}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        # Only the preference order: a backend registered beyond it (the Triton interpreter on the
-        # CPU) is a test vehicle, never an automatic choice.
-        order = _AUTO_ORDER.get(device_type)
-        names = [name for name in names if order is None or name in order]
-        fit = [name for name in names if precision in _BACKENDS[(name, device_type)].precisions]
-        if not fit:
-            have = ", ".join(f"{name}: {_BACKENDS[(name, device_type)].precisions}" for name in names)
-            raise ValueError(
-                f"precision {precision!r} is not supported by any backend that 'auto' picks for {device_type} "
-                f"tensors ({have}); tf32/bf16 are modes of the 'triton' backend on a GPU"
-            )
-        return fit[0]
-    if backend not in BACKEND_NAMES:
-        raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
-    if (backend, device_type) not in _BACKENDS:
-        raise ValueError(
-            f"backend {backend!r} is not available for {device_type} tensors "
-            f"(available: {available_backends(device)})"
-        )
-    return backend
-
 
 def default_chunk_size(batch: int, n: int, dim: int) -> int:
     """References per chunk: large enough for efficient matrix products, small enough that the
-    (B, chunk) logit tile and the (chunk, D) slice stay a small fraction of the inputs' memory."""
+    (B, chunk) distance tile and the (chunk, D) slice stay a small fraction of the inputs' memory."""
     budget = 1 << 22  # elements of the (B, chunk) tile
     chunk = max(256, min(2048, budget // max(batch, 1)))
     return max(1, min(n, chunk))
@@ -126,7 +48,7 @@ def default_chunk_size(batch: int, n: int, dim: int) -> int:
 
 @torch.library.custom_op("cdm_kernels::stf_forward", mutates_args=())
 def _stf_forward(
-    x: Tensor, sigma: Tensor, ref: Tensor, ref_sqnorm: Tensor, chunk_size: int, backend: str, precision: str
+    x: Tensor, sigma: Tensor, ref: Tensor, centre: Tensor, chunk_size: int, precision: str, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     raise NotImplementedError(f"cdm_kernels::stf_forward has no kernel for device type {x.device.type!r}")
 
@@ -138,118 +60,54 @@ def _stf_backward(
     x: Tensor,
     sigma: Tensor,
     ref: Tensor,
-    ref_sqnorm: Tensor,
+    centre: Tensor,
     mu: Tensor,
     aux: Tensor,
     chunk_size: int,
-    backend: str,
     precision: str,
     ref_grad: bool,
+    backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     raise NotImplementedError(f"cdm_kernels::stf_backward has no kernel for device type {x.device.type!r}")
 
 
-def _register_device_kernels(device_type: str) -> None:
-    def forward(x, sigma, ref, ref_sqnorm, chunk_size, backend, precision):
-        return _BACKENDS[(backend, device_type)].forward(x, sigma, ref, ref_sqnorm, chunk_size, precision)
-
-    def backward(grad_mu, grad_lse, x, sigma, ref, ref_sqnorm, mu, aux, chunk_size, backend, precision, ref_grad):
-        return _BACKENDS[(backend, device_type)].backward(
-            grad_mu, grad_lse, x, sigma, ref, ref_sqnorm, mu, aux, chunk_size, precision, ref_grad
-        )
-
-    _stf_forward.register_kernel(device_type)(forward)
-    _stf_backward.register_kernel(device_type)(backward)
-
-
-for _device_type in ("cpu", "cuda"):
-    _register_device_kernels(_device_type)
+registry.register_device_kernels(_stf_forward, "stf_target", "stf_forward")
+registry.register_device_kernels(_stf_backward, "stf_target", "stf_backward")
 
 
 @_stf_forward.register_fake
-def _(x, sigma, ref, ref_sqnorm, chunk_size, backend, precision):
+def _(x, sigma, ref, centre, chunk_size, precision, backend):
     B = x.shape[0]
-    return torch.empty_like(x), x.new_empty(B), x.new_empty(B, 4)
+    return torch.empty_like(x), x.new_empty(B), x.new_empty(B, AUX_COLS)
 
 
 @_stf_backward.register_fake
-def _(grad_mu, grad_lse, x, sigma, ref, ref_sqnorm, mu, aux, chunk_size, backend, precision, ref_grad):
+def _(grad_mu, grad_lse, x, sigma, ref, centre, mu, aux, chunk_size, precision, ref_grad, backend):
     grad_ref = torch.empty_like(ref) if ref_grad else ref.new_empty(0)
     return torch.empty_like(x), torch.empty_like(sigma), grad_ref
 
 
 def _setup_context(ctx, inputs, output):
-    x, sigma, ref, ref_sqnorm, chunk_size, backend, precision = inputs
+    x, sigma, ref, centre, chunk_size, precision, backend = inputs
     mu, _, aux = output
-    ctx.save_for_backward(x, sigma, ref, ref_sqnorm, mu, aux)
-    ctx.chunk_size, ctx.backend, ctx.precision = chunk_size, backend, precision
+    ctx.save_for_backward(x, sigma, ref, centre, mu, aux)
+    ctx.chunk_size, ctx.precision, ctx.backend = chunk_size, precision, backend
     ctx.mark_non_differentiable(aux)
 
 
 def _backward(ctx, grad_mu, grad_lse, _grad_aux):
-    x, sigma, ref, ref_sqnorm, mu, aux = ctx.saved_tensors
-    if ctx.needs_input_grad[3]:
-        raise RuntimeError(
-            "stf_target: ref_sqnorm is a cache of ||ref||^2 and takes no gradient; pass it detached "
-            "(the gradient of ref already accounts for its norms)"
-        )
+    x, sigma, ref, centre, mu, aux = ctx.saved_tensors
     grad_mu = torch.zeros_like(mu) if grad_mu is None else grad_mu.contiguous()
     grad_lse = torch.zeros_like(sigma) if grad_lse is None else grad_lse.contiguous()
     ref_grad = ctx.needs_input_grad[2]
     gx, gs, gr = _stf_backward(
-        grad_mu, grad_lse, x, sigma, ref, ref_sqnorm, mu, aux, ctx.chunk_size, ctx.backend, ctx.precision, ref_grad
+        grad_mu, grad_lse, x, sigma, ref, centre, mu, aux, ctx.chunk_size, ctx.precision, ref_grad, ctx.backend
     )
+    # The centre is a constant: the distances do not depend on it.
     return gx, gs, (gr if ref_grad else None), None, None, None, None
 
 
 _stf_forward.register_autograd(_backward, setup_context=_setup_context)
-
-def _ieee_only(backend: str, precision: str) -> None:
-    if precision != "ieee":
-        raise ValueError(f"precision {precision!r} is not supported by the {backend!r} backend (only 'ieee')")
-
-
-def _reference_forward(x, sigma, ref, ref_sqnorm, chunk_size, precision):
-    _ieee_only("reference", precision)
-    return stf_reference.stf_forward(x, sigma, ref, ref_sqnorm, chunk_size)
-
-
-def _reference_backward(grad_mu, grad_lse, x, sigma, ref, ref_sqnorm, mu, aux, chunk_size, precision, ref_grad):
-    _ieee_only("reference", precision)
-    return stf_reference.stf_backward(grad_mu, grad_lse, x, sigma, ref, ref_sqnorm, mu, aux, chunk_size, ref_grad)
-
-
-register_backend("reference", "cpu", _reference_forward, _reference_backward)
-register_backend("reference", "cuda", _reference_forward, _reference_backward)
-
-if has_cpu_kernels():
-
-    def _cpu_forward(x, sigma, ref, ref_sqnorm, chunk_size, precision):
-        _ieee_only("cpu", precision)
-        return torch.ops.cdm_kernels_C.stf_forward_cpu(x, sigma, ref, ref_sqnorm, chunk_size)
-
-    def _cpu_backward(grad_mu, grad_lse, x, sigma, ref, ref_sqnorm, mu, aux, chunk_size, precision, ref_grad):
-        _ieee_only("cpu", precision)
-        return torch.ops.cdm_kernels_C.stf_backward_cpu(
-            grad_mu, grad_lse, x, sigma, ref, ref_sqnorm, mu, aux, chunk_size, ref_grad
-        )
-
-    register_backend("cpu", "cpu", _cpu_forward, _cpu_backward)
-
-if has_cuda_kernels():
-    # csrc/cuda/stf.cu: exact float32/float64 products on CUDA cores (no tensor-core modes).
-
-    def _cuda_forward(x, sigma, ref, ref_sqnorm, chunk_size, precision):
-        _ieee_only("cuda", precision)
-        return torch.ops.cdm_kernels_C.stf_forward_cuda(x, sigma, ref, ref_sqnorm, chunk_size)
-
-    def _cuda_backward(grad_mu, grad_lse, x, sigma, ref, ref_sqnorm, mu, aux, chunk_size, precision, ref_grad):
-        _ieee_only("cuda", precision)
-        return torch.ops.cdm_kernels_C.stf_backward_cuda(
-            grad_mu, grad_lse, x, sigma, ref, ref_sqnorm, mu, aux, chunk_size, ref_grad
-        )
-
-    register_backend("cuda", "cuda", _cuda_forward, _cuda_backward, precisions=("ieee",))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,31 +126,27 @@ class STFStats(NamedTuple):
 def ref_sqnorm(ref: Tensor) -> Tensor:
     """||r_j||^2 of a reference set (n, *S) -> (n,), in the compute dtype of `stf_target`.
 
-    Compute it once for a fixed reference bank and pass it as `stf_target(..., ref_sqnorm=...)`."""
-    _check_float(ref, "ref")
-    r = ref.detach().reshape(ref.shape[0], -1).to(_compute_dtype(ref.dtype))
+    Deprecated: `stf_target` no longer takes precomputed norms. Its kernels compute the norms of the
+    centred references (r_j - c) while each chunk is in cache, which the exact distances need."""
+    warnings.warn(
+        "cdm_kernels.ref_sqnorm is deprecated: stf_target computes the norms of the centred references "
+        "in its pass and no longer takes precomputed ones",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    check_float(ref, "ref")
+    r = ref.detach().reshape(ref.shape[0], -1).to(compute_dtype(ref.dtype))
     return (r * r).sum(1)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _check_float(t, name: str) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(
-            f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), got {t.dtype}"
-        )
-
-
-def _check_sigma(sigma, B: int, x: Tensor, dtype: torch.dtype) -> Tensor:
+def check_sigma(sigma, B: int, x: Tensor, dtype: torch.dtype) -> Tensor:
+    """sigma as a contiguous (B,) tensor of `dtype` on x's device, from a float, (B,) or (B, 1, ..., 1);
+    raises a ValueError naming the first sample whose noise level is not positive and finite."""
     if isinstance(sigma, (int, float)) and not isinstance(sigma, bool):
         if not (math.isfinite(sigma) and sigma > 0):
             raise ValueError(f"sigma must be positive and finite, got {sigma}")
         return torch.full((B,), float(sigma), dtype=dtype, device=x.device)
-    _check_float(sigma, "sigma")
+    check_float(sigma, "sigma")
     if sigma.device != x.device:
         raise ValueError(f"sigma is on {sigma.device} but x is on {x.device}; put them on one device")
     if sigma.dim() == 0:
@@ -314,44 +168,49 @@ def _check_sigma(sigma, B: int, x: Tensor, dtype: torch.dtype) -> Tensor:
     return sigma
 
 
-def _prepare(x, sigma, ref, chunk_size, backend, ref_norms, precision="ieee"):
-    _check_float(x, "x")
-    _check_float(ref, "ref")
+def check_queries_and_refs(x, ref, ref_name: str = "ref", rows: str = "n") -> tuple[int, int, int]:
+    """User-facing checks of x (B, *S) against references (`rows`, *S); returns (B, n, D)."""
+    check_float(x, "x")
+    check_float(ref, ref_name)
     if x.dim() < 1:
         raise ValueError("x must have shape (B, *S) with at least one dimension, got a 0-d tensor")
     if ref.device != x.device:
-        raise ValueError(f"ref is on {ref.device} but x is on {x.device}; put them on one device")
+        raise ValueError(f"{ref_name} is on {ref.device} but x is on {x.device}; put them on one device")
     if ref.dtype != x.dtype:
-        raise TypeError(f"ref has dtype {ref.dtype} but x has dtype {x.dtype}; they must match")
-    if tuple(ref.shape[1:]) != tuple(x.shape[1:]):
+        raise TypeError(f"{ref_name} has dtype {ref.dtype} but x has dtype {x.dtype}; they must match")
+    if ref.dim() < 1 or tuple(ref.shape[1:]) != tuple(x.shape[1:]):
         raise ValueError(
-            f"ref must have shape (n, *S) with the trailing shape S = {tuple(x.shape[1:])} of x; "
-            f"got ref.shape = {tuple(ref.shape)}"
+            f"{ref_name} must have shape ({rows}, *S) with the trailing shape S = {tuple(x.shape[1:])} of x; "
+            f"got {ref_name}.shape = {tuple(ref.shape)}"
         )
-    n = ref.shape[0] if ref.dim() > 0 else 0
-    if n == 0:
-        raise ValueError("ref is empty: the stable target needs at least one reference (n >= 1)")
-    B = x.shape[0]
-    dtype = _compute_dtype(x.dtype)
-    D = math.prod(x.shape[1:])
-    sigma = _check_sigma(sigma, B, x, dtype)
+    return x.shape[0], ref.shape[0], math.prod(x.shape[1:])
+
+
+def check_chunk_and_precision(chunk_size, precision, dtype: torch.dtype, B: int, n: int, D: int) -> int:
+    """The chunk size to use (None picks one) after the user-facing checks of both options."""
+    if dtype == torch.float64 and precision != "ieee" and precision in PRECISIONS:
+        raise ValueError(
+            f"precision {precision!r} rounds float32 operands for the tensor cores; float64 inputs take only 'ieee'"
+        )
     if chunk_size is None:
-        chunk_size = default_chunk_size(B, n, D)
-    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        return default_chunk_size(B, n, D)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    name = resolve_backend(x.device, backend, precision)
-    x2 = x.reshape(B, D).to(dtype).contiguous()
-    r2 = ref.reshape(n, D).to(dtype).contiguous()
-    if ref_norms is None:
-        ref_norms = (r2.detach() * r2.detach()).sum(1)
-    else:
-        if not isinstance(ref_norms, Tensor) or tuple(ref_norms.shape) != (n,):
-            got = tuple(ref_norms.shape) if isinstance(ref_norms, Tensor) else type(ref_norms).__name__
-            raise ValueError(f"ref_sqnorm must be a tensor of shape (n,) = ({n},), got {got}")
-        if ref_norms.device != x.device:
-            raise ValueError(f"ref_sqnorm is on {ref_norms.device} but x is on {x.device}")
-        ref_norms = ref_norms.to(dtype).contiguous()
-    return x2, sigma, r2, ref_norms, chunk_size, name
+    return chunk_size
+
+
+def _deprecated_norms(norms, n: int) -> None:
+    if norms is None:
+        return
+    if not isinstance(norms, Tensor) or tuple(norms.shape) != (n,):
+        got = tuple(norms.shape) if isinstance(norms, Tensor) else type(norms).__name__
+        raise ValueError(f"ref_sqnorm must be a tensor of shape (n,) = ({n},), got {got}")
+    warnings.warn(
+        "stf_target's ref_sqnorm is deprecated and ignored: the kernels compute the norms of the centred "
+        "references (r_j - c) in their pass, which the exact distances need",
+        DeprecationWarning,
+        stacklevel=3,
+    )
 
 
 def stf_target(
@@ -368,6 +227,11 @@ def stf_target(
 ):
     """The stable target mu_i = sum_j w_ij r_j, w_i = softmax_j(-||x_i - r_j||^2 / (2 sigma_i^2)).
 
+    The distances are computed from operands shifted by a centre inside the references (docs/math.md,
+    "Exact distances"), so the result keeps its digits wherever the data sit, and the softmax state
+    is streamed in distance space, so a sigma whose 1/sigma^2 overflows gives the nearest-reference
+    limit.
+
     Args:
         x: noisy samples, shape (B, *S), float16/bfloat16/float32/float64.
         sigma: noise level per sample, > 0 and finite: shape (B,), (B, 1, ..., 1) or a float.
@@ -376,35 +240,38 @@ def stf_target(
             in the compute dtype (float32, or float64 for float64 inputs; it can exceed float16's range).
         return_stats: also return `STFStats` (n_eff, w_max, d_bar) from the same pass.
         chunk_size: references per streaming chunk (memory O((B + chunk) D)); None picks one.
-        backend: "auto", "reference", "cpu", "triton" or "cuda"; `resolve_backend` tells which
-            "auto" picks.
-        precision: "ieee" (exact float32/float64 products, the default), or on GPU backends "tf32" /
-            "bf16" (tensor-core products, float32 accumulation; errors are tabulated in the README).
-        ref_sqnorm: optional precomputed ||r_j||^2, shape (n,) (see `ref_sqnorm`), for a fixed bank.
+        backend: "auto", "reference", "cpu", "triton" or "cuda";
+            `cdm_kernels.resolve_backend("stf_target", device, backend, precision)` tells which "auto" picks.
+        precision: "ieee" (exact float32/float64 products, the default), or on the GPU backends
+            "tf32x3" (three TF32 products, float32-grade), "tf32" or "bf16" (tensor-core products,
+            float32 accumulation; errors are tabulated in the README). float64 takes "ieee" only.
+        ref_sqnorm: deprecated and ignored (the kernels compute the norms they need).
 
     Returns mu with x's shape and dtype, then lse and stats if asked for, as a tuple.
     Arithmetic is float32 for float16/bfloat16/float32 inputs and float64 for float64 inputs.
-    Differentiable in x and sigma (math.md, Gradients), and in ref.
+    Differentiable in x, sigma and ref (docs/math.md, "Gradients").
     """
-    x2, sig, r2, rn, chunk_size, name = _prepare(x, sigma, ref, chunk_size, backend, ref_sqnorm, precision)
-    if x2.shape[0] == 0:
+    B, n, D = check_queries_and_refs(x, ref)
+    if n == 0:
+        raise ValueError("ref is empty: the stable target needs at least one reference (n >= 1)")
+    dtype = compute_dtype(x.dtype)
+    sig = check_sigma(sigma, B, x, dtype)
+    chunk_size = check_chunk_and_precision(chunk_size, precision, dtype, B, n, D)
+    name = registry.resolve_backend("stf_target", x.device, backend, precision)
+    _deprecated_norms(ref_sqnorm, n)
+    x2 = x.reshape(B, D).to(dtype).contiguous()
+    r2 = ref.reshape(n, D).to(dtype).contiguous()
+    if B == 0:
         mu = x2.new_zeros(x2.shape) + 0 * x2  # keeps x in the graph
-        lse, aux = x2.new_zeros(0), x2.new_zeros(0, 4)
+        lse, aux = x2.new_zeros(0), x2.new_zeros(0, AUX_COLS)
     else:
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        if precision not in _BACKENDS[(name, x.device.type)].precisions:
-            raise ValueError(
-                f"precision {precision!r} is not supported by the {name!r} backend "
-                f"(supported: {_BACKENDS[(name, x.device.type)].precisions})"
-            )
-        mu, lse, aux = _stf_forward(x2, sig, r2, rn.detach(), chunk_size, name, precision)
+        centre = stf_reference.centre_of(r2.detach())
+        mu, lse, aux = _stf_forward(x2, sig, r2, centre, chunk_size, precision, name)
     out = [mu.reshape(x.shape).to(x.dtype)]
     if return_lse:
         out.append(lse)
     if return_stats:
-        cols = stf_reference
-        out.append(STFStats(aux[:, cols.AUX_NEFF], aux[:, cols.AUX_WMAX], aux[:, cols.AUX_DBAR]))
+        out.append(STFStats(aux[:, AUX_NEFF], aux[:, AUX_WMAX], aux[:, AUX_DBAR]))
     return out[0] if len(out) == 1 else tuple(out)
 
 

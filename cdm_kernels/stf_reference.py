@@ -1,12 +1,30 @@
-"""Pure-PyTorch reference of the stable target (math.md section 1): the spec of every backend.
+"""Pure-PyTorch reference of the stable target (docs/math.md): the spec every backend is judged by.
 
-Readable, chunked over the references with the exact log-sum-exp merge, any device, any float
+Readable, chunked over the references with the exact merge of partial states, any device, any float
 dtype (run it in float64 to judge). Memory is O((B + chunk) D): no B x n tensor beyond one chunk.
+It is also the `reference` backend's launcher pair (`stf_forward`, `stf_backward`; the launcher
+contract is cdm_kernels/contract.py), and it emulates every precision mode of the GPU backends
+exactly: operands rounded to the mode's input format (`operands`), products of the rounded values
+in the compute dtype, as the tensor cores compute them up to the order of the float32 sums.
+
+The arithmetic (docs/math.md, "Exact distances" and "Streaming in distance space"):
+  * distances from shifted operands: x' = x - c, r' = r - c with the caller's centre c (any c gives
+    the same d_ij; one near the data keeps the products' rounding at the data's spread instead of
+    its offset from the origin), streamed as the reduced distance
+    delta_ij = ||r'_j||^2 - 2 x'_i . r'_j = d_ij - ||x'_i||^2 (clamped at -||x'_i||^2, d >= 0): the
+    row constant ||x'_i||^2, large when x is far from the data, enters once per row at the end;
+  * the softmax state of a row in distance space: m = min_j delta_ij, l = sum_j e_ij,
+    l2 = sum_j e_ij^2, t = sum_j e_ij (delta_ij - m), a = sum_j e_ij r'_j,
+    e_ij = exp(-(delta_ij - m) k_i), k_i = 1 / (2 sigma_i^2) (clamped to the dtype's largest number:
+    a sigma whose 1/sigma^2 overflows gives the nearest-reference limit instead of NaN);
+  * mu = a / l + c, lse = log l - d_min k, d_bar = d_min + t / l, n_eff = l^2 / l2, w_max = 1 / l,
+    with d_min = ||x_i - r_j*||^2 computed exactly for the reference j* at the state's minimum
+    (tracked while streaming): as ||x'||^2 + m it would cancel and lose lse's digits at small sigma.
 
 The same partial states serve the sharded (multi-process) stable target: `partial_state` on each
 shard, `merge_states` across shards, `finalize` once.
 
-Shapes: x (B, D), sigma (B,), ref (n, D), ref_sqnorm (n,).
+Shapes: x (B, D), sigma (B,), ref (n, D), centre (D,).
 """
 
 from __future__ import annotations
@@ -16,17 +34,102 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-# Columns of the auxiliary output `aux` (B, 4); the same order as csrc/stf_math.h's AuxColumn.
-AUX_ZLSE, AUX_DBAR, AUX_NEFF, AUX_WMAX = 0, 1, 2, 3
+from .contract import AUX_COLS, AUX_DBAR, AUX_DMIN, AUX_LOGL, AUX_M, AUX_NEFF, AUX_WMAX  # noqa: F401 (re-exported)
+
+__all__ = [
+    "State",
+    "centre_of",
+    "finalize",
+    "merge_states",
+    "operands",
+    "partial_state",
+    "stf_backward",
+    "stf_forward",
+]
+
+# References whose mean is the default centre: enough to sit inside the data, few enough to cost
+# nothing next to the products (the centre is exact for any value).
+CENTRE_REFS = 64
+
+
+def centre_of(ref: Tensor) -> Tensor:
+    """The default centre c (D,): the mean of the first CENTRE_REFS references."""
+    return ref[:CENTRE_REFS].mean(0)
+
+
+def half_inv_sq(sigma: Tensor) -> Tensor:
+    """k = 1 / (2 sigma^2), clamped to the dtype's largest finite number (0 * k stays 0)."""
+    return (0.5 / (sigma * sigma)).clamp_max(torch.finfo(sigma.dtype).max)
+
+
+# ----------------------------------------------------------------------------------------------
+# Precision modes: operands and products
+# ----------------------------------------------------------------------------------------------
+
+
+def _tf32(t: Tensor) -> Tensor:
+    # TF32 keeps 10 of float32's 23 mantissa bits; adding half a TF32 ulp to the magnitude bits and
+    # truncating rounds half away from zero (cvt.rna.tf32.f32). NaN and inf pass unchanged.
+    bits = t.contiguous().view(torch.int32)
+    rounded = ((bits + 0x1000) & -0x2000).view(torch.float32)
+    return torch.where(torch.isfinite(t), rounded, t)
+
+
+def _bf16(t: Tensor) -> Tensor:
+    # bfloat16 keeps 7 mantissa bits, round to nearest even (the GPU's conversion).
+    return t.to(torch.bfloat16).to(t.dtype)
+
+
+def operands(t: Tensor, precision: str) -> tuple[Tensor, ...]:
+    """t as the mode's matrix units read it: (t,) for "ieee", its TF32 or bfloat16 rounding for "tf32"
+    and "bf16", and the split (hi, lo) with hi = tf32(t), lo = tf32(t - hi) for "tf32x3"."""
+    if precision == "ieee" or t.dtype == torch.float64:
+        return (t,)
+    if precision == "tf32":
+        return (_tf32(t),)
+    if precision == "bf16":
+        return (_bf16(t),)
+    if precision == "tf32x3":
+        hi = _tf32(t)
+        return hi, _tf32(t - hi)
+    raise ValueError(f"precision must be one of 'ieee', 'tf32x3', 'tf32', 'bf16'; got {precision!r}")
+
+
+def product(a: tuple[Tensor, ...], b: tuple[Tensor, ...]) -> Tensor:
+    """sum_k a[i, k] b[k, j] of operands from `operands`: one product, or for a (hi, lo) split the
+    three products hi hi + hi lo + lo hi (the 3xTF32 scheme; lo lo is below float32's rounding)."""
+    if len(a) == 1:
+        return a[0] @ b[0]
+    (ah, al), (bh, bl) = a, b
+    return ah @ bh + (ah @ bl + al @ bh)
+
+
+def _sqnorms(t: Tensor, ops: tuple[Tensor, ...], precision: str) -> Tensor:
+    # Norms of the values the product sees: the rounded ones in the single-rounding modes (so that
+    # d_ij is the distance between the rounded points), the exact ones where the product is exact to
+    # float32 ("ieee", "tf32x3").
+    v = ops[0] if precision in ("tf32", "bf16") else t
+    return (v * v).sum(1)
+
+
+def distances(xo, xn: Tensor, ro, rn: Tensor) -> Tensor:
+    """delta_ij = ||r'_j||^2 - 2 x'_i . r'_j, clamped at -||x'_i||^2 (NaN stays NaN), shape (B, c)."""
+    delta = rn[None, :] - 2 * product(xo, tuple(t.T for t in ro))
+    return torch.maximum(delta, -xn[:, None].expand_as(delta)) if delta.numel() else delta
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming state (docs/math.md, "Streaming in distance space")
+# ----------------------------------------------------------------------------------------------
 
 
 @dataclass
 class State:
-    """Running softmax state of each query over a subset of the references (math.md, the merge).
+    """Softmax state of each query row over a subset of the references, in distance space.
 
-    m (B,): max_j z_ij; l (B,): sum_j e_ij; l2 (B,): sum_j e_ij^2; t (B,): sum_j e_ij (z_ij - m_i);
-    a (B, D): sum_j e_ij r_j; with e_ij = exp(z_ij - m_i) and z_ij the logit without the row
-    constant -||x_i||^2 / (2 sigma_i^2).
+    m (B,): min_j delta_ij (+inf when empty); l (B,): sum_j e_ij; l2 (B,): sum_j e_ij^2;
+    t (B,): sum_j e_ij (delta_ij - m); a (B, D): sum_j e_ij r'_j, with e_ij = exp(-(delta_ij - m_i) k_i);
+    arg (B,): the index of the reference at the minimum (-1 when empty; the first of equal ones).
     """
 
     m: Tensor
@@ -34,72 +137,92 @@ class State:
     l2: Tensor
     t: Tensor
     a: Tensor
+    arg: Tensor
 
 
-def logits(x: Tensor, inv_s2: Tensor, ref: Tensor, ref_sqnorm: Tensor) -> Tensor:
-    """z_ij = (x_i . r_j - ||r_j||^2 / 2) / sigma_i^2, shape (B, n) for the given references."""
-    return (x @ ref.T - 0.5 * ref_sqnorm) * inv_s2[:, None]
+def empty_state(B: int, D: int, like: Tensor) -> State:
+    zeros = like.new_zeros(B)
+    arg = torch.full((B,), -1, dtype=torch.int64, device=like.device)
+    return State(torch.full_like(zeros, torch.inf), zeros, zeros.clone(), zeros.clone(), like.new_zeros(B, D), arg)
 
 
-def _rescale(m_old: Tensor, m_new: Tensor) -> Tensor:
-    # exp(m_old - m_new), with 0 for an empty state (m_old = -inf) instead of exp(nan).
-    return torch.where(m_old == -torch.inf, torch.zeros_like(m_old), torch.exp(m_old - m_new))
+def rebase(s: State, m_new: Tensor, k: Tensor) -> State:
+    """The state moved to a new running minimum m_new <= s.m: every e scales by
+    alpha = exp(-(m - m_new) k), and delta - m_new = (delta - m) + (m - m_new) moves t."""
+    empty = s.m == torch.inf
+    gap = torch.where(empty, torch.zeros_like(s.m), s.m - m_new)
+    alpha = torch.where(empty, torch.zeros_like(s.m), torch.exp(-gap * k))
+    t = torch.where(empty, torch.zeros_like(s.t), alpha * (s.t + gap * s.l))
+    return State(m_new, s.l * alpha, s.l2 * alpha * alpha, t, s.a * alpha[:, None], s.arg)
 
 
-def _rebase(s: State, m_new: Tensor) -> State:
-    alpha = _rescale(s.m, m_new)
-    t = torch.where(s.l == 0, torch.zeros_like(s.t), alpha * (s.t + (s.m - m_new) * s.l))
-    return State(m_new, s.l * alpha, s.l2 * alpha * alpha, t, s.a * alpha[:, None])
+def merge_states(a: State, b: State, k: Tensor) -> State:
+    """Exact merge of two partial states (associative and commutative up to rounding; on a tie of the
+    minima the argument of a is kept)."""
+    m = torch.minimum(a.m, b.m)  # propagates NaN
+    arg = torch.where(b.m < a.m, b.arg, a.arg)
+    a, b = rebase(a, m, k), rebase(b, m, k)
+    return State(m, a.l + b.l, a.l2 + b.l2, a.t + b.t, a.a + b.a, arg)
 
 
-def merge_states(a: State, b: State) -> State:
-    """Exact merge of two partial states (associative and commutative up to rounding)."""
-    m = torch.maximum(a.m, b.m)  # propagates NaN
-    a, b = _rebase(a, m), _rebase(b, m)
-    return State(m, a.l + b.l, a.l2 + b.l2, a.t + b.t, a.a + b.a)
+def chunk_state(d: Tensor, k: Tensor, ro: tuple[Tensor, ...], precision: str, start: int = 0) -> State:
+    """The partial state of one chunk (references start, start + 1, ...) from its reduced distances
+    d (B, c) and shifted references ro."""
+    m, arg = d.min(dim=1)
+    dm = d - m[:, None]
+    e = torch.exp(-dm * k[:, None])
+    return State(m, e.sum(1), (e * e).sum(1), (e * dm).sum(1), product(operands(e, precision), ro), arg + start)
 
 
-def chunk_state(z: Tensor, ref: Tensor) -> State:
-    """The partial state of one chunk from its logits z (B, c) and references (c, D)."""
-    m = z.amax(dim=1)
-    e = torch.exp(z - m[:, None])
-    return State(m, e.sum(1), (e * e).sum(1), (e * (z - m[:, None])).sum(1), e @ ref)
+def query_norms(x: Tensor, centre: Tensor, precision: str) -> Tensor:
+    """||x'_i||^2 as the mode's distances use it (B,)."""
+    xs = x - centre
+    return _sqnorms(xs, operands(xs, precision), precision)
 
 
-def empty_state(x: Tensor) -> State:
-    B, D = x.shape
-    zeros = x.new_zeros(B)
-    return State(torch.full_like(zeros, -torch.inf), zeros, zeros.clone(), zeros.clone(), x.new_zeros(B, D))
-
-
-def partial_state(x: Tensor, sigma: Tensor, ref: Tensor, ref_sqnorm: Tensor, chunk_size: int) -> State:
-    """Streams over the references chunk by chunk, merging each chunk's state into the running one."""
-    inv_s2 = 1.0 / (sigma * sigma)
-    state = empty_state(x)
+def _chunks(x: Tensor, ref: Tensor, centre: Tensor, chunk_size: int, precision: str):
+    """Per chunk of references: (start, r' (c, D), its operands, reduced distances delta (B, c))."""
+    xs = x - centre
+    xo = operands(xs, precision)
+    xn = _sqnorms(xs, xo, precision)
     for start in range(0, ref.shape[0], chunk_size):
-        r = ref[start : start + chunk_size]
-        z = logits(x, inv_s2, r, ref_sqnorm[start : start + chunk_size])
-        state = merge_states(state, chunk_state(z, r))
+        rs = ref[start : start + chunk_size] - centre
+        ro = operands(rs, precision)
+        yield start, rs, ro, distances(xo, xn, ro, _sqnorms(rs, ro, precision))
+
+
+def partial_state(x: Tensor, sigma: Tensor, ref: Tensor, centre: Tensor, chunk_size: int, precision="ieee") -> State:
+    """Streams over the references chunk by chunk, merging each chunk's state into the running one.
+    The accumulator a is relative to `centre`."""
+    k = half_inv_sq(sigma)
+    state = empty_state(x.shape[0], x.shape[1], x)
+    for start, _, ro, d in _chunks(x, ref, centre, chunk_size, precision):
+        state = merge_states(state, chunk_state(d, k, ro, precision, start), k)
     return state
 
 
-def finalize(state: State, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """mu (B, D), lse (B,) and aux (B, 4) = [zlse, d_bar, n_eff, w_max] from a finished state."""
-    s2 = sigma * sigma
-    xn = (x * x).sum(1)
-    mu = state.a / state.l[:, None]
-    zlse = state.m + torch.log(state.l)
-    lse = zlse - 0.5 * xn / s2
-    # sum_j w_ij z_ij = m + t / l, and d_ij = ||x_i||^2 - 2 sigma_i^2 z_ij.
-    dbar = (xn - 2 * s2 * (state.m + state.t / state.l)).clamp_min(0)
-    neff = state.l * state.l / state.l2
-    wmax = 1.0 / state.l
-    return mu, lse, torch.stack([zlse, dbar, neff, wmax], dim=1)
+def nearest_sqdist(x: Tensor, ref: Tensor, arg: Tensor) -> Tensor:
+    """d_min,i = ||x_i - r_arg_i||^2, subtract first, summed in float64 (B,) in x's dtype."""
+    r = ref[arg.clamp_min(0)]
+    return ((x.double() - r.double()) ** 2).sum(1).to(x.dtype)
 
 
-def stf_forward(x: Tensor, sigma: Tensor, ref: Tensor, ref_sqnorm: Tensor, chunk_size: int):
+def finalize(state: State, centre: Tensor, sigma: Tensor, dmin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """mu (B, D), lse (B,) and aux (B, AUX_COLS) = [m, log l, d_bar, n_eff, w_max, d_min] of a
+    finished state whose minimum m is at the squared distance dmin (`nearest_sqdist`)."""
+    k = half_inv_sq(sigma)
+    mu = state.a / state.l[:, None] + centre
+    log_l = torch.log(state.l)
+    lse = log_l - dmin * k
+    dbar = dmin + state.t / state.l
+    aux = torch.stack([state.m, log_l, dbar, state.l * state.l / state.l2, 1.0 / state.l, dmin], dim=1)
+    return mu, lse, aux
+
+
+def stf_forward(x: Tensor, sigma: Tensor, ref: Tensor, centre: Tensor, chunk_size: int, precision: str = "ieee"):
     """Forward pass: (mu, lse, aux), see `finalize`."""
-    return finalize(partial_state(x, sigma, ref, ref_sqnorm, chunk_size), x, sigma)
+    state = partial_state(x, sigma, ref, centre, chunk_size, precision)
+    return finalize(state, centre, sigma, nearest_sqdist(x, ref, state.arg))
 
 
 def stf_backward(
@@ -108,56 +231,57 @@ def stf_backward(
     x: Tensor,
     sigma: Tensor,
     ref: Tensor,
-    ref_sqnorm: Tensor,
+    centre: Tensor,
     mu: Tensor,
     aux: Tensor,
     chunk_size: int,
-    ref_grad: bool,
+    precision: str = "ieee",
+    ref_grad: bool = False,
 ):
-    """Gradients (x, sigma, ref) of math.md, streaming over reference chunks like the forward pass.
+    """Gradients (x, sigma, ref) of docs/math.md, streaming over reference chunks like the forward.
 
-    Centred forms (exact because sum_j w_ij = 1 and sum_j w_ij r_j = mu_i):
-        dL/dx_i     = (sum_j w_ij (c_ij - mg_i) r_j + g_lse,i (mu_i - x_i)) / sigma_i^2
+    Centred forms (exact because sum_j w_ij = 1 and sum_j w_ij r_j = mu_i), with w_ij recomputed as
+    exp(-(delta_ij - m_i) k_i - log l_i) from the forward's aux, c_ij = g_i . r'_j, mg_i = g_i . mu'_i
+    (mu' = mu - centre; the differences c - mg do not depend on the centre):
+        dL/dx_i     = (sum_j w_ij (c_ij - mg_i) r'_j + g_lse,i (mu'_i - x'_i)) / sigma_i^2
         dL/dsigma_i = (sum_j w_ij (d_ij - d_bar_i)(c_ij - mg_i) + g_lse,i d_bar_i) / sigma_i^3
-                    = (-2 sigma_i^2 sum_j w_ij (z_ij - z_bar_i)(c_ij - mg_i) + g_lse,i d_bar_i) / sigma_i^3
-        dL/dr_j     = sum_i w_ij g_i + a_ij (x_i - r_j),  a_ij = w_ij (c_ij - mg_i + g_lse,i) / sigma_i^2
-    with c_ij = r_j . g_i, mg_i = mu_i . g_i and z_bar_i = sum_j w_ij z_ij (d - d_bar = -2 sigma^2
-    (z - z_bar)). The z form is the one computed: d recovered from z as ||x||^2 - 2 sigma^2 z rounds
-    at the scale of ||x||^2, far above the spread of d, and cost dL/dsigma most of its float32
-    digits at D = 3072. In floating point, mg (one dot product) and the c
-    of the reference holding the weight (another) round differently, and their difference is
-    divided by sigma^2: the streamed s_i = sum_j w_ij (c_ij - mg_i), zero in exact arithmetic,
-    corrects that to first order (- s mu for x, - s sum_j w (d - d_bar) for sigma; for ref a
-    first sweep computes s and moves mg by it). Returns grad_ref empty (0,) unless ref_grad.
+        dL/dr_j     = sum_i w_ij g_i + a_ij (x'_i - r'_j),  a_ij = w_ij (c_ij - mg_i + g_lse,i) / sigma_i^2
+    In floating point mg (one dot product) and the c of the reference holding the weight (another)
+    round differently, and their difference is divided by sigma^2: the streamed
+    s_i = sum_j w_ij (c_ij - mg_i), zero in exact arithmetic, corrects that to first order
+    (- s mu' for x, - s sum_j w (d - d_bar) for sigma; for ref a first sweep computes s and moves
+    mg by it). d - d_bar is delta - delta_bar with delta_bar = d_bar - ||x'||^2, whose rounding the
+    s correction removes. The products run in the precision mode, except the ref gradient's, which
+    are exact (sum_i a_ij (x'_i - r'_j) cancels). Returns grad_ref empty (0,) unless ref_grad.
     """
+    k = half_inv_sq(sigma)
     s2 = sigma * sigma
-    inv_s2 = 1.0 / s2
-    xn = (x * x).sum(1)
-    zlse, dbar = aux[:, AUX_ZLSE], aux[:, AUX_DBAR]
-    zbar = (xn - dbar) / (2 * s2)  # its rounding cancels to first order with the s correction
-    mg = (mu * grad_mu).sum(1)
+    xs, mus = x - centre, mu - centre
+    m, log_l, dbar = aux[:, AUX_M], aux[:, AUX_LOGL], aux[:, AUX_DBAR]
+    delta_bar = dbar - query_norms(x, centre, precision)
+    mg = (mus * grad_mu).sum(1)
+    go = operands(grad_mu, precision)
 
-    def chunks():
-        for start in range(0, ref.shape[0], chunk_size):
-            r = ref[start : start + chunk_size]
-            z = logits(x, inv_s2, r, ref_sqnorm[start : start + chunk_size])
-            yield start, r, z, torch.exp(z - zlse[:, None]), grad_mu @ r.T
+    def weighted_chunks():
+        for start, rs, ro, d in _chunks(x, ref, centre, chunk_size, precision):
+            w = torch.exp(-(d - m[:, None]) * k[:, None] - log_l[:, None])
+            yield start, rs, ro, d, w, product(go, tuple(t.T for t in ro))  # c_ij = g_i . r'_j
 
     if ref_grad:
-        mg = mg + sum((w * (c - mg[:, None])).sum(1) for _, _, _, w, c in chunks())
+        mg = mg + sum((w * (c - mg[:, None])).sum(1) for *_, w, c in weighted_chunks())
     px = torch.zeros_like(x)
-    s_sum, cov_z, dev_z = (torch.zeros_like(sigma) for _ in range(3))
+    s_sum, cov, dev = (torch.zeros_like(sigma) for _ in range(3))
     grad_ref = torch.zeros_like(ref) if ref_grad else ref.new_zeros(0)
-    for start, r, z, w, c in chunks():
+    for start, rs, ro, d, w, c in weighted_chunks():
         xc = w * (c - mg[:, None])
-        wz = w * (z - zbar[:, None])
-        px += xc @ r
+        wd = w * (d - delta_bar[:, None])
+        px += product(operands(xc, precision), ro)
         s_sum += xc.sum(1)
-        cov_z += (wz * (c - mg[:, None])).sum(1)
-        dev_z += wz.sum(1)
+        cov += (wd * (c - mg[:, None])).sum(1)
+        dev += wd.sum(1)
         if ref_grad:
-            a = (xc + w * grad_lse[:, None]) * inv_s2[:, None]
-            grad_ref[start : start + chunk_size] = w.T @ grad_mu + a.T @ x - a.sum(0)[:, None] * r
-    grad_x = (px - s_sum[:, None] * mu + grad_lse[:, None] * (mu - x)) * inv_s2[:, None]
-    grad_sigma = (grad_lse * dbar - 2 * s2 * (cov_z - s_sum * dev_z)) / (s2 * sigma)
+            a = (xc + w * grad_lse[:, None]) / s2[:, None]
+            grad_ref[start : start + rs.shape[0]] = w.T @ grad_mu + a.T @ xs - a.sum(0)[:, None] * rs
+    grad_x = (px - s_sum[:, None] * mus + grad_lse[:, None] * (mus - xs)) / s2[:, None]
+    grad_sigma = (cov - s_sum * dev + grad_lse * dbar) / (s2 * sigma)
     return grad_x, grad_sigma, grad_ref

@@ -26,11 +26,13 @@ _spec.loader.exec_module(ptxas_report)
 NVCC = ptxas_report.find_nvcc()
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (PATH, $CUDA_HOME/bin): CUDA build not checked")
 
-# Every kernel stf.cu instantiates: the tiled product and each per-thread functor, float and double.
-FUNCTORS = ("StateInit", "ForwardLogits", "ForwardExp", "ForwardMerge", "ForwardFinalize", "ScaleRows", "RowDotParts", "RowDotSum",
-            "BackwardWeights", "ColumnSum", "BackwardSigma", "BackwardX", "GemmSplitReduce")
-EXPECTED = {f"void gemm_kernel<{t}>" for t in ("float", "double")} | {
-    f"void thread_kernel<{f}<{t}> >" for f in FUNCTORS for t in ("float", "double")
+# Every kernel stf.cu instantiates: each per-thread functor of stf_kernels.h, float and double (the
+# products are cuBLAS's).
+FUNCTORS = ("ShiftRows", "DotRows", "HalfInvSq", "ChunkMin", "ChunkUpdate", "RowMerge", "ScaleRows", "NearestParts",
+            "FinalizeRows", "FinalizeMu", "BackwardTerms", "ColumnSums", "RefGradFinish", "BackwardFinishX",
+            "BackwardFinishSigma")
+EXPECTED = {f"void thread_kernel<{f}<{t}> >" for f in FUNCTORS for t in ("float", "double")} | {
+    f"void thread_kernel<{f}>" for f in ("StateEmpty", "RowSums", "RowsReset")
 }
 
 
@@ -84,11 +86,10 @@ def test_every_kernel_is_compiled_for_each_arch(records, arch):
 def test_no_spills_and_shared_memory_within_sm80_limit(records):
     assert ptxas_report.problems(records) == []
     assert all(r.smem <= ptxas_report.STATIC_SMEM_LIMIT for r in records)
-    # The tiled product is the only kernel with shared memory and barriers: 2 tiles of 16 x 65 words.
+    # The stable target's kernels are per-thread functors: no shared memory, no barrier.
     for r in records:
-        if r.name.startswith("void gemm_kernel"):
-            word = 4 if "float" in r.name else 8
-            assert r.smem == 2 * 16 * 65 * word and r.barriers == 1
+        if r.source.endswith("stf.cu"):
+            assert r.smem == 0 and r.barriers == 0, r.name
 
 
 @needs_nvcc
@@ -126,11 +127,14 @@ def test_cuda_kernels_call_every_shared_function():
     with open(os.path.join(ROOT, "csrc", "cuda", "stf_kernels.h")) as f:
         kernels_h = f.read()
     functions = _header_functions(math_h)
-    assert {"logit", "state_add", "state_merge", "state_finalize", "backward_weight", "grad_sigma"} <= functions
+    assert {"reduced_dist", "state_rebase", "state_finalize", "backward_weight", "grad_sigma"} <= functions
     bodies = {}
     for name in functions:
         m = re.search(r"CDM_HD\s+(?:[\w:<>]+\s+)+?" + name + r"\s*\([^)]*\)\s*\{(.*?)\n\}", math_h, re.S)
         bodies[name] = m.group(1) if m else ""
+    # state_add and state_merge are the CPU's (its single-thread row loop) and the merge's across
+    # shards; the kernels inline the same lines in ChunkUpdate / RowMerge.
+    functions -= {"state_add", "state_merge"}
     used = {f for f in functions if re.search(r"\b" + f + r"\s*[<(]", kernels_h)}
     changed = True
     while changed:
@@ -164,25 +168,24 @@ def test_missing_cuda_build_is_a_failure_not_a_skip():
 
 
 def test_cuda_ops_are_registered_for_the_cuda_key_only():
-    # Without a GPU the built extension can still show that its CUDA ops exist, have the CPU ops'
-    # schemas, serve the "cuda" backend, and are not dispatched for CPU tensors.
+    # Without a GPU the built extension can still show that every op of cdm_kernels_C has a CUDA
+    # implementation, serves the "cuda" backend, and is not dispatched to it for CPU tensors.
     import torch
 
     import cdm_kernels
-    from cdm_kernels.stf import available_backends
 
     if not cdm_kernels.has_cuda_kernels():
         why = missing_cuda_build(False, NVCC, torch.version.cuda, os.environ)
         if why:
             pytest.fail(f"{why}: {cdm_kernels.extension_status()}")
         pytest.skip(f"no nvcc or no CUDA build of torch, or CDM_FORCE_CPU=1: {cdm_kernels.extension_status()}")
-    ops = torch.ops.cdm_kernels_C
-    for name in ("stf_forward", "stf_backward"):
-        cuda_schema = str(getattr(ops, f"{name}_cuda").default._schema)
-        cpu_schema = str(getattr(ops, f"{name}_cpu").default._schema)
-        assert cuda_schema.replace(f"{name}_cuda", name) == cpu_schema.replace(f"{name}_cpu", name)
-    assert available_backends("cuda")[0] == "cuda"
-    assert "cuda" not in available_backends("cpu")
+    for name in ("stf_forward", "stf_backward", "rollout_step", "martingale_loss_forward", "martingale_loss_backward",
+                 "philox_randn"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"cdm_kernels_C::{name}", "CUDA"), name
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"cdm_kernels_C::{name}", "CPU"), name
+    for op in ("stf_target", "rollout_step", "martingale_loss", "randn"):
+        assert cdm_kernels.available_backends(op, "cuda")[0] == "cuda"
+        assert cdm_kernels.resolve_backend(op, "cpu") != "cuda"
     x, sigma, ref = torch.randn(2, 3), torch.ones(2), torch.randn(4, 3)
-    with pytest.raises(NotImplementedError, match="stf_forward_cuda' with arguments from the 'CPU' backend"):
-        ops.stf_forward_cuda(x, sigma, ref, (ref * ref).sum(1), 2)
+    with pytest.raises(RuntimeError, match=r"stf_forward \(cpu\): the CPU kernels compute in precision 'ieee' only"):
+        torch.ops.cdm_kernels_C.stf_forward(x, sigma, ref, ref.mean(0), 2, "tf32")

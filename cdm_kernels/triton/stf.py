@@ -1,50 +1,46 @@
-"""Triton kernels of the stable target (math.md section 1): forward, and backward for x, sigma and ref.
+"""Triton kernels of the stable target (docs/math.md): backend "triton" of op family stf_target.
 
-Layers (docs/gpu_design_triton.md has the design, its memory and an H100 roofline):
-  kernels    `_row_stats_kernel`, `_fwd_logits_kernel`, `_fwd_merge_kernel`, `_fwd_acc_kernel`,
-             `_bwd_logits_kernel`, `_bwd_acc_kernel`, `_bwd_ref_kernel`
-  launchers  `stf_forward`, `stf_backward` (block sizes, grids, workspaces, the refusals)
-  op         registered as backend "triton" of `cdm_kernels::stf_forward` / `stf_backward` in
-             cdm_kernels/triton/__init__.py.
+The launchers `stf_forward` / `stf_backward` (contract: cdm_kernels/contract.py) stream over the
+references in chunks like `stf_reference`; the matrix products go to cuBLAS through torch (exact
+float32 for "ieee", TF32 tensor cores for the modes whose operands the kernels rounded to TF32 or
+bfloat16 values), and the work between them that no library fuses runs in Triton kernels:
 
-The reference axis is streamed in chunks of `chunk_size` references. Per chunk:
-  1. `_fwd_logits_kernel`, grid (B / BLOCK_B, chunk / BLOCK_N): the logit tile
-     z = (X R^T - ||r||^2 / 2) / sigma^2 with a loop over D in BLOCK_D slices, written to a (B, chunk)
-     workspace, and the tile's partial softmax state (m, l, l2, t) per (row, column block).
-  2. `_fwd_merge_kernel`, grid (B / BLOCK_B,): merges the chunk's partial states into the running
-     state exactly (math.md, the log-sum-exp merge) and writes the rescale factor alpha per row.
-  3. `_fwd_acc_kernel`, grid (B / BLOCK_B, D / BLOCK_D): acc <- alpha acc + exp(z - m) R, tiled over D.
-The row constant -||x||^2 / (2 sigma^2) never enters the streamed logits (it is added to lse once),
-as in stf_reference.py: it is what keeps small sigma exact in float32.
+  `_shift_rows_kernel`   r'_j = round(r_j - c) in the mode's operand layout, and ||r'_j||^2
+  `_fwd_update_kernel`   per chunk: reduced distances, the chunk's row minima, the weights
+                         e_ij = exp(-(delta_ij - m_i) k_i) (rounded to the mode), the rebase of the row
+                         state and of the accumulator rows, all for a block of rows in one program
+  `_fwd_finish_kernel`   lse, aux and mu = a / l + c (with d_min of each row's nearest reference,
+                         taken exactly by `stf_reference.nearest_sqdist`: B rows, once)
+  `_bwd_terms_kernel`    per chunk: the backward's weights, x coefficients and row sums
+  `_bwd_finish_kernel`   dL/dx and dL/dsigma
 
-Precision modes ("ieee", "tf32", "bf16"): the operands of every product are rounded to the mode's
-input format inside the kernel by integer operations on the bits (tf32: 10 mantissa bits, round half
-away from zero as cvt.rna does; bf16: 7 mantissa bits, round to nearest even as the GPU's cast
-does), and ||r_j||^2 and ||x_i||^2 are recomputed from the same rounded values. The logits are then
-exactly those of the rounded inputs up to float32 accumulation, so the cancellation of the matmul form
-(math.md, "The matmul form and its numerics") costs float32 rounding, not TF32/bf16 rounding of
-|x| |r|. The explicit rounding also makes the Triton interpreter, which computes every
-tl.dot in float32 whatever input_precision says, reproduce the GPU's input rounding.
+Row states and row sums are float64, as in the CUDA and CPU backends. Operand rounding is explicit
+(stf_math.h's round_tf32 / round_bf16 on the bits), so the products of rounded operands are exact up
+to their float32 sums on any hardware, and the Triton interpreter (which multiplies in numpy)
+reproduces every mode. "tf32x3" splits each operand into TF32 hi and lo: the logits product runs
+once over 3D columns ([hi | hi | lo] queries against [hi | lo | hi] references), the accumulation as
+three products.
 """
 
 from __future__ import annotations
 
-import functools
-import os
+import contextlib
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import stf_reference
+from .. import contract, stf_reference
+from ..contract import AUX_COLS
+from ..registry import PRECISIONS
 
-__all__ = ["PRECISIONS", "block_sizes", "stf_backward", "stf_forward"]
+__all__ = ["stf_backward", "stf_forward"]
 
-PRECISIONS = ("ieee", "tf32", "bf16")
-_PREC_CODE = {"ieee": 0, "tf32": 1, "bf16": 2}
-_MAX_GRID_YZ = 65535  # CUDA's limit on grid dimensions 1 and 2
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_IEEE, _TF32X3, _TF32, _BF16 = (PRECISIONS.index(p) for p in ("ieee", "tf32x3", "tf32", "bf16"))
+# The kernels read and write aux's columns at these offsets (contract.py's order).
+assert (contract.AUX_M, contract.AUX_LOGL, contract.AUX_DBAR, contract.AUX_NEFF, contract.AUX_WMAX,
+        contract.AUX_DMIN) == (0, 1, 2, 3, 4, 5)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -53,42 +49,40 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _round(t, PREC: tl.constexpr):
-    """t rounded to the input format of the precision mode, kept in t's dtype."""
-    if PREC == 1:
-        # TF32 keeps 10 of float32's 23 mantissa bits; adding half an ulp of TF32 to the magnitude
-        # bits and truncating rounds half away from zero (cvt.rna.tf32.f32).
-        bits = t.to(tl.uint32, bitcast=True)
-        t = tl.where(t == t, ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True), t)
-    elif PREC == 2:
-        # bfloat16 keeps 7 mantissa bits; round to nearest even on the bits (the interpreter's own
-        # float32 -> bfloat16 cast truncates, a GPU's rounds: this is the GPU's rounding everywhere).
-        # A NaN whose payload is all in the dropped bits would round to inf: NaNs pass unchanged.
-        bits = t.to(tl.uint32, bitcast=True)
+def _round(v, PREC: tl.constexpr):
+    """v (float32) as the mode's matrix units read it: TF32 (round half away, cvt.rna) or bfloat16
+    (round to nearest even), by integer operations on the bits; NaN and inf unchanged."""
+    if PREC == 1 or PREC == 2:
+        bits = v.to(tl.uint32, bitcast=True)
+        v = tl.where(v - v == 0.0, ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True), v)
+    elif PREC == 3:
+        bits = v.to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        t = tl.where(t == t, (bits & 0xFFFF0000).to(tl.float32, bitcast=True), t)
-    return t
+        v = tl.where(v - v == 0.0, (bits & 0xFFFF0000).to(tl.float32, bitcast=True), v)
+    return v
 
 
 @triton.jit
-def _operand(t, PREC: tl.constexpr, NATIVE_BF16: tl.constexpr):
-    """A rounded tile as tl.dot takes it: bfloat16 tiles on the GPU (tensor cores), else unchanged
-    (the interpreter multiplies bfloat16 tiles wrongly; the values are bf16-exact either way)."""
-    if PREC == 2 and NATIVE_BF16:
-        t = t.to(tl.bfloat16)
-    return t
-
-
-@triton.jit
-def _mm(a, b, acc, PREC: tl.constexpr):
-    """acc + a @ b with float32 (or float64) accumulation, in the precision mode's tensor-core path."""
+def _store_operand(ptr, lo_ptr, offs, v, mask, PREC: tl.constexpr):
+    """Stores v rounded to the mode at ptr + offs; "tf32x3" stores hi there and lo at lo_ptr + offs."""
     if PREC == 1:
-        acc = tl.dot(a, b, acc, input_precision="tf32")
-    elif PREC == 2:
-        acc = tl.dot(a, b, acc)
+        hi = _round(v, PREC)
+        tl.store(ptr + offs, hi, mask=mask)
+        tl.store(lo_ptr + offs, _round(v - hi, PREC), mask=mask)
     else:
-        acc = tl.dot(a, b, acc, input_precision="ieee")
-    return acc
+        tl.store(ptr + offs, _round(v, PREC), mask=mask)
+
+
+@triton.jit
+def _wexp(v):
+    """exp(v) for v <= 0 with everything below float32's smallest normal flushed to 0 (stf_math.h)."""
+    return tl.where(v < -87.0, 0.0, tl.exp(v))
+
+
+@triton.jit
+def _nan_to(x, has_nan):
+    """x, or NaN where has_nan: reductions may drop NaN; the kernels put it back."""
+    return tl.where(has_nan, float("nan"), x)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -97,433 +91,296 @@ def _mm(a, b, acc, PREC: tl.constexpr):
 
 
 @triton.jit
-def _row_stats_kernel(
-    x_ptr,  # (B, D)
-    mu_ptr,  # (B, D), read if HAS_G
-    g_ptr,  # (B, D), read if HAS_G
-    xn_ptr,  # (B,) out: ||round(x_i)||^2
-    mg_ptr,  # (B,) out: mu_i . g_i, if HAS_G
-    B,
+def _shift_rows_kernel(
+    src_ptr,  # (rows, D)
+    centre_ptr,  # (D,), read if HAS_CENTRE
+    op_ptr,  # (rows, W) out: the mode's operand rows
+    norm_ptr,  # (rows,) out: the squared norms the mode's distances use, if WITH_NORMS
+    rows,
     D,
+    W,
     PREC: tl.constexpr,
-    HAS_G: tl.constexpr,
-    BLOCK_B: tl.constexpr,
+    REF_LAYOUT: tl.constexpr,
+    HAS_CENTRE: tl.constexpr,
+    WITH_NORMS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    rmask = rows < B
-    rows64 = rows.to(tl.int64)
-    xn = tl.zeros((BLOCK_B,), dtype=x_ptr.dtype.element_ty)
-    mg = tl.zeros((BLOCK_B,), dtype=x_ptr.dtype.element_ty)
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = r < rows
+    r64 = r.to(tl.int64)
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float64)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
         mask = rmask[:, None] & (dd < D)[None, :]
-        offs = rows64[:, None] * D + dd[None, :]
-        xt = _round(tl.load(x_ptr + offs, mask=mask, other=0.0), PREC)
-        xn += tl.sum(xt * xt, axis=1)
-        if HAS_G:
-            mt = tl.load(mu_ptr + offs, mask=mask, other=0.0)
-            gt = tl.load(g_ptr + offs, mask=mask, other=0.0)
-            mg += tl.sum(mt * gt, axis=1)
-    tl.store(xn_ptr + rows, xn, mask=rmask)
-    if HAS_G:
-        tl.store(mg_ptr + rows, mg, mask=rmask)
+        v = tl.load(src_ptr + r64[:, None] * D + dd[None, :], mask=mask, other=0.0)
+        if HAS_CENTRE:
+            v = v - tl.load(centre_ptr + dd, mask=dd < D, other=0.0)[None, :]
+        offs = r64[:, None] * W + dd[None, :]
+        if PREC == 1:
+            hi = _round(v, PREC)
+            lo = _round(v - hi, PREC)
+            tl.store(op_ptr + offs, hi, mask=mask)
+            if REF_LAYOUT:  # [hi | lo | hi]
+                tl.store(op_ptr + offs + D, lo, mask=mask)
+                tl.store(op_ptr + offs + 2 * D, hi, mask=mask)
+            else:  # [hi | hi | lo]
+                tl.store(op_ptr + offs + D, hi, mask=mask)
+                tl.store(op_ptr + offs + 2 * D, lo, mask=mask)
+        else:
+            v = _round(v, PREC)
+            tl.store(op_ptr + offs, v, mask=mask)
+        v64 = v.to(tl.float64)
+        acc += tl.sum(v64 * v64, axis=1)
+    if WITH_NORMS:
+        tl.store(norm_ptr + r, acc.to(norm_ptr.dtype.element_ty), mask=rmask)
 
 
 @triton.jit
-def _fwd_logits_kernel(
-    x_ptr,  # (B, D)
-    r_ptr,  # (n, D)
-    rn_ptr,  # (n,) ||r_j||^2, read if USE_RN
-    sigma_ptr,  # (B,)
-    z_ptr,  # (B, WS) out: logits of the chunk
-    part_ptr,  # (4, B, NBLK) out: per column block m, l, l2, t
-    B,
-    D,
-    n0,  # first reference of the chunk
-    c,  # references in the chunk
-    WS,
-    NBLK,
-    PREC: tl.constexpr,
-    NATIVE_BF16: tl.constexpr,
-    USE_RN: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    pid_b = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < B
-    cmask = cols < c
-    rows64 = rows.to(tl.int64)
-    refs64 = n0 + cols.to(tl.int64)
-    dt = x_ptr.dtype.element_ty
-    s = tl.zeros((BLOCK_B, BLOCK_N), dtype=dt)
-    rn = tl.zeros((BLOCK_N,), dtype=dt)
-    for d0 in range(0, D, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        dmask = dd < D
-        xt = tl.load(x_ptr + rows64[:, None] * D + dd[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
-        rt = tl.load(r_ptr + refs64[:, None] * D + dd[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
-        xt = _round(xt, PREC)
-        rt = _round(rt, PREC)
-        if not USE_RN:
-            rn += tl.sum(rt * rt, axis=1)
-        s = _mm(_operand(xt, PREC, NATIVE_BF16), tl.trans(_operand(rt, PREC, NATIVE_BF16)), s, PREC)
-    if USE_RN:
-        rn = tl.load(rn_ptr + refs64, mask=cmask, other=0.0)
-    sig = tl.load(sigma_ptr + rows, mask=rmask, other=1.0)
-    inv_s2 = 1.0 / (sig * sig)
-    # z_ij = (x_i . r_j - ||r_j||^2 / 2) / sigma_i^2: the logit without its row constant.
-    z = (s - 0.5 * rn[None, :]) * inv_s2[:, None]
-    z = tl.where(cmask[None, :], z, -float("inf"))
-    tl.store(z_ptr + rows64[:, None] * WS + cols[None, :], z, mask=rmask[:, None] & cmask[None, :])
-    # This tile's partial state; every tile has at least one valid column, so m is finite.
-    m = tl.max(z, axis=1)
-    zc = tl.where(cmask[None, :], z - m[:, None], 0.0)
-    e = tl.where(cmask[None, :], tl.exp(zc), 0.0)
-    l = tl.sum(e, axis=1)
-    l2 = tl.sum(e * e, axis=1)
-    t = tl.sum(e * zc, axis=1)
-    poffs = rows64 * NBLK + pid_n
-    plane = B * NBLK
-    tl.store(part_ptr + poffs, m, mask=rmask)
-    tl.store(part_ptr + plane + poffs, l, mask=rmask)
-    tl.store(part_ptr + 2 * plane + poffs, l2, mask=rmask)
-    tl.store(part_ptr + 3 * plane + poffs, t, mask=rmask)
-
-
-@triton.jit
-def _fwd_merge_kernel(
-    part_ptr,  # (4, B, NBLK) the chunk's partial states
-    state_ptr,  # (4, B) in/out: running m, l, l2, t
-    alpha_ptr,  # (B,) out: the factor that rescales the accumulator to the new m
+def _fwd_update_kernel(
+    S_ptr,  # (B, c): products in, the mode's weights out
+    S_lo_ptr,  # (B, c): weights' lo ("tf32x3")
     xn_ptr,  # (B,)
-    sigma_ptr,  # (B,)
-    lse_ptr,  # (B,) out if IS_LAST
-    aux_ptr,  # (B, 4) out if IS_LAST: zlse, d_bar, n_eff, w_max
+    rn_ptr,  # (c,)
+    k_ptr,  # (B,)
+    state_ptr,  # (4, B) float64: m, l, l2, t
+    arg_ptr,  # (B,) int64: the reference at each row's minimum
+    acc_ptr,  # (B, D): rescaled by the rows' alpha (not for the first chunk)
     B,
-    NB,  # column blocks in this chunk
-    NBLK,
+    c,
+    D,
+    start,  # the chunk's first reference
     IS_FIRST: tl.constexpr,
-    IS_LAST: tl.constexpr,
+    PREC: tl.constexpr,
     BLOCK_B: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < B
-    rows64 = rows.to(tl.int64)
-    dt = state_ptr.dtype.element_ty
+    r64 = rows.to(tl.int64)
+    xn = tl.load(xn_ptr + rows, mask=rmask, other=0.0)
+    k = tl.load(k_ptr + rows, mask=rmask, other=0.0)
+    # Pass 1: reduced distances delta_ij = ||r'||^2 - 2 x' . r' (clamped at -||x'||^2) and the minima.
+    mn = tl.full((BLOCK_B,), float("inf"), dtype=xn.dtype)
+    mn_arg = tl.zeros((BLOCK_B,), dtype=tl.int64)
+    nan = tl.zeros((BLOCK_B,), dtype=tl.int32)
+    for j0 in range(0, c, BLOCK_C):
+        cols = j0 + tl.arange(0, BLOCK_C)
+        mask = rmask[:, None] & (cols < c)[None, :]
+        offs = r64[:, None] * c + cols[None, :]
+        dot = tl.load(S_ptr + offs, mask=mask, other=0.0)
+        rn = tl.load(rn_ptr + cols, mask=cols < c, other=0.0)
+        d = rn[None, :] - 2.0 * dot
+        d = tl.where(d < -xn[:, None], -xn[:, None], d)
+        tl.store(S_ptr + offs, d, mask=mask)
+        dv = tl.where(mask, d, float("inf"))
+        bmin = tl.min(dv, axis=1)
+        mn_arg = tl.where(bmin < mn, j0 + tl.argmin(dv, axis=1).to(tl.int64), mn_arg)  # first of equal ones
+        mn = tl.minimum(mn, bmin)
+        nan = tl.maximum(nan, tl.max(tl.where(mask & (d != d), 1, 0), axis=1))
+    m_old = tl.load(state_ptr + rows, mask=rmask, other=0.0)
     if IS_FIRST:
-        m_run = tl.full((BLOCK_B,), -float("inf"), dtype=dt)
-        l_run = tl.zeros((BLOCK_B,), dtype=dt)
-        l2_run = tl.zeros((BLOCK_B,), dtype=dt)
-        t_run = tl.zeros((BLOCK_B,), dtype=dt)
+        m_old = tl.full((BLOCK_B,), float("inf"), dtype=tl.float64)
+    # A new minimum: remember its reference (for d_min, stf_math.h).
+    arg_old = tl.load(arg_ptr + rows, mask=rmask & (m_old != float("inf")), other=-1)
+    tl.store(arg_ptr + rows, tl.where(mn.to(tl.float64) < m_old, start + mn_arg, arg_old), mask=rmask)
+    m_new = _nan_to(tl.minimum(m_old, mn.to(tl.float64)), (nan > 0) | (m_old != m_old))
+    m_t = m_new.to(xn.dtype)  # exact: one of the distances (or +inf for padding rows)
+    # Pass 2: weights e_ij = exp(-(delta_ij - m_i) k_i) and the sums of e, e^2, e (delta - m).
+    l = tl.zeros((BLOCK_B,), dtype=tl.float64)
+    l2 = tl.zeros((BLOCK_B,), dtype=tl.float64)
+    t = tl.zeros((BLOCK_B,), dtype=tl.float64)
+    for j0 in range(0, c, BLOCK_C):
+        cols = j0 + tl.arange(0, BLOCK_C)
+        mask = rmask[:, None] & (cols < c)[None, :]
+        offs = r64[:, None] * c + cols[None, :]
+        d = tl.load(S_ptr + offs, mask=mask, other=0.0)
+        dm = tl.where(mask, d - m_t[:, None], 0.0)  # padding rows have m = +inf
+        e = tl.where(mask, _wexp(-dm * k[:, None]), 0.0)
+        e64 = e.to(tl.float64)
+        l += tl.sum(e64, axis=1)
+        l2 += tl.sum(e64 * e64, axis=1)
+        t += tl.sum(e64 * dm.to(tl.float64), axis=1)
+        _store_operand(S_ptr, S_lo_ptr, offs, e, mask, PREC)
+    # The running state rebased to m_new (stf_math.h, state_rebase), plus the chunk's sums.
+    k64 = k.to(tl.float64)
+    if IS_FIRST:
+        l_new, l2_new, t_new = l, l2, t
+        alpha = tl.zeros((BLOCK_B,), dtype=tl.float64)
     else:
-        m_run = tl.load(state_ptr + rows, mask=rmask, other=0.0)
-        l_run = tl.load(state_ptr + B + rows, mask=rmask, other=1.0)
-        l2_run = tl.load(state_ptr + 2 * B + rows, mask=rmask, other=1.0)
-        t_run = tl.load(state_ptr + 3 * B + rows, mask=rmask, other=0.0)
-    plane = B * NBLK
-    m_chunk = tl.full((BLOCK_B,), -float("inf"), dtype=dt)
-    for k0 in range(0, NB, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        mask = rmask[:, None] & (ks < NB)[None, :]
-        mb = tl.load(part_ptr + rows64[:, None] * NBLK + ks[None, :], mask=mask, other=-float("inf"))
-        m_chunk = tl.maximum(m_chunk, tl.max(mb, axis=1))
-    m_chunk = tl.where(rmask, m_chunk, 0.0)  # padding rows stay finite
-    m_new = tl.maximum(m_run, m_chunk)
-    # The running state rebased to m_new (math.md, the merge); an empty state has l = 0.
-    empty = l_run == 0.0
-    m_old = tl.where(empty, m_new, m_run)  # keeps -inf out of the arithmetic (both where branches run)
-    alpha = tl.where(empty, 0.0, tl.exp(m_old - m_new))
-    l = l_run * alpha
-    l2 = l2_run * alpha * alpha
-    t = alpha * (t_run + (m_old - m_new) * l_run)
-    for k0 in range(0, NB, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        kmask = rmask[:, None] & (ks < NB)[None, :]
-        offs = rows64[:, None] * NBLK + ks[None, :]
-        mb = tl.load(part_ptr + offs, mask=kmask, other=-float("inf"))
-        lb = tl.load(part_ptr + plane + offs, mask=kmask, other=0.0)
-        l2b = tl.load(part_ptr + 2 * plane + offs, mask=kmask, other=0.0)
-        tb = tl.load(part_ptr + 3 * plane + offs, mask=kmask, other=0.0)
-        mb = tl.where(kmask, mb, m_new[:, None])
-        beta = tl.where(kmask, tl.exp(mb - m_new[:, None]), 0.0)
-        l += tl.sum(lb * beta, axis=1)
-        l2 += tl.sum(l2b * beta * beta, axis=1)
-        t += tl.sum(beta * (tb + (mb - m_new[:, None]) * lb), axis=1)
+        l_old = tl.load(state_ptr + B + rows, mask=rmask, other=0.0)
+        l2_old = tl.load(state_ptr + 2 * B + rows, mask=rmask, other=0.0)
+        t_old = tl.load(state_ptr + 3 * B + rows, mask=rmask, other=0.0)
+        empty = m_old == float("inf")  # stf_math.h, state_rebase: nothing to rescale
+        gap = tl.where(empty, 0.0, m_old - m_new)
+        alpha = tl.where(empty | (-gap * k64 < -708.0), 0.0, tl.exp(-gap * k64))
+        l_new = l_old * alpha + l
+        l2_new = l2_old * alpha * alpha + l2
+        t_new = tl.where(empty, 0.0, alpha * (t_old + gap * l_old)) + t
     tl.store(state_ptr + rows, m_new, mask=rmask)
-    tl.store(state_ptr + B + rows, l, mask=rmask)
-    tl.store(state_ptr + 2 * B + rows, l2, mask=rmask)
-    tl.store(state_ptr + 3 * B + rows, t, mask=rmask)
-    tl.store(alpha_ptr + rows, alpha, mask=rmask)
-    if IS_LAST:
-        l = tl.where(rmask, l, 1.0)
-        l2 = tl.where(rmask, l2, 1.0)
-        xn = tl.load(xn_ptr + rows, mask=rmask, other=0.0)
-        sig = tl.load(sigma_ptr + rows, mask=rmask, other=1.0)
-        s2 = sig * sig
-        inv_l = 1.0 / l
-        zlse = m_new + tl.log(l)
-        # sum_j w_ij z_ij = m + t / l, and d_ij = ||x_i||^2 - 2 sigma_i^2 z_ij (clamped: d >= 0).
-        dbar = tl.maximum(xn - 2.0 * s2 * (m_new + t * inv_l), 0.0)
-        tl.store(lse_ptr + rows, zlse - 0.5 * xn / s2, mask=rmask)
-        tl.store(aux_ptr + rows64 * 4, zlse, mask=rmask)
-        tl.store(aux_ptr + rows64 * 4 + 1, dbar, mask=rmask)
-        tl.store(aux_ptr + rows64 * 4 + 2, l * l / l2, mask=rmask)
-        tl.store(aux_ptr + rows64 * 4 + 3, inv_l, mask=rmask)
+    tl.store(state_ptr + B + rows, l_new, mask=rmask)
+    tl.store(state_ptr + 2 * B + rows, l2_new, mask=rmask)
+    tl.store(state_ptr + 3 * B + rows, t_new, mask=rmask)
+    if not IS_FIRST:
+        a = alpha.to(xn.dtype)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            mask = rmask[:, None] & (dd < D)[None, :]
+            offs = r64[:, None] * D + dd[None, :]
+            tl.store(acc_ptr + offs, tl.load(acc_ptr + offs, mask=mask, other=0.0) * a[:, None], mask=mask)
 
 
 @triton.jit
-def _fwd_acc_kernel(
-    z_ptr,  # (B, WS) the chunk's logits
-    r_ptr,  # (n, D)
-    state_ptr,  # (4, B) the merged state (m, l, ...)
-    alpha_ptr,  # (B,)
-    acc_ptr,  # (B, D) in/out: sum_j exp(z_ij - m_i) r_j; mu = acc / l after the last chunk
+def _fwd_finish_kernel(
+    state_ptr,  # (4, B) float64
+    k_ptr,  # (B,)
+    dmin_ptr,  # (B,): ||x_i - r_j*||^2 of the reference at the minimum
+    centre_ptr,  # (D,)
+    mu_ptr,  # (B, D): the accumulator in, mu = a / l + c out
+    lse_ptr,  # (B,)
+    aux_ptr,  # (B, AUX_COLS)
     B,
     D,
-    n0,
-    c,
-    WS,
-    IS_FIRST: tl.constexpr,
-    IS_LAST: tl.constexpr,
-    PREC: tl.constexpr,
-    NATIVE_BF16: tl.constexpr,
+    AUX: tl.constexpr,
     BLOCK_B: tl.constexpr,
-    BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_b = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < B
-    dmask = dd < D
-    rows64 = rows.to(tl.int64)
-    omask = rmask[:, None] & dmask[None, :]
-    aoffs = rows64[:, None] * D + dd[None, :]
+    r64 = rows.to(tl.int64)
     m = tl.load(state_ptr + rows, mask=rmask, other=0.0)
-    if IS_FIRST:
-        acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=acc_ptr.dtype.element_ty)
-    else:
-        alpha = tl.load(alpha_ptr + rows, mask=rmask, other=0.0)
-        acc = tl.load(acc_ptr + aoffs, mask=omask, other=0.0) * alpha[:, None]
-    for j0 in range(0, c, BLOCK_N):
-        cols = j0 + tl.arange(0, BLOCK_N)
-        cmask = cols < c
-        z = tl.load(z_ptr + rows64[:, None] * WS + cols[None, :], mask=rmask[:, None] & cmask[None, :],
-                    other=-float("inf"))
-        zm = tl.where(rmask[:, None] & cmask[None, :], z - m[:, None], -float("inf"))
-        p = _round(tl.exp(zm), PREC)
-        rt = tl.load(r_ptr + (n0 + cols.to(tl.int64))[:, None] * D + dd[None, :],
-                     mask=cmask[:, None] & dmask[None, :], other=0.0)
-        rt = _round(rt, PREC)
-        acc = _mm(_operand(p, PREC, NATIVE_BF16), _operand(rt, PREC, NATIVE_BF16), acc, PREC)
-    if IS_LAST:
-        l = tl.load(state_ptr + B + rows, mask=rmask, other=1.0)
-        acc = acc * (1.0 / l)[:, None]
-    tl.store(acc_ptr + aoffs, acc, mask=omask)
-
-
-@triton.jit
-def _bwd_logits_kernel(
-    x_ptr,  # (B, D)
-    g_ptr,  # (B, D) grad of mu
-    r_ptr,  # (n, D)
-    rn_ptr,  # (n,), read if USE_RN
-    sigma_ptr,  # (B,)
-    xn_ptr,  # (B,)
-    mg_ptr,  # (B,) mu_i . g_i
-    aux_ptr,  # (B, 4) the forward's zlse, d_bar, ...
-    glse_ptr,  # (B,) grad of lse
-    p_ptr,  # (B, WS) out: w_ij (c_ij - mg_i)
-    w_ptr,  # (B, WS) out if REF_GRAD: w_ij
-    a_ptr,  # (B, WS) out if REF_GRAD: a_ij = w_ij (c_ij - mg_i + g_lse,i) / sigma_i^2
-    cov_ptr,  # (3, B, NCOV) out: per column block sum_j w_ij (z_ij - z_bar_i)(c_ij - mg_i),
-    #           s_i = sum_j w_ij (c_ij - mg_i) and sum_j w_ij (z_ij - z_bar_i), one plane each
-    B,
-    D,
-    n0,
-    c,
-    WS,
-    NCOV,
-    cov_col0,
-    PREC: tl.constexpr,
-    NATIVE_BF16: tl.constexpr,
-    USE_RN: tl.constexpr,
-    REF_GRAD: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    pid_b = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = rows < B
-    cmask = cols < c
-    rows64 = rows.to(tl.int64)
-    refs64 = n0 + cols.to(tl.int64)
-    dt = x_ptr.dtype.element_ty
-    s = tl.zeros((BLOCK_B, BLOCK_N), dtype=dt)
-    cc = tl.zeros((BLOCK_B, BLOCK_N), dtype=dt)
-    rn = tl.zeros((BLOCK_N,), dtype=dt)
+    l = tl.load(state_ptr + B + rows, mask=rmask, other=1.0)
+    l2 = tl.load(state_ptr + 2 * B + rows, mask=rmask, other=1.0)
+    t = tl.load(state_ptr + 3 * B + rows, mask=rmask, other=0.0)
+    k = tl.load(k_ptr + rows, mask=rmask, other=0.0).to(tl.float64)
+    dmin = tl.load(dmin_ptr + rows, mask=rmask, other=0.0).to(tl.float64)
+    dt = mu_ptr.dtype.element_ty
+    inv_l = 1.0 / l
+    log_l = tl.log(l)
+    # stf_math.h, state_finalize: lse = log l - d_min k, d_bar = d_min + t / l.
+    tl.store(lse_ptr + rows, (log_l - dmin * k).to(dt), mask=rmask)
+    tl.store(aux_ptr + r64 * AUX, m.to(dt), mask=rmask)
+    tl.store(aux_ptr + r64 * AUX + 1, log_l.to(dt), mask=rmask)
+    tl.store(aux_ptr + r64 * AUX + 2, (dmin + t * inv_l).to(dt), mask=rmask)
+    tl.store(aux_ptr + r64 * AUX + 3, (l * l / l2).to(dt), mask=rmask)
+    tl.store(aux_ptr + r64 * AUX + 4, inv_l.to(dt), mask=rmask)
+    tl.store(aux_ptr + r64 * AUX + 5, dmin.to(dt), mask=rmask)
+    il = inv_l.to(dt)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
-        dmask = dd < D
-        qmask = rmask[:, None] & dmask[None, :]
-        xt = _round(tl.load(x_ptr + rows64[:, None] * D + dd[None, :], mask=qmask, other=0.0), PREC)
-        gt = _round(tl.load(g_ptr + rows64[:, None] * D + dd[None, :], mask=qmask, other=0.0), PREC)
-        rt = tl.load(r_ptr + refs64[:, None] * D + dd[None, :], mask=cmask[:, None] & dmask[None, :], other=0.0)
-        rt = _round(rt, PREC)
-        if not USE_RN:
-            rn += tl.sum(rt * rt, axis=1)
-        rT = tl.trans(_operand(rt, PREC, NATIVE_BF16))
-        s = _mm(_operand(xt, PREC, NATIVE_BF16), rT, s, PREC)
-        cc = _mm(_operand(gt, PREC, NATIVE_BF16), rT, cc, PREC)
-    if USE_RN:
-        rn = tl.load(rn_ptr + refs64, mask=cmask, other=0.0)
-    sig = tl.load(sigma_ptr + rows, mask=rmask, other=1.0)
-    s2 = sig * sig
-    inv_s2 = 1.0 / s2
-    xn = tl.load(xn_ptr + rows, mask=rmask, other=0.0)
-    mg = tl.load(mg_ptr + rows, mask=rmask, other=0.0)
-    zlse = tl.load(aux_ptr + rows64 * 4, mask=rmask, other=0.0)
-    dbar = tl.load(aux_ptr + rows64 * 4 + 1, mask=rmask, other=0.0)
-    # The mean logit z_bar (stf_math.h, mean_logit): d - d_bar = -2 sigma^2 (z - z_bar), and the z form
-    # avoids rounding d = ||x||^2 - 2 sigma^2 z at the scale of ||x||^2. z_bar's own rounding cancels
-    # with the s correction below.
-    zbar = (xn - dbar) / (2.0 * s2)
-    z = (s - 0.5 * rn[None, :]) * inv_s2[:, None]
-    valid = rmask[:, None] & cmask[None, :]
-    # Normalised weights from the forward's log-normaliser: no running rescale is needed here.
-    w = tl.where(valid, tl.exp(tl.where(valid, z - zlse[:, None], 0.0)), 0.0)
-    cm = cc - mg[:, None]
-    wc = w * cm
-    woffs = rows64[:, None] * WS + cols[None, :]
-    tl.store(p_ptr + woffs, wc, mask=valid)
-    wd = tl.where(valid, w * (z - zbar[:, None]), 0.0)
-    # The row sums of the first-order corrections (stf_math.h, grad_x_corrected / cov_corrected):
-    # mg comes from unrounded mu and g, c from the (tensor-core-rounded) product, so s = sum_j w (c - mg),
-    # zero in exact arithmetic, carries their rounding mismatch, which is divided by sigma^2.
-    cov = tl.sum(wd * cm, axis=1)
-    ssum = tl.sum(tl.where(valid, wc, 0.0), axis=1)
-    dev = tl.sum(wd, axis=1)
-    col = cov_col0 + pid_n
-    tl.store(cov_ptr + rows64 * NCOV + col, cov, mask=rmask)
-    tl.store(cov_ptr + (B + rows64) * NCOV + col, ssum, mask=rmask)
-    tl.store(cov_ptr + (2 * B + rows64) * NCOV + col, dev, mask=rmask)
-    if REF_GRAD:
-        glse = tl.load(glse_ptr + rows, mask=rmask, other=0.0)
-        tl.store(w_ptr + woffs, w, mask=valid)
-        tl.store(a_ptr + woffs, w * (cm + glse[:, None]) * inv_s2[:, None], mask=valid)
+        mask = rmask[:, None] & (dd < D)[None, :]
+        offs = r64[:, None] * D + dd[None, :]
+        cen = tl.load(centre_ptr + dd, mask=dd < D, other=0.0)
+        tl.store(mu_ptr + offs, tl.load(mu_ptr + offs, mask=mask, other=0.0) * il[:, None] + cen[None, :], mask=mask)
 
 
 @triton.jit
-def _bwd_acc_kernel(
-    p_ptr,  # (B, WS) w_ij (c_ij - mg_i) of the chunk
-    r_ptr,  # (n, D)
-    x_ptr,  # (B, D)
-    mu_ptr,  # (B, D)
-    sigma_ptr,  # (B,)
-    glse_ptr,  # (2, B), read if IS_LAST: g_lse, then s = sum_j w_ij (c_ij - mg_i) over all chunks
-    gx_ptr,  # (B, D) in/out: sum_j p_ij r_j, then dL/dx after the last chunk
+def _bwd_terms_kernel(
+    S_ptr,  # (B, c): x' . r' in, the mode's x coefficients w (c - mg) out
+    C_ptr,  # (B, c): g . r' in, w out if REF_GRAD
+    S_lo_ptr,  # (B, c): lo of the x coefficients ("tf32x3")
+    A_ptr,  # (B, c): a_ij out if REF_GRAD
+    xn_ptr,
+    rn_ptr,
+    k_ptr,
+    sigma_ptr,
+    aux_ptr,  # (B, AUX_COLS)
+    mg_ptr,  # (B,) float64
+    glse_ptr,  # (B,)
+    rows_ptr,  # (3, B) float64, accumulated: s, cov, dev
     B,
-    D,
-    n0,
     c,
-    WS,
-    IS_FIRST: tl.constexpr,
-    IS_LAST: tl.constexpr,
+    AUX: tl.constexpr,
+    FINAL: tl.constexpr,
+    REF_GRAD: tl.constexpr,
     PREC: tl.constexpr,
-    NATIVE_BF16: tl.constexpr,
     BLOCK_B: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
-    pid_b = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < B
-    dmask = dd < D
-    rows64 = rows.to(tl.int64)
-    omask = rmask[:, None] & dmask[None, :]
-    aoffs = rows64[:, None] * D + dd[None, :]
-    if IS_FIRST:
-        acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=gx_ptr.dtype.element_ty)
-    else:
-        acc = tl.load(gx_ptr + aoffs, mask=omask, other=0.0)
-    for j0 in range(0, c, BLOCK_N):
-        cols = j0 + tl.arange(0, BLOCK_N)
-        cmask = cols < c
-        p = tl.load(p_ptr + rows64[:, None] * WS + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-        rt = tl.load(r_ptr + (n0 + cols.to(tl.int64))[:, None] * D + dd[None, :],
-                     mask=cmask[:, None] & dmask[None, :], other=0.0)
-        p = _round(p, PREC)
-        rt = _round(rt, PREC)
-        acc = _mm(_operand(p, PREC, NATIVE_BF16), _operand(rt, PREC, NATIVE_BF16), acc, PREC)
-    if IS_LAST:
-        # dL/dx_i = (sum_j w_ij (c_ij - mg_i - s_i) r_j + g_lse,i (mu_i - x_i)) / sigma_i^2, with
-        # sum_j w_ij (c_ij - mg_i - s_i) r_j = acc - s_i mu_i (stf_math.h, grad_x_corrected).
-        sig = tl.load(sigma_ptr + rows, mask=rmask, other=1.0)
-        glse = tl.load(glse_ptr + rows, mask=rmask, other=0.0)
-        s_row = tl.load(glse_ptr + B + rows, mask=rmask, other=0.0)
-        xt = tl.load(x_ptr + aoffs, mask=omask, other=0.0)
-        mt = tl.load(mu_ptr + aoffs, mask=omask, other=0.0)
-        acc = (acc - s_row[:, None] * mt + glse[:, None] * (mt - xt)) * (1.0 / (sig * sig))[:, None]
-    tl.store(gx_ptr + aoffs, acc, mask=omask)
+    r64 = rows.to(tl.int64)
+    xn = tl.load(xn_ptr + rows, mask=rmask, other=0.0)
+    k = tl.load(k_ptr + rows, mask=rmask, other=0.0)
+    m = tl.load(aux_ptr + r64 * AUX, mask=rmask, other=0.0)
+    log_l = tl.load(aux_ptr + r64 * AUX + 1, mask=rmask, other=0.0)
+    # delta_bar = d_bar - ||x'||^2 (stf_math.h, mean_delta)
+    dbar = tl.load(aux_ptr + r64 * AUX + 2, mask=rmask, other=0.0).to(tl.float64) - xn.to(tl.float64)
+    mg = tl.load(mg_ptr + rows, mask=rmask, other=0.0)
+    sig = tl.load(sigma_ptr + rows, mask=rmask, other=1.0).to(tl.float64)
+    glse = tl.load(glse_ptr + rows, mask=rmask, other=0.0).to(tl.float64)
+    s = tl.zeros((BLOCK_B,), dtype=tl.float64)
+    cov = tl.zeros((BLOCK_B,), dtype=tl.float64)
+    dev = tl.zeros((BLOCK_B,), dtype=tl.float64)
+    for j0 in range(0, c, BLOCK_C):
+        cols = j0 + tl.arange(0, BLOCK_C)
+        mask = rmask[:, None] & (cols < c)[None, :]
+        offs = r64[:, None] * c + cols[None, :]
+        dot = tl.load(S_ptr + offs, mask=mask, other=0.0)
+        rn = tl.load(rn_ptr + cols, mask=cols < c, other=0.0)
+        d = rn[None, :] - 2.0 * dot
+        d = tl.where(d < -xn[:, None], -xn[:, None], d)
+        v = tl.where(mask, -(d - m[:, None]) * k[:, None] - log_l[:, None], -1000.0)
+        w = _wexp(v).to(tl.float64)
+        cm = tl.load(C_ptr + offs, mask=mask, other=0.0).to(tl.float64) - mg[:, None]
+        xc = w * cm
+        s += tl.sum(xc, axis=1)
+        if FINAL:
+            dd = tl.where(mask, d.to(tl.float64) - dbar[:, None], 0.0)
+            cov += tl.sum(w * dd * cm, axis=1)
+            dev += tl.sum(w * dd, axis=1)
+            _store_operand(S_ptr, S_lo_ptr, offs, xc.to(dot.dtype), mask, PREC)
+            if REF_GRAD:
+                a = w * (cm + glse[:, None]) / (sig * sig)[:, None]
+                tl.store(A_ptr + offs, a.to(dot.dtype), mask=mask)
+                tl.store(C_ptr + offs, w.to(dot.dtype), mask=mask)
+    tl.store(rows_ptr + rows, tl.load(rows_ptr + rows, mask=rmask, other=0.0) + s, mask=rmask)
+    tl.store(rows_ptr + B + rows, tl.load(rows_ptr + B + rows, mask=rmask, other=0.0) + cov, mask=rmask)
+    tl.store(rows_ptr + 2 * B + rows, tl.load(rows_ptr + 2 * B + rows, mask=rmask, other=0.0) + dev, mask=rmask)
 
 
 @triton.jit
-def _bwd_ref_kernel(
-    w_ptr,  # (B, WS)
-    a_ptr,  # (B, WS)
-    g_ptr,  # (B, D)
-    x_ptr,  # (B, D)
-    r_ptr,  # (n, D)
-    gr_ptr,  # (n, D) out: dL/dr_j for the chunk's references
+def _bwd_finish_kernel(
+    px_ptr,  # (B, D)
+    mu_ptr,
+    x_ptr,
+    centre_ptr,
+    sigma_ptr,
+    glse_ptr,
+    aux_ptr,
+    rows_ptr,  # (3, B) float64: s, cov, dev
+    gx_ptr,  # (B, D) out
+    gs_ptr,  # (B,) out
     B,
     D,
-    n0,
-    c,
-    WS,
+    AUX: tl.constexpr,
     BLOCK_B: tl.constexpr,
-    BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    dd = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    cmask = cols < c
-    dmask = dd < D
-    refs64 = n0 + cols.to(tl.int64)
-    acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=gr_ptr.dtype.element_ty)
-    asum = tl.zeros((BLOCK_N,), dtype=gr_ptr.dtype.element_ty)
-    for i0 in range(0, B, BLOCK_B):
-        rows = i0 + tl.arange(0, BLOCK_B)
-        rmask = rows < B
-        rows64 = rows.to(tl.int64)
-        wmask = rmask[:, None] & cmask[None, :]
-        qmask = rmask[:, None] & dmask[None, :]
-        w = tl.load(w_ptr + rows64[:, None] * WS + cols[None, :], mask=wmask, other=0.0)
-        a = tl.load(a_ptr + rows64[:, None] * WS + cols[None, :], mask=wmask, other=0.0)
-        gt = tl.load(g_ptr + rows64[:, None] * D + dd[None, :], mask=qmask, other=0.0)
-        xt = tl.load(x_ptr + rows64[:, None] * D + dd[None, :], mask=qmask, other=0.0)
-        # Exact products: sum_i a_ij (x_i - r_j) cancels when x_i ~ r_j at small sigma.
-        acc = tl.dot(tl.trans(w), gt, acc, input_precision="ieee")
-        acc = tl.dot(tl.trans(a), xt, acc, input_precision="ieee")
-        asum += tl.sum(a, axis=0)
-    omask = cmask[:, None] & dmask[None, :]
-    offs = refs64[:, None] * D + dd[None, :]
-    rt = tl.load(r_ptr + offs, mask=omask, other=0.0)
-    # dL/dr_j = sum_i w_ij g_i + a_ij (x_i - r_j)
-    tl.store(gr_ptr + offs, acc - asum[:, None] * rt, mask=omask)
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    r64 = rows.to(tl.int64)
+    s = tl.load(rows_ptr + rows, mask=rmask, other=0.0)
+    cov = tl.load(rows_ptr + B + rows, mask=rmask, other=0.0)
+    dev = tl.load(rows_ptr + 2 * B + rows, mask=rmask, other=0.0)
+    sig = tl.load(sigma_ptr + rows, mask=rmask, other=1.0).to(tl.float64)
+    glse = tl.load(glse_ptr + rows, mask=rmask, other=0.0).to(tl.float64)
+    dbar = tl.load(aux_ptr + r64 * AUX + 2, mask=rmask, other=0.0).to(tl.float64)
+    dt = gx_ptr.dtype.element_ty
+    # dL/dsigma and dL/dx: stf_math.h's grad_sigma and grad_x_corrected.
+    tl.store(gs_ptr + rows, (((cov - s * dev) + glse * dbar) / (sig * sig * sig)).to(dt), mask=rmask)
+    inv_s2 = 1.0 / (sig * sig)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        mask = rmask[:, None] & (dd < D)[None, :]
+        offs = r64[:, None] * D + dd[None, :]
+        cen = tl.load(centre_ptr + dd, mask=dd < D, other=0.0)[None, :]
+        mu_c = (tl.load(mu_ptr + offs, mask=mask, other=0.0) - cen).to(tl.float64)
+        x_c = (tl.load(x_ptr + offs, mask=mask, other=0.0) - cen).to(tl.float64)
+        px = tl.load(px_ptr + offs, mask=mask, other=0.0).to(tl.float64)
+        gx = (px - s[:, None] * mu_c + glse[:, None] * (mu_c - x_c)) * inv_s2[:, None]
+        tl.store(gx_ptr + offs, gx.to(dt), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -531,302 +388,158 @@ def _bwd_ref_kernel(
 # ------------------------------------------------------------------------------------------------
 
 
-# Warps per program on a GPU; compile_check.py compiles every kernel with it and checks for spills.
-NUM_WARPS = 8
-# Two stages: the operands pass through registers (rounding) before the products, so every extra
-# stage of software pipelining costs registers; three spilled on sm_80.
-NUM_STAGES = 2
-_LAUNCH = {"num_warps": NUM_WARPS, "num_stages": NUM_STAGES}
+def _blocks(device: torch.device) -> dict[str, int]:
+    """Block sizes: wide on a GPU; small under the interpreter, so that the loops over D and over a
+    chunk's columns and the masked edges all run on test-sized problems."""
+    if device.type == "cuda":
+        return {"rows": 4, "cols": 256, "d": 256}
+    return {"rows": 4, "cols": 16, "d": 32}
 
 
-def block_sizes(device_type: str, float64: bool = False, precision: str = "ieee") -> dict[str, int]:
-    """Tile sizes. On a GPU: (block_b x block_n) logit tiles over block_d slices; (block_b x
-    block_d_acc) accumulator tiles over block_n_acc references; for the ref gradient
-    (block_n_ref x block_d_acc) tiles over block_b_ref rows. The largest that compile without
-    register spills on sm_80 and sm_90 (compile_check.py): "ieee" float32 has no tensor-core path
-    and its FMA products need a short reduction (block_n_acc = 16); float64 halves the tiles.
-    Under the interpreter: small, so the D loop, the chunk loop and the masked edges all run on
-    test-sized problems."""
-    if device_type == "cuda" and not _INTERPRET:
-        if float64:
-            return {"block_b": 32, "block_n": 32, "block_d": 16, "block_n_acc": 16, "block_d_acc": 32,
-                    "block_b_ref": 16, "block_n_ref": 32}
-        return {"block_b": 64, "block_n": 32, "block_d": 32, "block_n_acc": 16 if precision == "ieee" else 64,
-                "block_d_acc": 64, "block_b_ref": 16, "block_n_ref": 64}
-    return {"block_b": 16, "block_n": 16, "block_d": 32, "block_n_acc": 16, "block_d_acc": 32,
-            "block_b_ref": 16, "block_n_ref": 16}
+@contextlib.contextmanager
+def _products(tf32: bool, device: torch.device):
+    """torch's products in exact float32 (TF32 off, whatever the user's setting) or, for operands
+    that the kernels rounded to TF32-exact values, on TF32 tensor cores."""
+    if device.type != "cuda":
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def _check_inputs(fn: str, x: Tensor, sigma: Tensor, ref: Tensor, ref_sqnorm: Tensor, chunk_size, precision):
-    if precision not in PRECISIONS:
-        raise ValueError(f"{fn}: precision must be one of {PRECISIONS}, got {precision!r}")
-    if x.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"{fn}: x must be float32 or float64, got {x.dtype}")
-    if x.dtype == torch.float64 and precision != "ieee":
-        raise ValueError(
-            f"{fn}: precision {precision!r} rounds float32 operands; float64 inputs take only 'ieee'"
+def _width(D: int, prec: int) -> int:
+    return 3 * D if prec == _TF32X3 else D
+
+
+def _shift(src: Tensor, centre: Tensor | None, prec: int, ref_layout: bool, with_norms: bool, out: Tensor | None = None):
+    """(operand rows (rows, W), squared norms (rows,)) of src - centre in the mode."""
+    rows, D = src.shape
+    bs = _blocks(src.device)
+    op = out if out is not None else src.new_empty(rows, _width(D, prec))
+    norms = src.new_empty(rows) if with_norms else op
+    if rows:
+        _shift_rows_kernel[(triton.cdiv(rows, bs["rows"]),)](
+            src, src if centre is None else centre, op, norms, rows, D, op.shape[1],
+            PREC=prec, REF_LAYOUT=ref_layout, HAS_CENTRE=centre is not None, WITH_NORMS=with_norms,
+            BLOCK_R=bs["rows"], BLOCK_D=bs["d"],
         )
-    for name, t in (("sigma", sigma), ("ref", ref), ("ref_sqnorm", ref_sqnorm)):
-        if t.dtype != x.dtype:
-            raise TypeError(f"{fn}: {name} has dtype {t.dtype} but x has {x.dtype}; they must match")
-        if t.device != x.device:
-            raise ValueError(f"{fn}: {name} is on {t.device} but x is on {x.device}")
-    if x.dim() != 2 or ref.dim() != 2 or ref.shape[1] != x.shape[1]:
-        raise ValueError(
-            f"{fn}: x must be (B, D) and ref (n, D) with the same D; got x {tuple(x.shape)}, ref {tuple(ref.shape)}"
-        )
+    return op, norms
+
+
+def _accumulate(out: Tensor, W: Tensor, W_lo: Tensor, rop: Tensor, D: int, prec: int, accumulate: bool) -> None:
+    """out += W R' in the mode (three products for "tf32x3": hi hi + hi lo + lo hi)."""
+    hi = rop[:, :D]
+    with _products(prec != _IEEE, out.device):
+        if accumulate:
+            out.addmm_(W, hi)
+        else:
+            torch.mm(W, hi, out=out)
+        if prec == _TF32X3:
+            out.addmm_(W, rop[:, D : 2 * D])
+            out.addmm_(W_lo, hi)
+
+
+def _chunks(n: int, chunk: int):
+    for start in range(0, n, chunk):
+        yield start, min(chunk, n - start)
+
+
+def stf_forward(x: Tensor, sigma: Tensor, ref: Tensor, centre: Tensor, chunk_size: int, precision: str):
+    """(mu, lse, aux) of `stf_reference.stf_forward`, with the same arithmetic (module docstring)."""
     B, D = x.shape
     n = ref.shape[0]
-    if tuple(sigma.shape) != (B,):
-        raise ValueError(f"{fn}: sigma must have shape (B,) = ({B},), got {tuple(sigma.shape)}")
-    if tuple(ref_sqnorm.shape) != (n,):
-        raise ValueError(f"{fn}: ref_sqnorm must have shape (n,) = ({n},), got {tuple(ref_sqnorm.shape)}")
-    if n < 1 or D < 1:
-        raise ValueError(f"{fn}: needs n >= 1 references and D >= 1 features, got n = {n}, D = {D}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"{fn}: chunk_size must be a positive int, got {chunk_size!r}")
-    for name, t in (("x", x), ("sigma", sigma), ("ref", ref), ("ref_sqnorm", ref_sqnorm)):
-        if not t.is_contiguous():
-            raise ValueError(f"{fn}: {name} must be contiguous")
-
-
-def _plan(fn: str, x: Tensor, n: int, chunk_size: int, precision: str, blocks: dict | None):
-    """Block sizes and the chunk width; refuses grids CUDA cannot launch (all offsets are int64)."""
-    D = x.shape[1]
-    bs = block_sizes(x.device.type, x.dtype == torch.float64, precision)
-    if x.is_cuda and not _INTERPRET:
-        bs["block_b"], bs["block_d_acc"] = _fill_tiles(x.shape[0], D, bs["block_b"], bs["block_d_acc"], x.device)
-    if blocks:
-        unknown = set(blocks) - set(bs)
-        if unknown:
-            raise ValueError(f"{fn}: blocks has unknown keys {sorted(unknown)}; known: {sorted(bs)}")
-        bs.update(blocks)
-        for k, v in bs.items():
-            # tl.dot needs every tile dimension >= 16; tl.arange needs powers of two.
-            if not isinstance(v, int) or v < 16 or v & (v - 1):
-                raise ValueError(f"{fn}: blocks[{k!r}] must be a power of two >= 16, got {v!r}")
-    # Axis 1 of the logits grid counts the chunk's column blocks: cap the chunk, not the problem.
-    chunk = max(1, min(chunk_size, n, _MAX_GRID_YZ * bs["block_n"]))
-    # The (4, B, chunk / block_n) partial-state buffer is addressed with 32-bit plane offsets.
-    planes = 4 * x.shape[0] * triton.cdiv(chunk, bs["block_n"])
-    if planes >= 2**31:
-        raise ValueError(
-            f"{fn}: B = {x.shape[0]} rows x chunk = {chunk} references need {planes} partial states, more than "
-            f"2^31 - 1; pass a smaller chunk_size"
-        )
-    if triton.cdiv(D, bs["block_d_acc"]) > _MAX_GRID_YZ:
-        raise ValueError(
-            f"{fn}: D = {D} needs {triton.cdiv(D, bs['block_d_acc'])} column tiles of {bs['block_d_acc']}, "
-            f"more than the {_MAX_GRID_YZ} a CUDA grid dimension allows"
-        )
-    return bs, chunk
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _fill_tiles(B: int, D: int, block_b: int, block_d: int, device: torch.device) -> tuple[int, int]:
-    """Row block and accumulator column block for the accumulation grid, cdiv(B, block_b) x
-    cdiv(D, block_d) programs: halve the row block (down to 16), then the column block (down to
-    16), until the grid fills every SM twice. At B = 64, D = 3072 64 x 64 tiles give 48 programs
-    for 132 SMs, 16 x 32 tiles 384; at B = 16 the columns go to 16 wide (192 programs). Programs
-    sharing an R tile differ only in program_id(0) and run together, so R is re-read from L2."""
-    target = 2 * _sm_count(device)
-    while block_b > 16 and triton.cdiv(B, block_b) * triton.cdiv(D, block_d) < target:
-        block_b //= 2
-    while block_d > 16 and triton.cdiv(B, block_b) * triton.cdiv(D, block_d) < target:
-        block_d //= 2
-    return block_b, block_d
-
-
-def _native_bf16(x: Tensor) -> bool:
-    return x.device.type == "cuda" and not _INTERPRET
-
-
-def _on_tensors_device(launcher):
-    """Runs a launcher with the current CUDA device set to its tensors' device: Triton launches on
-    the current device, which need not be the one a tensor lives on (multi-GPU, DDP)."""
-
-    @functools.wraps(launcher)
-    def wrapper(*args, **kwargs):
-        t = next((a for a in args if isinstance(a, Tensor)), None)
-        if t is not None and t.is_cuda:
-            with torch.cuda.device(t.device):
-                return launcher(*args, **kwargs)
-        return launcher(*args, **kwargs)
-
-    return wrapper
-
-
-@_on_tensors_device
-def stf_forward(
-    x: Tensor,
-    sigma: Tensor,
-    ref: Tensor,
-    ref_sqnorm: Tensor,
-    chunk_size: int,
-    precision: str = "ieee",
-    *,
-    blocks: dict | None = None,
-):
-    """Triton forward: (mu, lse, aux) like `stf_reference.stf_forward`.
-
-    x (B, D), sigma (B,), ref (n, D), ref_sqnorm (n,): contiguous, one dtype (float32 or float64),
-    one device. mu (B, D), lse (B,), aux (B, 4) = [zlse, d_bar, n_eff, w_max] in that dtype, with
-        z_ij = (x_i . r_j - ||r_j||^2 / 2) / sigma_i^2,  w_ij = softmax_j(z_ij),  mu_i = sum_j w_ij r_j,
-        zlse_i = log sum_j exp(z_ij),  lse_i = zlse_i - ||x_i||^2 / (2 sigma_i^2).
-    Memory beyond the outputs: a (B, chunk) logit workspace and O(B chunk / BLOCK_N) partial states.
-    In "tf32"/"bf16" ref_sqnorm is not read: the norms come from the rounded references.
-    blocks overrides entries of `block_sizes`.
-    """
-    _check_inputs("stf_forward (triton)", x, sigma, ref, ref_sqnorm, chunk_size, precision)
-    B, D = x.shape
-    n = ref.shape[0]
-    bs, chunk = _plan("stf_forward (triton)", x, n, chunk_size, precision, blocks)
-    BB, BN, BD, BNA, BDA = bs["block_b"], bs["block_n"], bs["block_d"], bs["block_n_acc"], bs["block_d_acc"]
-    prec = _PREC_CODE[precision]
-    native = _native_bf16(x)
-    nblk = triton.cdiv(chunk, BN)
-    z_ws = x.new_empty(B, chunk)
-    part = x.new_empty(4, B, nblk)
-    state = x.new_empty(4, B)
-    alpha = x.new_empty(B)
-    xn = x.new_empty(B)
+    prec = PRECISIONS.index(precision)
+    bs = _blocks(x.device)
+    chunk = min(chunk_size, n)
+    xop, xn = _shift(x, centre, prec, False, True)
+    k = (0.5 / (sigma * sigma)).clamp_max(torch.finfo(sigma.dtype).max)
+    rop_buf = x.new_empty(chunk, _width(D, prec))
+    S_buf = x.new_empty(B * chunk)
+    S_lo_buf = x.new_empty(B * chunk) if prec == _TF32X3 else S_buf
+    state = x.new_empty(4, B, dtype=torch.float64)
+    arg = x.new_empty(B, dtype=torch.int64)
     mu = x.new_empty(B, D)
-    lse = x.new_empty(B)
-    aux = x.new_empty(B, 4)
-    if B == 0:
-        return mu, lse, aux
-    grid_b = triton.cdiv(B, BB)
-    _row_stats_kernel[(grid_b,)](x, x, x, xn, xn, B, D, PREC=prec, HAS_G=False, BLOCK_B=BB, BLOCK_D=BDA, **_LAUNCH)
-    starts = list(range(0, n, chunk))
-    for k, n0 in enumerate(starts):
-        c = min(chunk, n - n0)
-        nb = triton.cdiv(c, BN)
-        first, last = k == 0, k == len(starts) - 1
-        _fwd_logits_kernel[(grid_b, nb)](
-            x, ref, ref_sqnorm, sigma, z_ws, part, B, D, n0, c, chunk, nblk,
-            PREC=prec, NATIVE_BF16=native, USE_RN=prec == 0, BLOCK_B=BB, BLOCK_N=BN, BLOCK_D=BD,
-            **_LAUNCH,
+    grid = (triton.cdiv(B, bs["rows"]),)
+    for start, c in _chunks(n, chunk):
+        rop, rn = _shift(ref[start : start + c], centre, prec, True, True, rop_buf[:c])
+        S = S_buf[: B * c].view(B, c)
+        with _products(prec != _IEEE, x.device):
+            torch.mm(xop, rop.T, out=S)
+        S_lo = S_lo_buf[: B * c].view(B, c)
+        _fwd_update_kernel[grid](
+            S, S_lo, xn, rn, k, state, arg, mu, B, c, D, start,
+            IS_FIRST=start == 0, PREC=prec, BLOCK_B=bs["rows"], BLOCK_C=bs["cols"], BLOCK_D=bs["d"],
         )
-        _fwd_merge_kernel[(grid_b,)](
-            part, state, alpha, xn, sigma, lse, aux, B, nb, nblk,
-            IS_FIRST=first, IS_LAST=last, BLOCK_B=BB, BLOCK_K=32, **_LAUNCH,
-        )
-        _fwd_acc_kernel[(grid_b, triton.cdiv(D, BDA))](
-            z_ws, ref, state, alpha, mu, B, D, n0, c, chunk,
-            IS_FIRST=first, IS_LAST=last, PREC=prec, NATIVE_BF16=native, BLOCK_B=BB, BLOCK_N=BNA, BLOCK_D=BDA,
-            **_LAUNCH,
-        )
+        _accumulate(mu, S, S_lo, rop, D, prec, start > 0)
+    lse, aux = x.new_empty(B), x.new_empty(B, AUX_COLS)
+    dmin = stf_reference.nearest_sqdist(x, ref, arg)
+    _fwd_finish_kernel[grid](state, k, dmin, centre, mu, lse, aux, B, D, AUX=AUX_COLS, BLOCK_B=bs["rows"],
+                             BLOCK_D=bs["d"])
     return mu, lse, aux
 
 
-@_on_tensors_device
-def stf_backward(
-    grad_mu: Tensor,
-    grad_lse: Tensor,
-    x: Tensor,
-    sigma: Tensor,
-    ref: Tensor,
-    ref_sqnorm: Tensor,
-    mu: Tensor,
-    aux: Tensor,
-    chunk_size: int,
-    precision: str = "ieee",
-    ref_grad: bool = False,
-    *,
-    blocks: dict | None = None,
-):
-    """Triton backward: (grad_x (B, D), grad_sigma (B,), grad_ref (n, D) or (0,)), the centred forms
-    of `stf_reference.stf_backward` with w_ij = exp(z_ij - zlse_i) from the forward's aux:
-        dL/dx_i     = (sum_j w_ij (c_ij - mg_i) r_j + g_lse,i (mu_i - x_i)) / sigma_i^2
-        dL/dsigma_i = (sum_j w_ij (d_ij - d_bar_i)(c_ij - mg_i) + g_lse,i d_bar_i) / sigma_i^3
-        dL/dr_j     = sum_i w_ij g_i + a_ij (x_i - r_j),  a_ij = w_ij (c_ij - mg_i + g_lse,i) / sigma_i^2
-    with c_ij = r_j . g_i, mg_i = mu_i . g_i. mg comes from unrounded mu and g, c from the mode's
-    (rounded) product, so both forms get the first-order correction of stf_math.h with the streamed
-    s_i = sum_j w_ij (c_ij - mg_i) (0 in exact arithmetic): dL/dx_i - s_i mu_i / sigma_i^2 and
-    dL/dsigma_i - s_i sum_j w_ij (d_ij - d_bar_i) / sigma_i^3 (streamed in the logit form,
-    d - d_bar = -2 sigma^2 (z - z_bar), as stf_math.h); with ref_grad a first sweep of the
-    logit products measures s and moves mg by it. The ref gradient's products are always exact
-    float32 (or float64), whatever the precision mode, because sum_i a_ij (x_i - r_j) cancels.
-    Memory beyond the outputs: one (B, chunk) workspace, three with ref_grad, and (3, B, n / BLOCK_N)
-    partial sums.
-    """
-    fn = "stf_backward (triton)"
-    _check_inputs(fn, x, sigma, ref, ref_sqnorm, chunk_size, precision)
+def stf_backward(grad_mu, grad_lse, x, sigma, ref, centre, mu, aux, chunk_size, precision, ref_grad):
+    """(grad_x, grad_sigma, grad_ref) of `stf_reference.stf_backward`, with the same arithmetic."""
     B, D = x.shape
     n = ref.shape[0]
-    for name, t, shape in (("grad_mu", grad_mu, (B, D)), ("mu", mu, (B, D)), ("grad_lse", grad_lse, (B,)),
-                           ("aux", aux, (B, 4))):
-        if tuple(t.shape) != shape or t.dtype != x.dtype or t.device != x.device or not t.is_contiguous():
-            raise ValueError(
-                f"{fn}: {name} must be a contiguous {x.dtype} tensor of shape {shape} on {x.device}; "
-                f"got {t.dtype} {tuple(t.shape)} on {t.device}"
-            )
-    bs, chunk = _plan(fn, x, n, chunk_size, precision, blocks)
-    BB, BN, BD, BNA, BDA = bs["block_b"], bs["block_n"], bs["block_d"], bs["block_n_acc"], bs["block_d_acc"]
-    prec = _PREC_CODE[precision]
-    native = _native_bf16(x)
-    grad_x = x.new_empty(B, D)
-    grad_ref = torch.zeros_like(ref) if ref_grad else ref.new_zeros(0)
-    if B == 0:
-        return grad_x, x.new_empty(0), grad_ref
-    xn = x.new_empty(B)
-    mg = x.new_empty(B)
-    grid_b = triton.cdiv(B, BB)
-    _row_stats_kernel[(grid_b,)](
-        x, mu, grad_mu, xn, mg, B, D, PREC=prec, HAS_G=True, BLOCK_B=BB, BLOCK_D=BDA, **_LAUNCH
-    )
-    p_ws = x.new_empty(B, chunk)
-    w_ws = x.new_empty(B, chunk) if ref_grad else p_ws
-    a_ws = x.new_empty(B, chunk) if ref_grad else p_ws
-    starts = list(range(0, n, chunk))
-    ncov = sum(triton.cdiv(min(chunk, n - n0), BN) for n0 in starts)
-    # Per (row, column block): cov = sum_j w (z - z_bar)(c - mg), s = sum_j w (c - mg), dev = sum_j w (z - z_bar).
-    cov = x.new_empty(3, B, ncov)
+    prec = PRECISIONS.index(precision)
+    bs = _blocks(x.device)
+    chunk = min(chunk_size, n)
+    W = _width(D, prec)
+    xgop = x.new_empty(2 * B, W)  # x' rows, then grad_mu rows
+    _, xn = _shift(x, centre, prec, False, True, xgop[:B])
+    _shift(grad_mu, None, prec, False, False, xgop[B:])
+    k = (0.5 / (sigma * sigma)).clamp_max(torch.finfo(sigma.dtype).max)
+    mg = ((mu - centre).double() * grad_mu.double()).sum(1)
+    rop_buf = x.new_empty(chunk, W)
+    SC_buf = x.new_empty(2 * B * chunk)
+    S_lo_buf = x.new_empty(B * chunk) if prec == _TF32X3 else SC_buf
+    A_buf = x.new_empty(B * chunk) if ref_grad else SC_buf
+    xs = x - centre if ref_grad else None
+    px = x.new_empty(B, D)
+    rows = x.new_zeros(3, B, dtype=torch.float64)
+    grad_ref = torch.empty_like(ref) if ref_grad else ref.new_zeros(0)
+    grid = (triton.cdiv(B, bs["rows"]),)
 
-    def sweep(mg, final):
-        col0 = 0
-        for k, n0 in enumerate(starts):
-            c = min(chunk, n - n0)
-            nb = triton.cdiv(c, BN)
-            last = k == len(starts) - 1
-            _bwd_logits_kernel[(grid_b, nb)](
-                x, grad_mu, ref, ref_sqnorm, sigma, xn, mg, aux, grad_lse, p_ws, w_ws, a_ws, cov,
-                B, D, n0, c, chunk, ncov, col0,
-                PREC=prec, NATIVE_BF16=native, USE_RN=prec == 0, REF_GRAD=ref_grad and final,
-                BLOCK_B=BB, BLOCK_N=BN, BLOCK_D=BD, **_LAUNCH,
+    def sweep(final: bool) -> None:
+        for start, c in _chunks(n, chunk):
+            rop, rn = _shift(ref[start : start + c], centre, prec, True, True, rop_buf[:c])
+            SC = SC_buf[: 2 * B * c].view(2 * B, c)
+            with _products(prec != _IEEE, x.device):
+                torch.mm(xgop, rop.T, out=SC)
+            S, C = SC[:B], SC[B:]
+            S_lo = S_lo_buf[: B * c].view(B, c)
+            A = A_buf[: B * c].view(B, c)
+            _bwd_terms_kernel[grid](
+                S, C, S_lo, A, xn, rn, k, sigma, aux, mg, grad_lse, rows, B, c,
+                AUX=AUX_COLS, FINAL=final, REF_GRAD=final and ref_grad, PREC=prec,
+                BLOCK_B=bs["rows"], BLOCK_C=bs["cols"],
             )
-            col0 += nb
             if not final:
                 continue
-            # The small (3, B, n / BLOCK_N) partial sums, merged deterministically; the last
-            # accumulation reads (g_lse, s) per row for its corrected finish.
-            glse = torch.stack((grad_lse, cov[1].sum(1))) if last else grad_lse
-            _bwd_acc_kernel[(grid_b, triton.cdiv(D, BDA))](
-                p_ws, ref, x, mu, sigma, glse, grad_x, B, D, n0, c, chunk,
-                IS_FIRST=k == 0, IS_LAST=last, PREC=prec, NATIVE_BF16=native,
-                BLOCK_B=BB, BLOCK_N=BNA, BLOCK_D=BDA, **_LAUNCH,
-            )
+            _accumulate(px, S, S_lo, rop, D, prec, start > 0)
             if ref_grad:
-                _bwd_ref_kernel[(triton.cdiv(c, bs["block_n_ref"]), triton.cdiv(D, BDA))](
-                    w_ws, a_ws, grad_mu, x, ref, grad_ref, B, D, n0, c, chunk,
-                    BLOCK_B=bs["block_b_ref"], BLOCK_N=bs["block_n_ref"], BLOCK_D=BDA, **_LAUNCH,
-                )
+                # dL/dr_j = sum_i w_ij g_i + a_ij (x'_i - r'_j), exact float32 in every mode.
+                g = grad_ref[start : start + c]
+                with _products(False, x.device):
+                    torch.mm(C.T, grad_mu, out=g)
+                    g.addmm_(A.T, xs)
+                g.sub_(A.sum(0)[:, None] * (ref[start : start + c] - centre))
 
     if ref_grad:
-        # a_ij = w (c - mg + g_lse) / sigma^2 cannot be corrected after the fact like dL/dx: a first
-        # sweep (the logit products only) measures s and moves mg by it, as stf_reference and the
-        # CPU backend do, at the price of one more pair of products, paid only when ref needs grad.
-        sweep(mg, False)
-        mg = mg + cov[1].sum(1)
-    sweep(mg, True)
-    dbar = aux[:, stf_reference.AUX_DBAR]
-    cov_z, s_sum, dev_z = cov.sum(2).unbind(0)
-    # dL/dsigma (stf_math.h, grad_sigma) from the z form with cov_corrected:
-    # sum_j w (d - d_bar)(c - mg - s) = -2 sigma^2 (cov_z - s dev_z).
-    s2 = sigma * sigma
-    grad_sigma = (grad_lse * dbar - 2.0 * s2 * (cov_z - s_sum * dev_z)) / (s2 * sigma)
+        # The ref gradient's a_ij needs an mg consistent with the products' rounding: a first sweep
+        # measures s = sum_j w (c - mg) and moves mg by it (stf_reference.stf_backward).
+        sweep(False)
+        mg = mg + rows[0]
+        rows.zero_()
+    sweep(True)
+    grad_x, grad_sigma = torch.empty_like(x), torch.empty_like(sigma)
+    _bwd_finish_kernel[grid](
+        px, mu, x, centre, sigma, grad_lse, aux, rows, grad_x, grad_sigma, B, D,
+        AUX=AUX_COLS, BLOCK_B=bs["rows"], BLOCK_D=bs["d"],
+    )
     return grad_x, grad_sigma, grad_ref

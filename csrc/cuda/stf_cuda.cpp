@@ -1,138 +1,136 @@
-// Torch glue of the CUDA stable target: the ops cdm_kernels_C::stf_forward_cuda / stf_backward_cuda
-// (CUDA dispatch key). Checks the inputs (before anything is launched), sets the device guard,
-// allocates outputs and the workspace through the caching allocator, and calls the launch sequences
-// of stf.cu on the current stream. The kernels are in stf.cu / stf_kernels.h.
+// Torch glue of the CUDA stable target: the CUDA implementations of cdm_kernels_C::stf_forward and
+// stf_backward (schemas in csrc/ops.cpp). Checks the contract (csrc/contract.h) before anything is
+// launched, sets the device guard, allocates the outputs and one workspace through the caching
+// allocator, and runs the launch sequences of stf_kernels.h with an executor that launches their
+// kernels (csrc/cuda/stf.cu) and does their matrix products with cuBLAS through ATen, on the current
+// stream. No CUDA header is included (csrc/cuda/glue.h says why).
+//
+// The products' math mode is set per product: exact float32 (TF32 off, whatever the user's global
+// setting) where the operands are not TF32-exact; TF32 tensor cores where the kernels rounded them
+// to TF32 or bfloat16 values ("tf32x3", "tf32", "bf16"). The TF32 switch is ATen's global flag,
+// restored after each product: a thread that runs float32 matmuls concurrently with a tensor-core
+// stable target may see it flip.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "stf_cuda.h"
+#include "contract.h"
+#include "cuda/glue.h"
+#include "cuda/stf_cuda.h"
 
 namespace cdm {
 namespace stf {
 namespace cuda {
 namespace {
 
-// Device, dtype and rank: what .contiguous() keeps, so it is checked before any copy is made.
-void check_placed(const at::Tensor& t, const char* name, const at::Tensor& x, int64_t dim) {
-  TORCH_CHECK(t.is_cuda(), "stf_cuda: ", name, " must be a CUDA tensor, got device ", t.device());
-  TORCH_CHECK(t.device() == x.device(), "stf_cuda: ", name, " is on ", t.device(), " but x is on ", x.device(),
-              "; all tensors must be on one GPU");
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "stf_cuda: ", name, " has dtype ", t.scalar_type(),
-              " but x has dtype ", x.scalar_type());
-  TORCH_CHECK(t.dim() == dim, "stf_cuda: ", name, " must have ", dim, " dimensions, got shape ", t.sizes());
+// ATen's cuBLAS math mode for one product: TF32 allowed or not.
+class MathMode {
+ public:
+  explicit MathMode(bool tf32) : old_(at::globalContext().allowTF32CuBLAS()) {
+    at::globalContext().setAllowTF32CuBLAS(tf32);
+  }
+  ~MathMode() { at::globalContext().setAllowTF32CuBLAS(old_); }
+  MathMode(const MathMode&) = delete;
+  MathMode& operator=(const MathMode&) = delete;
+
+ private:
+  bool old_;
+};
+
+struct CudaExec {
+  void* stream;
+  const char* op;
+  at::TensorOptions options;
+
+  template <class F>
+  void run(const F& f) {
+    cdm::cuda::check_launch(launch(f, stream), op);
+  }
+
+  template <typename T>
+  void gemm(const Gemm<T>& g) {
+    const at::Tensor A = at::from_blob(const_cast<T*>(g.A), {g.M, g.K},
+                                       g.a_trans ? at::IntArrayRef{1, g.lda} : at::IntArrayRef{g.lda, 1}, options);
+    const at::Tensor B = at::from_blob(const_cast<T*>(g.B), {g.K, g.N},
+                                       g.b_trans ? at::IntArrayRef{1, g.ldb} : at::IntArrayRef{g.ldb, 1}, options);
+    at::Tensor C = at::from_blob(g.C, {g.M, g.N}, {g.ldc, 1}, options);
+    const MathMode mode(g.tf32);
+    if (g.accumulate) {
+      C.addmm_(A, B);
+    } else {
+      at::mm_out(C, A, B);
+    }
+  }
+};
+
+template <typename T>
+Problem<T> problem(const at::Tensor& x, const at::Tensor& sigma, const at::Tensor& ref, const at::Tensor& centre,
+                   int64_t chunk_size, int prec) {
+  return Problem<T>{x.size(0), x.size(1), ref.size(0), std::min(chunk_size, ref.size(0)), prec,
+                    x.data_ptr<T>(), sigma.data_ptr<T>(), ref.data_ptr<T>(), centre.data_ptr<T>()};
 }
 
-void check_tensor(const at::Tensor& t, const char* name, const at::Tensor& x, int64_t dim) {
-  check_placed(t, name, x, dim);
-  TORCH_CHECK(t.is_contiguous(), "stf_cuda: ", name, " must be contiguous");
-}
-
-void check_inputs(const at::Tensor& x, const at::Tensor& sigma, const at::Tensor& ref, const at::Tensor& ref_sqnorm,
-                  int64_t chunk_size) {
-  TORCH_CHECK(x.is_cuda(), "stf_cuda: x must be a CUDA tensor, got device ", x.device());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "stf_cuda: x must be float32 or float64, got ", x.scalar_type());
-  check_tensor(x, "x", x, 2);
-  check_tensor(sigma, "sigma", x, 1);
-  check_tensor(ref, "ref", x, 2);
-  check_tensor(ref_sqnorm, "ref_sqnorm", x, 1);
-  TORCH_CHECK(ref.size(1) == x.size(1), "stf_cuda: ref must be (n, D) with D = ", x.size(1), " (x is ", x.sizes(),
-              "), got ", ref.sizes());
-  TORCH_CHECK(sigma.size(0) == x.size(0), "stf_cuda: sigma must be (B,) with B = ", x.size(0), ", got ",
-              sigma.sizes());
-  TORCH_CHECK(ref_sqnorm.size(0) == ref.size(0), "stf_cuda: ref_sqnorm must be (n,) with n = ", ref.size(0),
-              ", got ", ref_sqnorm.sizes());
-  TORCH_CHECK(ref.size(0) >= 1, "stf_cuda: ref must hold at least one reference (n >= 1), got ", ref.sizes());
-  TORCH_CHECK(chunk_size >= 1, "stf_cuda: chunk_size must be >= 1, got ", chunk_size);
-}
-
-// The multiprocessors of x's GPU: the products split their K axis when their tiles alone would
-// leave most of them idle (stf_kernels.h, gemm_split_len).
-int64_t sm_count(const at::Tensor& x) {
-  return at::cuda::getDeviceProperties(x.device().index())->multiProcessorCount;
-}
-
-void check_status(const LaunchStatus& s, const char* op) {
-  TORCH_CHECK(s.ok, op, ": launch of kernel ", s.kernel ? s.kernel : "?", " failed: ", s.message);
+void check_precision(const char* op, const at::Tensor& x, int prec) {
+  TORCH_CHECK(prec == PREC_IEEE || x.scalar_type() == at::kFloat, op, ": float64 inputs take precision 'ieee' only");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> stf_forward_cuda(const at::Tensor& x, const at::Tensor& sigma,
-                                                                const at::Tensor& ref, const at::Tensor& ref_sqnorm,
-                                                                int64_t chunk_size) {
-  check_inputs(x, sigma, ref, ref_sqnorm, chunk_size);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t B = x.size(0), D = x.size(1), n = ref.size(0);
+                                                                const at::Tensor& ref, const at::Tensor& centre,
+                                                                int64_t chunk_size, c10::string_view precision) {
+  const char* op = "stf_forward (cuda)";
+  const int prec = contract::stf(op, x, sigma, ref, centre, chunk_size, precision);
+  cdm::cuda::check_cuda(x, op);
+  check_precision(op, x, prec);
+  const c10::DeviceGuard guard(x.device());
+  const int64_t B = x.size(0);
   at::Tensor mu = at::empty_like(x);
   at::Tensor lse = at::empty({B}, x.options());
   at::Tensor aux = at::empty({B, AUX_COLS}, x.options());
   if (B == 0) return {mu, lse, aux};
-  const Plan plan = make_plan(B, D, n, chunk_size, sm_count(x));
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream(x.device().index()).stream();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "stf_forward_cuda", [&] {
-    at::Tensor ws = at::empty({ForwardWorkspace<scalar_t>::size(plan)}, x.options());
-    check_status(forward<scalar_t>(plan, x.data_ptr<scalar_t>(), sigma.data_ptr<scalar_t>(), ref.data_ptr<scalar_t>(),
-                                   ref_sqnorm.data_ptr<scalar_t>(), mu.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
-                                   aux.data_ptr<scalar_t>(), ws.data_ptr<scalar_t>(), stream),
-                 "stf_forward_cuda");
+    const Problem<scalar_t> p = problem<scalar_t>(x, sigma, ref, centre, chunk_size, prec);
+    at::Tensor ws = at::empty({ForwardWorkspace<scalar_t>::bytes(p)}, x.options().dtype(at::kByte));
+    Carver cv{reinterpret_cast<char*>(ws.data_ptr()), 0};
+    CudaExec ex{cdm::cuda::current_stream(x.device()), op, x.options()};
+    forward_run(ex, p, ForwardWorkspace<scalar_t>::carve(cv, p), mu.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
+                aux.data_ptr<scalar_t>());
   });
   return {mu, lse, aux};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> stf_backward_cuda(
     const at::Tensor& grad_mu, const at::Tensor& grad_lse, const at::Tensor& x, const at::Tensor& sigma,
-    const at::Tensor& ref, const at::Tensor& ref_sqnorm, const at::Tensor& mu, const at::Tensor& aux,
-    int64_t chunk_size, bool ref_grad) {
-  check_inputs(x, sigma, ref, ref_sqnorm, chunk_size);
-  // Checked before .contiguous(), which would otherwise copy a misplaced tensor first.
-  check_placed(grad_mu, "grad_mu", x, 2);
-  check_placed(grad_lse, "grad_lse", x, 1);
-  check_placed(mu, "mu", x, 2);
-  check_placed(aux, "aux", x, 2);
-  const at::Tensor g = grad_mu.contiguous(), gl = grad_lse.contiguous(), m = mu.contiguous(), a = aux.contiguous();
-  TORCH_CHECK(g.sizes() == x.sizes() && m.sizes() == x.sizes(), "stf_backward_cuda: grad_mu and mu must be ",
-              x.sizes(), ", got ", g.sizes(), " and ", m.sizes());
-  TORCH_CHECK(gl.size(0) == x.size(0), "stf_backward_cuda: grad_lse must be (", x.size(0), ",), got ", gl.sizes());
-  TORCH_CHECK(a.size(0) == x.size(0) && a.size(1) == AUX_COLS, "stf_backward_cuda: aux must be (", x.size(0), ", ",
-              AUX_COLS, "), got ", a.sizes());
-  const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t B = x.size(0), D = x.size(1), n = ref.size(0);
+    const at::Tensor& ref, const at::Tensor& centre, const at::Tensor& mu, const at::Tensor& aux,
+    int64_t chunk_size, c10::string_view precision, bool ref_grad) {
+  const char* op = "stf_backward (cuda)";
+  const int prec = contract::stf_backward(op, grad_mu, grad_lse, x, sigma, ref, centre, mu, aux, chunk_size, precision);
+  cdm::cuda::check_cuda(x, op);
+  check_precision(op, x, prec);
+  const c10::DeviceGuard guard(x.device());
   at::Tensor grad_x = at::empty_like(x);
   at::Tensor grad_sigma = at::empty_like(sigma);
   at::Tensor grad_ref = ref_grad ? at::empty_like(ref) : at::empty({0}, ref.options());
-  if (B == 0) {
+  if (x.size(0) == 0) {
     if (ref_grad) grad_ref.zero_();
     return {grad_x, grad_sigma, grad_ref};
   }
-  const Plan plan = make_plan(B, D, n, chunk_size, sm_count(x));
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream(x.device().index()).stream();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "stf_backward_cuda", [&] {
-    at::Tensor ws = at::empty({BackwardWorkspace<scalar_t>::size(plan, ref_grad)}, x.options());
-    check_status(backward<scalar_t>(plan, g.data_ptr<scalar_t>(), gl.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
-                                    sigma.data_ptr<scalar_t>(), ref.data_ptr<scalar_t>(),
-                                    ref_sqnorm.data_ptr<scalar_t>(), m.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(),
-                                    grad_x.data_ptr<scalar_t>(), grad_sigma.data_ptr<scalar_t>(),
-                                    ref_grad ? grad_ref.data_ptr<scalar_t>() : nullptr, ws.data_ptr<scalar_t>(),
-                                    stream),
-                 "stf_backward_cuda");
+    const Problem<scalar_t> p = problem<scalar_t>(x, sigma, ref, centre, chunk_size, prec);
+    at::Tensor ws = at::empty({BackwardWorkspace<scalar_t>::bytes(p, ref_grad)}, x.options().dtype(at::kByte));
+    Carver cv{reinterpret_cast<char*>(ws.data_ptr()), 0};
+    CudaExec ex{cdm::cuda::current_stream(x.device()), op, x.options()};
+    const BackwardInputs<scalar_t> in{grad_mu.data_ptr<scalar_t>(), grad_lse.data_ptr<scalar_t>(),
+                                      mu.data_ptr<scalar_t>(), aux.data_ptr<scalar_t>()};
+    backward_run(ex, p, in, BackwardWorkspace<scalar_t>::carve(cv, p, ref_grad), grad_x.data_ptr<scalar_t>(),
+                 grad_sigma.data_ptr<scalar_t>(), ref_grad ? grad_ref.data_ptr<scalar_t>() : nullptr);
   });
   return {grad_x, grad_sigma, grad_ref};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(cdm_kernels_C, m) {
-  m.def("stf_forward_cuda(Tensor x, Tensor sigma, Tensor ref, Tensor ref_sqnorm, int chunk_size) "
-        "-> (Tensor mu, Tensor lse, Tensor aux)");
-  m.def("stf_backward_cuda(Tensor grad_mu, Tensor grad_lse, Tensor x, Tensor sigma, Tensor ref, "
-        "Tensor ref_sqnorm, Tensor mu, Tensor aux, int chunk_size, bool ref_grad) "
-        "-> (Tensor grad_x, Tensor grad_sigma, Tensor grad_ref)");
-}
-
 TORCH_LIBRARY_IMPL(cdm_kernels_C, CUDA, m) {
-  m.impl("stf_forward_cuda", &stf_forward_cuda);
-  m.impl("stf_backward_cuda", &stf_backward_cuda);
+  m.impl("stf_forward", &stf_forward_cuda);
+  m.impl("stf_backward", &stf_backward_cuda);
 }
 
 }  // namespace cuda

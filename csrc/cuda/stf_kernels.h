@@ -1,755 +1,765 @@
-// The CUDA stable-target kernels (math.md section 1), written so that the host can execute them.
+// The CUDA stable-target kernels (docs/math.md), written so that the host can execute them.
 //
-// Everything a CUDA thread of csrc/cuda/stf.cu executes is here, as __host__ __device__ code:
-//   - per-thread functors (`operator()(t)` for a flat thread index t): logits and the online
-//     softmax update, the row merges, the backward weights, the finalisers;
-//   - the three phases of the tiled matrix-product kernel (load a tile into shared memory, multiply,
-//     store with an epilogue), separated exactly where the kernel has its barriers;
-//   - the launch sequences `forward_run` / `backward_run`, templated on an executor that either
-//     launches kernels (stf.cu) or runs every thread of every block on the host, phase by phase
-//     (tests/cuda_emulator.cpp). A sequential run of all threads between two barriers is one legal
-//     schedule of a CUDA block, so the host run executes these same lines with the same indices.
-// The arithmetic itself (logits, the softmax update, the merge, the backward weights) is the shared
-// code of csrc/stf_math.h, which the CPU backend also executes.
+// The GPU stable target is a stream of matrix products that cuBLAS does (through ATen, in the torch
+// glue csrc/cuda/stf_cuda.cpp) and of small fused kernels between them that no library offers: the
+// shift of a chunk by the centre with its norms and the precision mode's operand rounding, the
+// distances with the online softmax update in distance space, the accumulator rescale, the backward
+// weights with their row sums, the finishers. Those kernels are the per-thread functors below
+// (`operator()(t)` for a flat thread index t, no shared memory, no barrier, no atomic), and the
+// launch sequences `forward_run` / `backward_run` are templates over an executor that either
+// launches them and calls cuBLAS (the glue, with csrc/cuda/stf.cu's launch function) or runs every
+// thread on the host and multiplies with plain loops (tests/cuda_emulator.cpp). The arithmetic is
+// the shared code of csrc/stf_math.h, which the CPU backend also executes.
 //
-// Layout of the work (why: see docs/gpu_design.md). The references are streamed in chunks of c rows.
-// Per chunk, the forward pass does
-//   1. dots  (B, c)  = X (B, D) R_c^T          tiled matrix product, D tiled by GEMM_BK
-//   2. z = logit(dots), per-(row, part) maxima  B x P threads, part p takes j = p, p + P, ...
-//   3. e = exp(z - m_new), partial (l, l2, t)    B x P threads, m_new = max(old m, part maxima)
-//   4. merge the P partial states into the row state, alpha = exp(m_old - m_new)   B threads
-//   5. acc (B, D) = alpha * acc + E (B, c) R_c  tiled matrix product, D tiled by the grid
-// and finishes with mu = acc / l. The backward pass streams the same chunks with its own weights.
-// A product with fewer output tiles than 2 blocks per SM (small B) also splits its K axis across
-// blocks and adds the partial sums in order afterwards (gemm_split_len, GemmSplitReduce).
-// All global indices are 64-bit: B * D, B * c and n * D may exceed 2^31.
+// Per chunk of c references the forward pass does
+//   1. ShiftRows + LaneSum: r'_j = round(r_j - c), ||r'_j||^2          c x LANES threads, then c
+//   2. S (B, c) = X' R'^T                                                cuBLAS
+//   3. ChunkMin: reduced distances delta_ij into S, (row, part) minima  B x PARTS threads
+//   4. ChunkUpdate: e_ij = exp(-(delta_ij - m_new) k_i) into S, sums    B x PARTS threads
+//   5. RowMerge: rebase the row state to m_new, add the parts           B threads
+//   6. ScaleRows: acc_i *= alpha_i (not for the first chunk)            B x D threads
+//   7. acc (B, D) += E R'                                               cuBLAS
+// and finishes with the exact d_min of each row's nearest reference (NearestParts, LaneSum), lse,
+// aux and mu = acc / l + c. Row work is split into PARTS threads per row: thread
+// t = i PARTS + p takes the columns j = p, p + PARTS, ... of row i, so the threads of a row read
+// consecutive words (coalesced) and a chunk has B x PARTS threads even when B is small. Row sums and
+// states are kept in double (as the CPU backend does): they are O(B c) work next to O(B c D).
+// All indices are 64-bit: B D, B c and n D may exceed 2^31.
+//
+// Precision modes (docs/math.md, "Precision modes"): the operands are rounded here, explicitly, to
+// what the mode's tensor cores read, so a product of rounded operands is exact up to its float32
+// sums whatever the hardware's own conversion does, and the emulation reproduces the modes.
+// "tf32x3" splits every operand v into hi = tf32(v), lo = tf32(v - hi); the logits product then
+// runs once over 3D columns, queries laid out [hi | hi | lo] against references [hi | lo | hi]
+// (hi hi + hi lo + lo hi), and the accumulation as three products.
 #pragma once
 
 #include <stdint.h>
 
 #include "stf_math.h"
 
-// Keeps the device compiler from unrolling a loop (the host compiler has no such pragma).
-#if defined(__CUDA_ARCH__)
-#define CDM_NO_UNROLL _Pragma("unroll 1")
-#else
-#define CDM_NO_UNROLL
-#endif
-
 namespace cdm {
 namespace stf {
 namespace cuda {
 
+constexpr int64_t LANES = 32;  // threads per row of a row reduction over D (one warp: coalesced)
+constexpr int64_t PARTS = 32;  // threads per query row over a chunk's columns
+
+typedef double Acc;  // accumulator of long sums: norms, dot products, row states
+
+// Columns of a mode's operand rows: 3D for "tf32x3" (hi, lo and a copy), else D.
+CDM_HD int64_t operand_width(int64_t D, int prec) { return prec == PREC_TF32X3 ? 3 * D : D; }
+
+// The (hi, lo) split of "tf32x3"; float64 has no such mode (the public function refuses it).
+CDM_HD void split_tf32(float v, float* hi, float* lo) {
+  *hi = round_tf32(v);
+  *lo = round_tf32(v - *hi);
+}
+CDM_HD void split_tf32(double v, double* hi, double* lo) {
+  *hi = v;
+  *lo = 0.0;
+}
+
 // ------------------------------------------------------------------------------------------------
-// Tiled matrix product: C (M, N) [+]= A (M, K) B (K, N), any strides (so X R^T, E R and W^T G are
-// one kernel). 256 threads compute a GEMM_BM x GEMM_BN tile, 4 x 4 outputs each, stepping over K
-// in slices of GEMM_BK held in shared memory.
+// Row preparation
 // ------------------------------------------------------------------------------------------------
 
-constexpr int GEMM_THREADS = 256;
-constexpr int GEMM_BM = 64;
-constexpr int GEMM_BN = 64;
-constexpr int GEMM_BK = 16;
-constexpr int GEMM_TM = GEMM_BM / 16;  // rows per thread (threads form a 16 x 16 grid)
-constexpr int GEMM_TN = GEMM_BN / 16;  // columns per thread
-
-// Fused multiply-add, explicitly: the device contracts a * b + c to one FMA anyway, and saying so
-// makes the host emulation round exactly as the GPU does, and gemm_dot below equal to the product's
-// entries bit for bit.
-CDM_HD float fmadd(float a, float b, float c) { return fmaf(a, b, c); }
-CDM_HD double fmadd(double a, double b, double c) { return fma(a, b, c); }
-
+// Thread t = i LANES + l: the columns k = l, l + LANES, ... of row i of src (rows, D): v = src - centre
+// (centre null: v = src) written in the mode's operand layout to op (rows, W), and the partial sum of
+// squares of the values the mode's norm uses (the exact v in "ieee" and "tf32x3", the rounded one in
+// "tf32" and "bf16": the distance between the points the product sees) to part (rows, LANES).
+// ref_layout: "tf32x3" rows [hi | lo | hi] (references) instead of [hi | hi | lo] (queries).
 template <typename T>
-struct GemmArgs {
-  int64_t M, N, K;
-  const T* A;
-  int64_t a_sm, a_sk;  // A[m, k] = A[m * a_sm + k * a_sk]
-  const T* Bm;
-  int64_t b_sk, b_sn;  // B[k, n] = Bm[k * b_sk + n * b_sn]
-  T* C;
-  int64_t ldc;          // C[m, n] = C[m * ldc + n]
-  bool accumulate;      // C = row_scale[m] * C + AB (row_scale may be null: 1) instead of C = AB
-  const T* row_scale;   // (M,) or null
-  const T* sub_scale;   // if not null: C[m, n] -= sub_scale[m] * sub_mat[m * ld_sub + n]
-  const T* sub_mat;
-  int64_t ld_sub;
-  // Split-K: the K axis is cut into `splits` ranges of k_len (a multiple of GEMM_BK, so the slices
-  // are those of the unsplit product). With splits > 1 each block writes its raw sums to
-  // partial (splits, M, N) and GemmSplitReduce adds them in split order and applies the epilogue.
-  int64_t splits, k_len;
-  T* partial;
-};
-
-template <typename T>
-struct GemmSmem {
-  // +1 column of padding breaks the bank conflicts of the transposed stores into the tiles.
-  T a[GEMM_BK][GEMM_BM + 1];
-  T b[GEMM_BK][GEMM_BN + 1];
-};
-
-template <typename T>
-struct GemmAcc {
-  T v[GEMM_TM][GEMM_TN];
-};
-
-CDM_HD int64_t gemm_tiles(int64_t M, int64_t N) {
-  return ((M + GEMM_BM - 1) / GEMM_BM) * ((N + GEMM_BN - 1) / GEMM_BN);
-}
-
-template <typename T>
-CDM_HD int64_t gemm_blocks(const GemmArgs<T>& g) {
-  return gemm_tiles(g.M, g.N) * g.splits;
-}
-
-// Where block `block` works (a flat grid: gridDim.y would cap M / GEMM_BM at 65535): the tile at
-// (m0, n0), the K range [k_begin, k_end) and its split index.
-template <typename T>
-CDM_HD void gemm_block_range(const GemmArgs<T>& g, int64_t block, int64_t* m0, int64_t* n0, int64_t* k_begin,
-                             int64_t* k_end, int64_t* split) {
-  const int64_t tiles = gemm_tiles(g.M, g.N);
-  const int64_t nb = (g.N + GEMM_BN - 1) / GEMM_BN;
-  const int64_t t = block % tiles;
-  *split = block / tiles;
-  *m0 = (t / nb) * GEMM_BM;
-  *n0 = (t % nb) * GEMM_BN;
-  *k_begin = *split * g.k_len;
-  *k_end = *k_begin + g.k_len < g.K ? *k_begin + g.k_len : g.K;
-}
-
-template <typename T>
-CDM_HD void gemm_zero(GemmAcc<T>& acc) {
-  for (int r = 0; r < GEMM_TM; ++r)
-    for (int c = 0; c < GEMM_TN; ++c) acc.v[r][c] = T(0);
-}
-
-// Phase 1 (before a barrier): thread `tid` copies its share of the A and B slices at k0 into shared
-// memory, zero outside the matrices. Consecutive threads read consecutive addresses along whichever
-// axis of each operand is contiguous, so the global loads coalesce for every layout used here.
-template <typename T>
-CDM_HD void gemm_load(const GemmArgs<T>& g, GemmSmem<T>& s, int tid, int64_t m0, int64_t n0, int64_t k0,
-                      int64_t k_end) {
-  const bool a_k_fast = g.a_sk == 1;
-  for (int q = 0; q < GEMM_BM * GEMM_BK / GEMM_THREADS; ++q) {
-    const int e = tid + q * GEMM_THREADS;
-    const int mm = a_k_fast ? e / GEMM_BK : e % GEMM_BM;
-    const int kk = a_k_fast ? e % GEMM_BK : e / GEMM_BM;
-    const int64_t m = m0 + mm, k = k0 + kk;
-    s.a[kk][mm] = (m < g.M && k < k_end) ? g.A[m * g.a_sm + k * g.a_sk] : T(0);
-  }
-  const bool b_n_fast = g.b_sn == 1;
-  for (int q = 0; q < GEMM_BN * GEMM_BK / GEMM_THREADS; ++q) {
-    const int e = tid + q * GEMM_THREADS;
-    const int nn = b_n_fast ? e % GEMM_BN : e / GEMM_BK;
-    const int kk = b_n_fast ? e / GEMM_BN : e % GEMM_BK;
-    const int64_t n = n0 + nn, k = k0 + kk;
-    s.b[kk][nn] = (n < g.N && k < k_end) ? g.Bm[k * g.b_sk + n * g.b_sn] : T(0);
-  }
-}
-
-// Phase 2 (between barriers): the thread's 4 x 4 outer products over the slice. Thread (ty, tx)
-// owns rows ty + 16 r and columns tx + 16 c, so a warp reads 16 consecutive words of each tile row.
-// Each slice is summed apart and then added to the running sum (two-level summation): a dot product
-// over K = 3072 summed in one float sequence loses ~sqrt(K) ulps, and the logits divide that error
-// by sigma^2; in two levels it is ~sqrt(GEMM_BK) + sqrt(K / GEMM_BK) ulps, for 16 adds per 256 FMAs.
-template <typename T>
-CDM_HD void gemm_multiply(const GemmSmem<T>& s, int tid, GemmAcc<T>& acc) {
-  const int ty = tid / 16, tx = tid % 16;
-  GemmAcc<T> part;
-  gemm_zero(part);
-  for (int kk = 0; kk < GEMM_BK; ++kk) {
-    T a[GEMM_TM], b[GEMM_TN];
-    for (int r = 0; r < GEMM_TM; ++r) a[r] = s.a[kk][ty + 16 * r];
-    for (int c = 0; c < GEMM_TN; ++c) b[c] = s.b[kk][tx + 16 * c];
-    for (int r = 0; r < GEMM_TM; ++r)
-      for (int c = 0; c < GEMM_TN; ++c) part.v[r][c] = fmadd(a[r], b[c], part.v[r][c]);
-  }
-  for (int r = 0; r < GEMM_TM; ++r)
-    for (int c = 0; c < GEMM_TN; ++c) acc.v[r][c] += part.v[r][c];
-}
-
-// One dot product a . b (K) rounded exactly as an entry of the tiled product split in ranges of
-// k_len: slices of GEMM_BK summed apart by FMAs, added in order within a range, then the ranges
-// added in order (the product's zero padding leaves a slice unchanged, and 0 + v = v).
-// mu_i . g_i computed this way cancels bit for bit against g_i . r_j when mu_i = r_j (sigma -> 0),
-// which the centred backward form w (c - mg) / sigma^2 needs: one ulp of mismatch there is
-// multiplied by 1 / sigma^2 = 2.5e5 at sigma = 0.002.
-// The sum over one K range [r0, r1) (one split of the product).
-template <typename T>
-CDM_HD T gemm_dot_range(const T* a, const T* b, int64_t r0, int64_t r1) {
-  T acc = T(0);
-  for (int64_t k0 = r0; k0 < r1; k0 += GEMM_BK) {
-    const int64_t k1 = k0 + GEMM_BK < r1 ? k0 + GEMM_BK : r1;
-    T part = T(0);
-    for (int64_t k = k0; k < k1; ++k) part = fmadd(a[k], b[k], part);
-    acc += part;
-  }
-  return acc;
-}
-
-template <typename T>
-CDM_HD T gemm_dot(const T* a, const T* b, int64_t K, int64_t k_len) {
-  T total = T(0);
-  for (int64_t r0 = 0; r0 < K; r0 += k_len) total += gemm_dot_range(a, b, r0, r0 + k_len < K ? r0 + k_len : K);
-  return total;
-}
-
-// The epilogue of entry (m, n) whose sum over K is v: C = [row_scale C +] v [- sub_scale sub_mat].
-template <typename T>
-CDM_HD void gemm_epilogue(const GemmArgs<T>& g, int64_t m, int64_t n, T v) {
-  T* out = g.C + m * g.ldc + n;
-  if (g.accumulate) v += (g.row_scale != nullptr ? g.row_scale[m] : T(1)) * *out;
-  if (g.sub_scale != nullptr) v -= g.sub_scale[m] * g.sub_mat[m * g.ld_sub + n];
-  *out = v;
-}
-
-// Phase 3 (after the K loop): the epilogue, or with split-K the raw sums of this K range.
-template <typename T>
-CDM_HD void gemm_store(const GemmArgs<T>& g, int tid, int64_t m0, int64_t n0, int64_t split, const GemmAcc<T>& acc) {
-  const int ty = tid / 16, tx = tid % 16;
-  for (int r = 0; r < GEMM_TM; ++r) {
-    const int64_t m = m0 + ty + 16 * r;
-    if (m >= g.M) continue;
-    for (int c = 0; c < GEMM_TN; ++c) {
-      const int64_t n = n0 + tx + 16 * c;
-      if (n >= g.N) continue;
-      if (g.splits > 1)
-        g.partial[(split * g.M + m) * g.N + n] = acc.v[r][c];
-      else
-        gemm_epilogue(g, m, n, acc.v[r][c]);
+struct ShiftRows {
+  int64_t threads;  // rows * LANES
+  int64_t D;
+  int prec;
+  bool ref_layout;
+  const T* src;
+  const T* centre;  // (D,) or null
+  T* op;            // (rows, W)
+  Acc* part;        // (rows, LANES) or null
+  CDM_HD void operator()(int64_t t) const {
+    const int64_t i = t / LANES, l = t % LANES, W = operand_width(D, prec);
+    const T* s = src + i * D;
+    T* o = op + i * W;
+    Acc a = Acc(0);
+    for (int64_t k = l; k < D; k += LANES) {
+      const T v = centre != nullptr ? s[k] - centre[k] : s[k];
+      T norm_term = v;
+      if (prec == PREC_TF32X3) {
+        T hi, lo;
+        split_tf32(v, &hi, &lo);
+        o[k] = hi;
+        o[D + k] = ref_layout ? lo : hi;
+        o[2 * D + k] = ref_layout ? hi : lo;
+      } else {
+        const T r = round_operand(v, prec);
+        o[k] = r;
+        if (prec != PREC_IEEE) norm_term = r;
+      }
+      a += Acc(norm_term) * Acc(norm_term);
     }
+    if (part != nullptr) part[t] = a;
   }
-}
+};
 
-// Split-K reduction, one thread per entry: the ranges added in order (deterministic, no atomics).
+// Thread t = i LANES + l: the partial dot product sum_k (a_ik - centre_k) b_ik over k = l, l + LANES, ...
+// (mg_i = g_i . (mu_i - c) in the backward pass).
 template <typename T>
-struct GemmSplitReduce {
-  int64_t threads;  // M * N
-  GemmArgs<T> g;
+struct DotRows {
+  int64_t threads;  // rows * LANES
+  int64_t D;
+  const T* a;
+  const T* centre;
+  const T* b;
+  Acc* part;  // (rows, LANES)
   CDM_HD void operator()(int64_t t) const {
-    const int64_t mn = g.M * g.N;
-    T v = T(0);
-    for (int64_t s = 0; s < g.splits; ++s) v += g.partial[s * mn + t];
-    gemm_epilogue(g, t / g.N, t % g.N, v);
+    const int64_t i = t / LANES, l = t % LANES;
+    Acc s = Acc(0);
+    for (int64_t k = l; k < D; k += LANES) s += Acc(a[i * D + k] - centre[k]) * Acc(b[i * D + k]);
+    part[t] = s;
   }
 };
 
-template <typename T>
-GemmArgs<T> gemm_args(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_sm, int64_t a_sk, const T* Bm,
-                      int64_t b_sk, int64_t b_sn, T* C, int64_t ldc) {
-  GemmArgs<T> g;
-  g.M = M, g.N = N, g.K = K;
-  g.A = A, g.a_sm = a_sm, g.a_sk = a_sk;
-  g.Bm = Bm, g.b_sk = b_sk, g.b_sn = b_sn;
-  g.C = C, g.ldc = ldc;
-  g.accumulate = false;
-  g.row_scale = nullptr;
-  g.sub_scale = nullptr;
-  g.sub_mat = nullptr;
-  g.ld_sub = 0;
-  g.splits = 1;
-  g.k_len = K;
-  g.partial = nullptr;
-  return g;
-}
-
-// The K range per split for a product with `tiles` output tiles: enough splits for ~2 blocks per
-// SM when the tiles alone are fewer (B <= 128 at D = 3072), each range at least 8 slices so the
-// partial sums stay a small fraction of the traffic; a multiple of GEMM_BK. k_len >= K: no split.
-inline int64_t gemm_split_len(int64_t tiles, int64_t K, int64_t sm_count) {
-  const int64_t target = 2 * sm_count;
-  if (tiles >= target) return K > 0 ? K : 1;
-  int64_t splits = (target + tiles - 1) / tiles;
-  const int64_t max_splits = K / (8 * GEMM_BK);
-  if (splits > max_splits) splits = max_splits;
-  if (splits <= 1) return K > 0 ? K : 1;
-  const int64_t per = (K + splits - 1) / splits;
-  return (per + GEMM_BK - 1) / GEMM_BK * GEMM_BK;
-}
-
-inline int64_t gemm_splits(int64_t K, int64_t k_len) { return K <= k_len ? 1 : (K + k_len - 1) / k_len; }
-
-template <typename T>
-void gemm_set_split(GemmArgs<T>& g, int64_t k_len, T* partial) {
-  g.k_len = k_len;
-  g.splits = gemm_splits(g.K, k_len);
-  g.partial = g.splits > 1 ? partial : nullptr;
-}
-
-// ------------------------------------------------------------------------------------------------
-// Per-thread functors. Each has `threads` (how many flat indices to run) and operator()(t).
-// Row work is split into P parts per row: thread t = i * P + p takes the columns j = p, p + P, ...
-// of row i, so the P threads of a row read consecutive words (coalesced) and a chunk has B * P
-// threads of parallelism even when B is small. Parts are merged exactly (math.md, the merge).
-// ------------------------------------------------------------------------------------------------
-
-// Accumulator of the long row sum ||x_i||^2: double for float inputs. A float sum
-// of D = 3072 terms in sequence loses ~sqrt(D) ulps, and lse = zlse - ||x||^2 / (2 sigma^2)
-// multiplies that by 1 / sigma^2. The double work is O(B D) once per call, against O(B n D) for
-// the products.
-template <typename T>
-struct WideAcc {
-  typedef double type;
-};
-
-// Per row: ||x_i||^2 (in double, see WideAcc), and (backward) mu_i . g_i (as the product rounds it,
-// see gemm_dot). O(B D) once per call, in two steps so that a small batch still has parallelism:
-// RowDotParts sums each K range of the logits product's split (Q = its number of ranges; Q = 1
-// when the product is not split, which happens when B is large), RowDotSum adds the ranges in
-// order, exactly as gemm_dot does.
-template <typename T>
-struct RowDotParts {
-  int64_t threads;  // B * Q
-  int64_t D, Q, k_len;
-  const T* x;
-  const T* mu;  // null in the forward pass
-  const T* g;
-  T* parts;  // (B, Q) parts of ||x||^2, then (B, Q) parts of mu . g
-  CDM_HD void operator()(int64_t t) const {
-    typedef typename WideAcc<T>::type W;
-    const int64_t i = t / Q, q = t % Q;
-    const int64_t r0 = q * k_len, r1 = r0 + k_len < D ? r0 + k_len : D;
-    const T* xi = x + i * D;
-    W a = W(0);
-    for (int64_t k = r0; k < r1; ++k) a += W(xi[k]) * W(xi[k]);
-    parts[t] = T(a);
-    if (mu != nullptr) parts[threads + t] = gemm_dot_range(g + i * D, mu + i * D, r0, r1);
-  }
-};
-
-template <typename T>
-struct RowDotSum {
-  int64_t threads;  // B
-  int64_t Q;
-  const T* parts;
-  T* xn;  // (B,)
-  T* mg;  // (B,) or null
+// Thread i: out_i = sum_l part[i LANES + l], added in lane order (deterministic).
+template <typename T, typename O>
+struct LaneSum {
+  int64_t threads;  // rows
+  const Acc* part;
+  O* out;
   CDM_HD void operator()(int64_t i) const {
-    typedef typename WideAcc<T>::type W;
-    W a = W(0);
-    for (int64_t q = 0; q < Q; ++q) a += W(parts[i * Q + q]);
-    xn[i] = T(a);
-    if (mg != nullptr) {
-      const T* mp = parts + threads * Q + i * Q;
-      T total = T(0);
-      for (int64_t q = 0; q < Q; ++q) total += mp[q];
-      mg[i] = total;
-    }
+    Acc s = Acc(0);
+    for (int64_t l = 0; l < LANES; ++l) s += part[i * LANES + l];
+    out[i] = O(s);
   }
 };
 
-// The row state of the forward stream: (m, l, l2, t) of stf_math.h's RowState, one per row.
+// Thread i: k_i = 1 / (2 sigma_i^2), clamped (stf_math.h, half_inv_sq).
 template <typename T>
-struct StateInit {
+struct HalfInvSq {
   int64_t threads;  // B
-  RowState<T>* state;
-  CDM_HD void operator()(int64_t i) const { state[i] = state_empty<T>(); }
+  const T* sigma;
+  T* k;
+  CDM_HD void operator()(int64_t i) const { k[i] = half_inv_sq(sigma[i]); }
 };
 
-// Step 2: tile (B, c) holds x_i . r_j on entry and z_ij on exit; part_max (B, P) gets the part maxima.
-template <typename T>
-struct ForwardLogits {
-  int64_t threads;  // B * P
-  int64_t P, c, start;
-  T* tile;
-  const T* sigma;
-  const T* ref_sqnorm;  // (n,), indexed by start + j
-  T* part_max;
-  CDM_HD void operator()(int64_t t) const {
-    const int64_t i = t / P, p = t % P;
-    const T inv_s2 = T(1) / (sigma[i] * sigma[i]);
-    T* row = tile + i * c;
-    T m = neg_inf<T>();
-    for (int64_t j = p; j < c; j += P) {
-      const T z = logit(row[j], ref_sqnorm[start + j], inv_s2);
-      row[j] = z;
-      m = nan_max(m, z);
-    }
-    part_max[t] = m;
+// ------------------------------------------------------------------------------------------------
+// Forward: the online softmax in distance space
+// ------------------------------------------------------------------------------------------------
+
+// The running state of every row: m, l, l2, t of stf_math.h's RowState, one plane each (4, B), and
+// the index of the reference at the minimum (-1 before the first chunk).
+struct StatePlanes {
+  Acc* m;
+  Acc* l;
+  Acc* l2;
+  Acc* t;
+  int64_t* arg;
+  CDM_HD RowState<Acc> get(int64_t i) const { return RowState<Acc>{m[i], l[i], l2[i], t[i]}; }
+  CDM_HD void set(int64_t i, const RowState<Acc>& s) const {
+    m[i] = s.m;
+    l[i] = s.l;
+    l2[i] = s.l2;
+    t[i] = s.t;
   }
 };
 
-// The row's new running maximum: the old one and the P part maxima of this chunk.
+// Thread i: the state of an empty row (before the first chunk).
+struct StateEmpty {
+  int64_t threads;  // B
+  StatePlanes state;
+  CDM_HD void operator()(int64_t i) const {
+    state.set(i, state_empty<Acc>());
+    state.arg[i] = -1;
+  }
+};
+
+// Thread t = i PARTS + p: the reduced distance delta_ij = reduced_dist(||x'_i||^2, ||r'_j||^2, S_ij)
+// written over S_ij, and the minimum of the part's distances to partmin[t] (+inf for a part without
+// columns) with the chunk column of its first occurrence to partarg[t].
 template <typename T>
-CDM_HD T chunk_max(const RowState<T>& s, const T* part_max, int64_t i, int64_t P) {
-  T m = s.m;
-  for (int64_t p = 0; p < P; ++p) m = nan_max(m, part_max[i * P + p]);
+struct ChunkMin {
+  int64_t threads;  // B * PARTS
+  int64_t c;
+  const T* xn;
+  const T* rn;
+  T* S;             // (B, c): products in, distances out
+  T* partmin;       // (B, PARTS)
+  int64_t* partarg; // (B, PARTS)
+  CDM_HD void operator()(int64_t t) const {
+    const int64_t i = t / PARTS, p = t % PARTS;
+    T mn = pos_inf<T>();
+    int64_t arg = -1;
+    for (int64_t j = p; j < c; j += PARTS) {
+      const T d = reduced_dist(xn[i], rn[j], S[i * c + j]);
+      S[i * c + j] = d;
+      if (d < mn) arg = j;
+      mn = nan_min(mn, d);
+    }
+    partmin[t] = mn;
+    partarg[t] = arg;
+  }
+};
+
+// The row's new running minimum: its state's m and the chunk's part minima, NaN-propagating. The
+// same lines in ChunkUpdate and RowMerge, so both use the same m_new.
+template <typename T>
+CDM_HD T new_row_min(const StatePlanes& state, const T* partmin, int64_t i) {
+  T m = T(state.m[i]);  // +inf or one of the T distances: exact
+  for (int64_t p = 0; p < PARTS; ++p) m = nan_min(m, partmin[i * PARTS + p]);
   return m;
 }
 
-// Step 3: z -> e = exp(z - m_new) in place; the part's (l, l2, t) relative to m_new.
+// Thread t = i PARTS + p: e_ij = exp(-(d_ij - m_new) k_i), written over S_ij rounded to the mode
+// (for "tf32x3" hi over S_ij and lo to S_lo), and the part's sums of e, e^2, e (d - m_new) to
+// partsum (B, PARTS, 3), as stf_math.h's state_add accumulates them.
 template <typename T>
-struct ForwardExp {
-  int64_t threads;  // B * P
-  int64_t P, c;
-  T* tile;
-  const T* part_max;
-  const RowState<T>* state;
-  RowState<T>* part_state;  // (B, P)
+struct ChunkUpdate {
+  int64_t threads;  // B * PARTS
+  int64_t c;
+  int prec;
+  StatePlanes state;
+  const T* partmin;
+  const T* k;
+  T* S;     // (B, c): distances in, weights out
+  T* S_lo;  // (B, c), "tf32x3" only
+  Acc* partsum;
   CDM_HD void operator()(int64_t t) const {
-    const int64_t i = t / P, p = t % P;
-    RowState<T> s = state_empty<T>();
-    s.m = chunk_max(state[i], part_max, i, P);
-    T* row = tile + i * c;
-    // Unrolled, the float64 instance spills 24 bytes on sm_90 (tools/ptxas_report.py); the loop is
-    // bound by memory and exp, not by its branch.
-    CDM_NO_UNROLL
-    for (int64_t j = p; j < c; j += P) row[j] = state_add(s, row[j]);
-    part_state[t] = s;
+    const int64_t i = t / PARTS, p = t % PARTS;
+    const T m = new_row_min(state, partmin, i), ki = k[i];
+    Acc l = Acc(0), l2 = Acc(0), tt = Acc(0);
+    for (int64_t j = p; j < c; j += PARTS) {
+      const int64_t ij = i * c + j;
+      const T dm = S[ij] - m;
+      const T e = wexp(-dm * ki);
+      l += Acc(e);
+      l2 += Acc(e) * Acc(e);
+      tt += Acc(e) * Acc(dm);
+      if (prec == PREC_TF32X3) {
+        split_tf32(e, &S[ij], &S_lo[ij]);
+      } else {
+        S[ij] = round_operand(e, prec);
+      }
+    }
+    partsum[3 * t] = l;
+    partsum[3 * t + 1] = l2;
+    partsum[3 * t + 2] = tt;
   }
 };
 
-// Step 4: row state <- merge(row state, parts); alpha_i rescales the accumulator row.
+// Thread i: the row state rebased to m_new (its accumulator factor to alpha_i) plus the parts' sums;
+// for a new minimum, the index of its first reference (the smallest column among the parts at it).
 template <typename T>
-struct ForwardMerge {
+struct RowMerge {
   int64_t threads;  // B
-  int64_t P;
-  const T* part_max;
-  const RowState<T>* part_state;
-  RowState<T>* state;
+  StatePlanes state;
+  const T* partmin;
+  const int64_t* partarg;
+  int64_t start;  // the chunk's first reference
+  const T* k;
+  const Acc* partsum;
   T* alpha;
   CDM_HD void operator()(int64_t i) const {
-    RowState<T> s = state[i];
-    T alpha_a, alpha_b;
-    // Merging the empty state at m_new first moves s to m_new even when every part is empty.
-    RowState<T> base = state_empty<T>();
-    base.m = chunk_max(s, part_max, i, P);
-    state_merge(s, base, &alpha_a, &alpha_b);
-    alpha[i] = alpha_a;
-    for (int64_t p = 0; p < P; ++p) state_merge(s, part_state[i * P + p], &alpha_a, &alpha_b);
-    state[i] = s;
+    RowState<Acc> s = state.get(i);
+    const T m_new = new_row_min(state, partmin, i);
+    if (Acc(m_new) < s.m) {
+      int64_t arg = -1;
+      for (int64_t p = 0; p < PARTS; ++p) {
+        const int64_t a = partarg[i * PARTS + p];
+        if (partmin[i * PARTS + p] == m_new && (arg < 0 || a < arg)) arg = a;
+      }
+      state.arg[i] = start + arg;
+    }
+    alpha[i] = T(state_rebase(s, Acc(m_new), Acc(k[i])));
+    for (int64_t p = 0; p < PARTS; ++p) {
+      const Acc* ps = partsum + 3 * (i * PARTS + p);
+      s.l += ps[0];
+      s.l2 += ps[1];
+      s.t += ps[2];
+    }
+    state.set(i, s);
   }
 };
 
-// Finish of the forward pass, per row: lse, aux, and 1 / l for the accumulator.
-template <typename T>
-struct ForwardFinalize {
-  int64_t threads;  // B
-  const RowState<T>* state;
-  const T* xn;
-  const T* sigma;
-  T* inv_l;
-  T* lse;
-  T* aux;  // (B, AUX_COLS)
-  CDM_HD void operator()(int64_t i) const {
-    const RowResult<T> r = state_finalize(state[i], xn[i], sigma[i] * sigma[i]);
-    inv_l[i] = r.inv_l;
-    lse[i] = r.lse;
-    T* a = aux + i * AUX_COLS;
-    a[AUX_ZLSE] = r.zlse;
-    a[AUX_DBAR] = r.dbar;
-    a[AUX_NEFF] = r.neff;
-    a[AUX_WMAX] = r.wmax;
-  }
-};
-
-// mu = acc / l, elementwise over (B, D).
+// Thread t = i D + k: a[t] *= alpha_i.
 template <typename T>
 struct ScaleRows {
   int64_t threads;  // B * D
   int64_t D;
-  const T* acc;
-  const T* inv_l;
-  T* mu;
-  CDM_HD void operator()(int64_t t) const { mu[t] = acc[t] * inv_l[t / D]; }
+  const T* alpha;
+  T* a;
+  CDM_HD void operator()(int64_t t) const { a[t] *= alpha[t / D]; }
 };
 
-// Backward step 2, per (row, part): from dots (rows 0..B-1 of tile) and c_ij = g_i . r_j (rows
-// B..2B-1) to the x-coefficients (in place of the dots), the weights w (in place of c, used by the
-// ref gradient), the ref coefficients a_ij, and the part's shares of cov = sum_j w (z - z_bar)(c - mg),
-// s = sum_j w (c - mg) and dev = sum_j w (z - z_bar) (s and dev feed the first-order corrections of
-// stf_math.h), accumulated over chunks in cov_part (B, P, 3).
+// Thread t = i LANES + l: the partial sum over k = l, l + LANES, ... of (x_ik - r_jk)^2 for the
+// reference j at row i's minimum: d_min = ||x_i - r_j||^2 subtract first (stf_math.h says why).
 template <typename T>
-struct BackwardWeights {
-  int64_t threads;  // B * P
-  int64_t P, B, c, start;
-  T* tile;  // (2B, c)
-  T* ref_coef;  // (B, c) or null (no ref gradient)
-  const T* sigma;
-  const T* ref_sqnorm;
-  const T* aux;
-  const T* xn;
-  const T* mg;
-  const T* grad_lse;
-  T* cov_part;
-  bool first;
+struct NearestParts {
+  int64_t threads;  // B * LANES
+  int64_t D;
+  const T* x;
+  const T* ref;
+  const int64_t* arg;
+  Acc* part;  // (B, LANES)
   CDM_HD void operator()(int64_t t) const {
-    const int64_t i = t / P, p = t % P;
-    const T s2 = sigma[i] * sigma[i], inv_s2 = T(1) / s2;
-    const T zlse = aux[i * AUX_COLS + AUX_ZLSE];
-    const T zbar = mean_logit(aux[i * AUX_COLS + AUX_DBAR], xn[i], s2);
-    T* zrow = tile + i * c;
-    T* crow = tile + (B + i) * c;
-    T cov = T(0), s_sum = T(0), dev = T(0);
-    CDM_NO_UNROLL  // unrolled, the double variant spills 16 B on sm_90 (three accumulators)
-    for (int64_t j = p; j < c; j += P) {
-      const T z = logit(zrow[j], ref_sqnorm[start + j], inv_s2);
-      const T w = backward_weight(z, zlse);
-      const T cij = crow[j];
-      const T xc = backward_x_coef(w, cij, mg[i]);
-      zrow[j] = xc;
-      s_sum += xc;
-      dev += w * (z - zbar);
-      cov += backward_sigma_term(w, z, zbar, cij, mg[i]);
-      if (ref_coef != nullptr) {
-        ref_coef[i * c + j] = backward_ref_coef(w, cij, mg[i], grad_lse[i], inv_s2);
-        crow[j] = w;
+    const int64_t i = t / LANES, l = t % LANES, j = arg[i];
+    Acc s = j < 0 ? Acc(NAN) : Acc(0);
+    if (j >= 0) {
+      for (int64_t k = l; k < D; k += LANES) {
+        const Acc v = Acc(x[i * D + k]) - Acc(ref[j * D + k]);
+        s += v * v;
       }
     }
-    T* part = cov_part + 3 * t;
-    part[0] = first ? cov : part[0] + cov;
-    part[1] = first ? s_sum : part[1] + s_sum;
-    part[2] = first ? dev : part[2] + dev;
+    part[t] = s;
   }
 };
 
-// s_j = sum_i a_ij for the term -(sum_i a_ij) r_j of the ref gradient.
+// Thread i: lse_i, aux_i and 1 / l_i from the finished state and d_min.
 template <typename T>
-struct ColumnSum {
+struct FinalizeRows {
+  int64_t threads;  // B
+  StatePlanes state;
+  const T* k;
+  const T* dmin;
+  T* lse;
+  T* aux;    // (B, AUX_COLS)
+  T* inv_l;  // (B,)
+  CDM_HD void operator()(int64_t i) const {
+    const RowState<Acc> s = state.get(i);
+    const RowResult<Acc> r = state_finalize(s, Acc(k[i]), Acc(dmin[i]));
+    lse[i] = T(r.lse);
+    T* a = aux + i * AUX_COLS;
+    a[AUX_M] = T(s.m);
+    a[AUX_LOGL] = T(r.log_l);
+    a[AUX_DBAR] = T(r.dbar);
+    a[AUX_NEFF] = T(r.neff);
+    a[AUX_WMAX] = T(r.wmax);
+    a[AUX_DMIN] = dmin[i];
+    inv_l[i] = T(r.inv_l);
+  }
+};
+
+// Thread t = i D + k: mu = acc / l + c, in place.
+template <typename T>
+struct FinalizeMu {
+  int64_t threads;  // B * D
+  int64_t D;
+  const T* inv_l;
+  const T* centre;
+  T* mu;  // acc in, mu out
+  CDM_HD void operator()(int64_t t) const { mu[t] = mu[t] * inv_l[t / D] + centre[t % D]; }
+};
+
+// ------------------------------------------------------------------------------------------------
+// Backward
+// ------------------------------------------------------------------------------------------------
+
+// The streamed row sums of the backward pass, one plane each (3, B): s = sum_j w (c - mg),
+// cov = sum_j w (d - d_bar)(c - mg), dev = sum_j w (d - d_bar).
+struct BackwardPlanes {
+  Acc* s;
+  Acc* cov;
+  Acc* dev;
+};
+
+// Thread t = i PARTS + p, columns j = p, p + PARTS, ... of the chunk: from S_ij = x'_i . r'_j and
+// C_ij = g_i . r'_j, the distance, w = exp(-(d - m) k - log l), the x coefficient xc = w (c - mg)
+// (written over S_ij in the mode's rounding, lo to S_lo in "tf32x3") and the part's sums of xc,
+// w (d - d_bar)(c - mg), w (d - d_bar) to partsum. With ref_grad, also a_ij (stf_math.h,
+// backward_ref_coef) to A and w over C_ij. final = false: only the sums of xc (the ref gradient's
+// first sweep, which moves mg by them).
+template <typename T>
+struct BackwardTerms {
+  int64_t threads;  // B * PARTS
+  int64_t c;
+  int prec;
+  bool final_sweep;
+  bool ref_grad;
+  const T* xn;
+  const T* rn;
+  const T* k;
+  const T* sigma;
+  const T* aux;
+  const Acc* mg;
+  const T* grad_lse;
+  T* S;     // (B, c)
+  T* C;     // (B, c)
+  T* S_lo;  // (B, c), "tf32x3" only
+  T* A;     // (B, c), ref_grad only
+  Acc* partsum;
+  CDM_HD void operator()(int64_t t) const {
+    const int64_t i = t / PARTS, p = t % PARTS;
+    const T* ai = aux + i * AUX_COLS;
+    const Acc mgi = mg[i], dbar = mean_delta(Acc(ai[AUX_DBAR]), Acc(xn[i]));
+    const T inv_s2 = T(1) / (sigma[i] * sigma[i]);
+    Acc s = Acc(0), cov = Acc(0), dev = Acc(0);
+    for (int64_t j = p; j < c; j += PARTS) {
+      const int64_t ij = i * c + j;
+      const T d = reduced_dist(xn[i], rn[j], S[ij]);
+      const Acc w = backward_weight(d, ai[AUX_M], ai[AUX_LOGL], k[i]);
+      const Acc cij = C[ij];
+      const Acc xc = backward_x_coef(w, cij, mgi);
+      s += xc;
+      if (!final_sweep) continue;
+      cov += backward_sigma_term(w, Acc(d), dbar, cij, mgi);
+      dev += w * (Acc(d) - dbar);
+      if (prec == PREC_TF32X3) {
+        split_tf32(T(xc), &S[ij], &S_lo[ij]);
+      } else {
+        S[ij] = round_operand(T(xc), prec);
+      }
+      if (ref_grad) {
+        A[ij] = T(backward_ref_coef(w, cij, mgi, Acc(grad_lse[i]), Acc(inv_s2)));
+        C[ij] = T(w);
+      }
+    }
+    partsum[3 * t] = s;
+    partsum[3 * t + 1] = cov;
+    partsum[3 * t + 2] = dev;
+  }
+};
+
+// Thread i: the parts' sums added to the row sums.
+struct RowSums {
+  int64_t threads;  // B
+  const Acc* partsum;
+  BackwardPlanes rows;
+  CDM_HD void operator()(int64_t i) const {
+    for (int64_t p = 0; p < PARTS; ++p) {
+      const Acc* ps = partsum + 3 * (i * PARTS + p);
+      rows.s[i] += ps[0];
+      rows.cov[i] += ps[1];
+      rows.dev[i] += ps[2];
+    }
+  }
+};
+
+// Thread i: zero row sums (before a sweep), or, with shift_mg, mg moved by the first sweep's s
+// (mg + s makes mg consistent with the products' rounding, for the ref gradient) and s zeroed.
+struct RowsReset {
+  int64_t threads;  // B
+  bool shift_mg;
+  Acc* mg;
+  BackwardPlanes rows;
+  CDM_HD void operator()(int64_t i) const {
+    if (shift_mg) mg[i] += rows.s[i];
+    rows.s[i] = Acc(0);
+    rows.cov[i] = Acc(0);
+    rows.dev[i] = Acc(0);
+  }
+};
+
+// Thread j: colsum_j = sum_i A_ij (the ref gradient's sum_i a_ij r'_j term), in row order.
+template <typename T>
+struct ColumnSums {
   int64_t threads;  // c
   int64_t B, c;
-  const T* a;
-  T* out;
+  const T* A;
+  T* colsum;
   CDM_HD void operator()(int64_t j) const {
-    T s = T(0);
-    for (int64_t i = 0; i < B; ++i) s += a[i * c + j];
-    out[j] = s;
+    Acc s = Acc(0);
+    for (int64_t i = 0; i < B; ++i) s += Acc(A[i * c + j]);
+    colsum[j] = T(s);
   }
 };
 
-// Finish of the backward pass: dL/dsigma per row, and s per row for dL/dx.
+// Thread t = j D + k: grad_r_jk -= colsum_j (r_jk - c_k), the exact shifted reference.
 template <typename T>
-struct BackwardSigma {
-  int64_t threads;  // B
-  int64_t P;
-  const T* cov_part;
-  const T* aux;
-  const T* grad_lse;
-  const T* sigma;
-  T* grad_sig;
-  T* s_row;
-  CDM_HD void operator()(int64_t i) const {
-    T cov = T(0), s_sum = T(0), dev = T(0);
-    for (int64_t p = 0; p < P; ++p) {
-      const T* part = cov_part + 3 * (i * P + p);
-      cov += part[0];
-      s_sum += part[1];
-      dev += part[2];
-    }
-    s_row[i] = s_sum;
-    grad_sig[i] = grad_sigma(cov_corrected(cov, s_sum, dev), aux[i * AUX_COLS + AUX_DBAR], grad_lse[i], sigma[i]);
+struct RefGradFinish {
+  int64_t threads;  // c * D
+  int64_t D;
+  const T* colsum;
+  const T* ref;  // the chunk's rows of ref
+  const T* centre;
+  T* grad_ref;  // the chunk's rows of grad_ref
+  CDM_HD void operator()(int64_t t) const {
+    const int64_t j = t / D, k = t % D;
+    grad_ref[t] -= colsum[j] * (ref[t] - centre[k]);
   }
 };
 
-// dL/dx elementwise over (B, D), px = sum_j w (c - mg) r_j from the accumulating product.
+// Thread t = i D + k: dL/dx (stf_math.h, grad_x_corrected) from px = sum_j w (c - mg) r'_j.
 template <typename T>
-struct BackwardX {
+struct BackwardFinishX {
   int64_t threads;  // B * D
   int64_t D;
   const T* px;
   const T* mu;
   const T* x;
-  const T* grad_lse;
+  const T* centre;
   const T* sigma;
-  const T* s_row;
-  T* grad_x_out;
+  const T* grad_lse;
+  BackwardPlanes rows;
+  T* grad_x;
   CDM_HD void operator()(int64_t t) const {
-    const int64_t i = t / D;
-    const T inv_s2 = T(1) / (sigma[i] * sigma[i]);
-    grad_x_out[t] = grad_x_corrected(px[t], s_row[i], mu[t], x[t], grad_lse[i], inv_s2);
+    const int64_t i = t / D, k = t % D;
+    const Acc inv_s2 = Acc(1) / (Acc(sigma[i]) * Acc(sigma[i]));
+    grad_x[t] = T(grad_x_corrected<Acc>(px[t], rows.s[i], Acc(mu[t] - centre[k]), Acc(x[t] - centre[k]),
+                                        grad_lse[i], inv_s2));
+  }
+};
+
+// Thread i: dL/dsigma (stf_math.h, grad_sigma).
+template <typename T>
+struct BackwardFinishSigma {
+  int64_t threads;  // B
+  const T* aux;
+  const T* sigma;
+  const T* grad_lse;
+  BackwardPlanes rows;
+  T* grad_sigma;
+  CDM_HD void operator()(int64_t i) const {
+    grad_sigma[i] = T(stf::grad_sigma<Acc>(rows.cov[i], rows.s[i], rows.dev[i], aux[i * AUX_COLS + AUX_DBAR],
+                                           grad_lse[i], sigma[i]));
   }
 };
 
 // ------------------------------------------------------------------------------------------------
-// Sizes and the workspace, shared by the torch glue (which allocates it) and the host emulator.
+// Products, workspace and the launch sequences
 // ------------------------------------------------------------------------------------------------
 
-struct Plan {
-  int64_t B, D, n, c, P;
-  int64_t sm_count;
-  int64_t k_len_logits;  // K split of the logits products, the same for every chunk (see RowDotParts)
-  int64_t Q;             // its number of K ranges
-  int64_t partial;       // elements of the split-K partial sums, the largest any product needs
+// C (M, N) [+]= op(A) (M, K) op(B) (K, N), row-major with leading dimensions: op(A)_mk = A[m lda + k]
+// (a_trans: A[k lda + m]), op(B)_kn = B[k ldb + n] (b_trans: B[n ldb + k]). tf32: the operands are
+// TF32-exact (rounded by the kernels above), so the product may run on TF32 tensor cores; otherwise
+// it must be exact float32.
+template <typename T>
+struct Gemm {
+  int64_t M, N, K;
+  const T* A;
+  int64_t lda;
+  bool a_trans;
+  const T* B;
+  int64_t ldb;
+  bool b_trans;
+  T* C;
+  int64_t ldc;
+  bool accumulate;
+  bool tf32;
 };
 
-// Upper bound of the splits gemm_split_len gives for a K up to `K` (it grows with K).
-inline int64_t gemm_split_bound(int64_t tiles, int64_t K, int64_t sm_count) {
-  return gemm_splits(K, gemm_split_len(tiles, K, sm_count));
-}
+// Carves aligned buffers out of one workspace; a first pass over a null base measures its size.
+struct Carver {
+  char* base;
+  int64_t used;
+  template <typename U>
+  U* take(int64_t count) {
+    used = (used + 15) / 16 * 16;
+    U* p = base != nullptr ? reinterpret_cast<U*>(base + used) : nullptr;
+    used += count * static_cast<int64_t>(sizeof(U));
+    return p;
+  }
+};
 
-// P parts per row: about 32 columns per part and at least ~32k threads per chunk when c allows.
-// sm_count: the GPU's multiprocessors, which decide the split-K of the products.
-inline Plan make_plan(int64_t B, int64_t D, int64_t n, int64_t chunk_size, int64_t sm_count) {
-  Plan pl;
-  pl.B = B, pl.D = D, pl.n = n;
-  pl.c = chunk_size < n ? chunk_size : n;
-  int64_t P = (32768 + B - 1) / B;
-  const int64_t cap = (pl.c + 31) / 32;
-  pl.P = P < cap ? P : cap;
-  if (pl.P < 1) pl.P = 1;
-  pl.sm_count = sm_count > 0 ? sm_count : 1;
-  const int64_t c = pl.c;
-  pl.k_len_logits = gemm_split_len(gemm_tiles(B, c), D, pl.sm_count);
-  pl.Q = gemm_splits(D, pl.k_len_logits);
-  const int64_t logits = gemm_splits(D, pl.k_len_logits) * B * c;
-  // A shorter last chunk has fewer K (accumulate) or fewer tiles of the same K ranges (logits):
-  // never more partial sums than a full chunk. The reference-gradient products (K = B, c x D
-  // tiles) are not split.
-  const int64_t accumulate = gemm_split_bound(gemm_tiles(B, D), c, pl.sm_count) * B * D;
-  pl.partial = logits > accumulate ? logits : accumulate;
-  return pl;
-}
+template <typename T>
+struct Problem {
+  int64_t B, D, n, chunk;
+  int prec;
+  const T* x;      // (B, D)
+  const T* sigma;  // (B,)
+  const T* ref;    // (n, D)
+  const T* centre; // (D,)
+};
 
-// Workspace in elements of T (RowState<T> is 4 T). Forward: state, part_state, part_max, alpha,
-// xn, inv_l, tile (B, c), acc (B, D). Backward: xn, mg, cov_part, tile (2B, c), ref_coef (B, c),
-// column sums (c), px (B, D).
+// The buffers both passes share: x' operands, norms, k, the chunk's operands and norms, the
+// (B, c) tiles and the part buffers.
+template <typename T>
+struct Common {
+  T* xop;     // (B, W), the backward's (2B, W): queries then grad_mu
+  T* xn;      // (B,)
+  T* k;       // (B,)
+  T* rop;     // (chunk, W)
+  T* rn;      // (chunk,)
+  T* S;       // (B, chunk); the backward's (2B, chunk): x' . r' then g . r'
+  T* S_lo;    // (B, chunk), tf32x3
+  Acc* lanes; // (max(B, chunk) * 2, LANES)
+  Acc* partsum; // (B, PARTS, 3)
+
+  static Common carve(Carver& cv, const Problem<T>& p, int64_t query_rows) {
+    const int64_t W = operand_width(p.D, p.prec);
+    Common m;
+    m.xop = cv.take<T>(query_rows * W);
+    m.xn = cv.take<T>(p.B);
+    m.k = cv.take<T>(p.B);
+    m.rop = cv.take<T>(p.chunk * W);
+    m.rn = cv.take<T>(p.chunk);
+    m.S = cv.take<T>(query_rows * p.chunk);
+    m.S_lo = p.prec == PREC_TF32X3 ? cv.take<T>(p.B * p.chunk) : nullptr;
+    m.lanes = cv.take<Acc>((query_rows > p.chunk ? query_rows : p.chunk) * LANES);
+    m.partsum = cv.take<Acc>(p.B * PARTS * 3);
+    return m;
+  }
+};
+
 template <typename T>
 struct ForwardWorkspace {
-  RowState<T>* state;
-  RowState<T>* part_state;
-  T *part_max, *alpha, *xn, *inv_l, *tile, *acc, *partial, *row_parts;
-  static int64_t size(const Plan& p) {
-    return 4 * p.B + 4 * p.B * p.P + p.B * p.P + 3 * p.B + p.B * p.c + p.B * p.D + p.partial + 2 * p.B * p.Q;
-  }
-  static ForwardWorkspace carve(T* base, const Plan& p) {
+  Common<T> cm;
+  T* partmin;        // (B, PARTS)
+  int64_t* partarg;  // (B, PARTS)
+  T* alpha;          // (B,)
+  T* inv_l;          // (B,)
+  T* dmin;           // (B,)
+  StatePlanes state;
+
+  static ForwardWorkspace carve(Carver& cv, const Problem<T>& p) {
     ForwardWorkspace w;
-    w.state = reinterpret_cast<RowState<T>*>(base);
-    w.part_state = reinterpret_cast<RowState<T>*>(base + 4 * p.B);
-    T* q = base + 4 * p.B + 4 * p.B * p.P;
-    w.part_max = q, q += p.B * p.P;
-    w.alpha = q, q += p.B;
-    w.xn = q, q += p.B;
-    w.inv_l = q, q += p.B;
-    w.tile = q, q += p.B * p.c;
-    w.acc = q, q += p.B * p.D;
-    w.partial = q, q += p.partial;
-    w.row_parts = q;
+    w.cm = Common<T>::carve(cv, p, p.B);
+    w.partmin = cv.take<T>(p.B * PARTS);
+    w.partarg = cv.take<int64_t>(p.B * PARTS);
+    w.alpha = cv.take<T>(p.B);
+    w.inv_l = cv.take<T>(p.B);
+    w.dmin = cv.take<T>(p.B);
+    w.state = StatePlanes{cv.take<Acc>(p.B), cv.take<Acc>(p.B), cv.take<Acc>(p.B), cv.take<Acc>(p.B),
+                          cv.take<int64_t>(p.B)};
     return w;
   }
+  static int64_t bytes(const Problem<T>& p) {
+    Carver cv{nullptr, 0};
+    carve(cv, p);
+    return cv.used;
+  }
+};
+
+// Shared steps of both passes: the queries' operands and norms (rows 0..B-1 of xop), k, and per
+// chunk the references' operands and norms.
+template <typename T, class Exec>
+void prepare_queries(Exec& ex, const Problem<T>& p, const Common<T>& cm) {
+  ex.run(ShiftRows<T>{p.B * LANES, p.D, p.prec, false, p.x, p.centre, cm.xop, cm.lanes});
+  ex.run(LaneSum<T, T>{p.B, cm.lanes, cm.xn});
+  ex.run(HalfInvSq<T>{p.B, p.sigma, cm.k});
+}
+
+template <typename T, class Exec>
+void prepare_chunk(Exec& ex, const Problem<T>& p, const Common<T>& cm, int64_t start, int64_t c) {
+  ex.run(ShiftRows<T>{c * LANES, p.D, p.prec, true, p.ref + start * p.D, p.centre, cm.rop, cm.lanes});
+  ex.run(LaneSum<T, T>{c, cm.lanes, cm.rn});
+}
+
+// out (rows, D) [+]= W (rows, c) R' (c, D) in the precision mode: one product, or for "tf32x3"
+// the three hi hi + hi lo + lo hi (W's hi in W, its lo in W_lo; R''s hi, lo at columns 0 and D of rop).
+template <typename T, class Exec>
+void accumulate_product(Exec& ex, const Problem<T>& p, int64_t rows, int64_t c, const T* Wt, const T* W_lo,
+                        const T* rop, T* out, bool accumulate) {
+  const int64_t width = operand_width(p.D, p.prec);
+  const bool tf32 = p.prec != PREC_IEEE;
+  ex.gemm(Gemm<T>{rows, p.D, c, Wt, c, false, rop, width, false, out, p.D, accumulate, tf32});
+  if (p.prec == PREC_TF32X3) {
+    ex.gemm(Gemm<T>{rows, p.D, c, Wt, c, false, rop + p.D, width, false, out, p.D, true, true});
+    ex.gemm(Gemm<T>{rows, p.D, c, W_lo, c, false, rop, width, false, out, p.D, true, true});
+  }
+}
+
+// The forward pass: mu (B, D), lse (B,), aux (B, AUX_COLS) into out pointers; mu doubles as the
+// accumulator.
+template <typename T, class Exec>
+void forward_run(Exec& ex, const Problem<T>& p, const ForwardWorkspace<T>& ws, T* mu, T* lse, T* aux) {
+  const Common<T>& cm = ws.cm;
+  const int64_t W = operand_width(p.D, p.prec);
+  prepare_queries(ex, p, cm);
+  ex.run(StateEmpty{p.B, ws.state});
+  for (int64_t start = 0; start < p.n; start += p.chunk) {
+    const int64_t c = p.chunk < p.n - start ? p.chunk : p.n - start;
+    prepare_chunk(ex, p, cm, start, c);
+    ex.gemm(Gemm<T>{p.B, c, W, cm.xop, W, false, cm.rop, W, true, cm.S, c, false, p.prec != PREC_IEEE});
+    ex.run(ChunkMin<T>{p.B * PARTS, c, cm.xn, cm.rn, cm.S, ws.partmin, ws.partarg});
+    ex.run(ChunkUpdate<T>{p.B * PARTS, c, p.prec, ws.state, ws.partmin, cm.k, cm.S, cm.S_lo, cm.partsum});
+    ex.run(RowMerge<T>{p.B, ws.state, ws.partmin, ws.partarg, start, cm.k, cm.partsum, ws.alpha});
+    if (start > 0) ex.run(ScaleRows<T>{p.B * p.D, p.D, ws.alpha, mu});
+    accumulate_product(ex, p, p.B, c, cm.S, cm.S_lo, cm.rop, mu, start > 0);
+  }
+  ex.run(NearestParts<T>{p.B * LANES, p.D, p.x, p.ref, ws.state.arg, cm.lanes});
+  ex.run(LaneSum<T, T>{p.B, cm.lanes, ws.dmin});
+  ex.run(FinalizeRows<T>{p.B, ws.state, cm.k, ws.dmin, lse, aux, ws.inv_l});
+  ex.run(FinalizeMu<T>{p.B * p.D, p.D, ws.inv_l, p.centre, mu});
+}
+
+template <typename T>
+struct BackwardInputs {
+  const T* grad_mu;   // (B, D)
+  const T* grad_lse;  // (B,)
+  const T* mu;        // (B, D)
+  const T* aux;       // (B, AUX_COLS)
 };
 
 template <typename T>
 struct BackwardWorkspace {
-  T *xn, *mg, *s_row, *cov_part, *tile, *ref_coef, *colsum, *px, *partial, *row_parts;
-  static int64_t size(const Plan& p, bool ref_grad) {
-    return 3 * p.B + 3 * p.B * p.P + 2 * p.B * p.c + (ref_grad ? p.B * p.c + p.c : 0) + p.B * p.D + p.partial +
-           2 * p.B * p.Q;
-  }
-  static BackwardWorkspace carve(T* base, const Plan& p, bool ref_grad) {
+  Common<T> cm;
+  T* A;        // (B, chunk), ref_grad
+  T* xs;       // (B, D): exact x', ref_grad
+  T* colsum;   // (chunk,), ref_grad
+  T* px;       // (B, D)
+  Acc* mg;     // (B,)
+  BackwardPlanes rows;
+
+  static BackwardWorkspace carve(Carver& cv, const Problem<T>& p, bool ref_grad) {
     BackwardWorkspace w;
-    T* q = base;
-    w.xn = q, q += p.B;
-    w.mg = q, q += p.B;
-    w.s_row = q, q += p.B;
-    w.cov_part = q, q += 3 * p.B * p.P;
-    w.tile = q, q += 2 * p.B * p.c;
-    w.ref_coef = ref_grad ? q : nullptr, q += ref_grad ? p.B * p.c : 0;
-    w.colsum = ref_grad ? q : nullptr, q += ref_grad ? p.c : 0;
-    w.px = q, q += p.B * p.D;
-    w.partial = q, q += p.partial;
-    w.row_parts = q;
+    w.cm = Common<T>::carve(cv, p, 2 * p.B);
+    w.A = ref_grad ? cv.take<T>(p.B * p.chunk) : nullptr;
+    w.xs = ref_grad ? cv.take<T>(p.B * p.D) : nullptr;
+    w.colsum = ref_grad ? cv.take<T>(p.chunk) : nullptr;
+    w.px = cv.take<T>(p.B * p.D);
+    w.mg = cv.take<Acc>(p.B);
+    w.rows = BackwardPlanes{cv.take<Acc>(p.B), cv.take<Acc>(p.B), cv.take<Acc>(p.B)};
     return w;
+  }
+  static int64_t bytes(const Problem<T>& p, bool ref_grad) {
+    Carver cv{nullptr, 0};
+    carve(cv, p, ref_grad);
+    return cv.used;
   }
 };
 
-// A product and, when it is split, its reduction.
+// One sweep of the backward over the chunks (final = false: the ref gradient's first sweep, sums of
+// xc only).
 template <typename T, class Exec>
-bool launch_gemm(Exec& ex, const GemmArgs<T>& g, const char* name) {
-  if (!ex.gemm(g, name)) return false;
-  return g.splits > 1 ? ex.run(GemmSplitReduce<T>{g.M * g.N, g}, "stf_gemm_split_reduce") : true;
-}
-
-// The products of a chunk: logits (K = D, the plan's fixed split), accumulate (K = c).
-template <typename T>
-GemmArgs<T> logits_product(const Plan& pl, int64_t c, const T* a, const T* r, T* out, T* partial) {
-  GemmArgs<T> g = gemm_args<T>(pl.B, c, pl.D, a, pl.D, 1, r, 1, pl.D, out, c);  // B[k, j] = r[j, k]
-  gemm_set_split(g, pl.k_len_logits, partial);
-  return g;
-}
-
-template <typename T>
-GemmArgs<T> accumulate_product(const Plan& pl, int64_t c, const T* coef, const T* r, T* acc, T* partial) {
-  GemmArgs<T> g = gemm_args<T>(pl.B, pl.D, c, coef, c, 1, r, pl.D, 1, acc, pl.D);
-  gemm_set_split(g, gemm_split_len(gemm_tiles(pl.B, pl.D), c, pl.sm_count), partial);
-  return g;
-}
-
-// ------------------------------------------------------------------------------------------------
-// Launch sequences. Exec provides `bool run(const F&, const char* name)` for a per-thread functor
-// and `bool gemm(const GemmArgs<T>&, const char* name)`; each returns false on a launch error,
-// which stops the sequence (the executor remembers the error and the kernel's name).
-// ------------------------------------------------------------------------------------------------
-
-// x (B, D), sigma (B,), ref (n, D), ref_sqnorm (n,) -> mu (B, D), lse (B,), aux (B, AUX_COLS).
-template <typename T, class Exec>
-bool forward_run(Exec& ex, const Plan& pl, const T* x, const T* sigma, const T* ref, const T* ref_sqnorm,
-                 T* mu, T* lse, T* aux, T* workspace) {
-  const int64_t B = pl.B, D = pl.D, P = pl.P;
-  ForwardWorkspace<T> w = ForwardWorkspace<T>::carve(workspace, pl);
-  if (!ex.run(StateInit<T>{B, w.state}, "stf_state_init")) return false;
-  for (int64_t start = 0; start < pl.n; start += pl.c) {
-    const int64_t c = pl.n - start < pl.c ? pl.n - start : pl.c;
-    const T* r = ref + start * D;
-    // dots = X R_c^T: A = X (B, D) row-major, B[k, j] = r[j, k].
-    if (!launch_gemm(ex, logits_product<T>(pl, c, x, r, w.tile, w.partial), "stf_gemm_logits")) return false;
-    if (!ex.run(ForwardLogits<T>{B * P, P, c, start, w.tile, sigma, ref_sqnorm, w.part_max}, "stf_fwd_logits"))
-      return false;
-    if (!ex.run(ForwardExp<T>{B * P, P, c, w.tile, w.part_max, w.state, w.part_state}, "stf_fwd_exp")) return false;
-    if (!ex.run(ForwardMerge<T>{B, P, w.part_max, w.part_state, w.state, w.alpha}, "stf_fwd_merge")) return false;
-    // acc = alpha acc + E R_c: A = E (B, c), B = r (c, D).
-    GemmArgs<T> g = accumulate_product<T>(pl, c, w.tile, r, w.acc, w.partial);
-    g.accumulate = start > 0;
-    g.row_scale = w.alpha;
-    if (!launch_gemm(ex, g, "stf_gemm_accumulate")) return false;
-  }
-  if (!ex.run(RowDotParts<T>{B * pl.Q, D, pl.Q, pl.k_len_logits, x, nullptr, nullptr, w.row_parts}, "stf_row_dots"))
-    return false;
-  if (!ex.run(RowDotSum<T>{B, pl.Q, w.row_parts, w.xn, nullptr}, "stf_row_dot_sum")) return false;
-  if (!ex.run(ForwardFinalize<T>{B, w.state, w.xn, sigma, w.inv_l, lse, aux}, "stf_fwd_finalize")) return false;
-  return ex.run(ScaleRows<T>{B * D, D, w.acc, w.inv_l, mu}, "stf_fwd_scale");
-}
-
-// -> grad_x (B, D), grad_sigma (B,), and grad_ref (n, D) when it is not null.
-template <typename T, class Exec>
-bool backward_run(Exec& ex, const Plan& pl, const T* grad_mu, const T* grad_lse, const T* x, const T* sigma,
-                  const T* ref, const T* ref_sqnorm, const T* mu, const T* aux, T* grad_x_out, T* grad_sigma_out,
-                  T* grad_ref, T* workspace) {
-  const int64_t B = pl.B, D = pl.D, P = pl.P;
+void backward_sweep(Exec& ex, const Problem<T>& p, const BackwardInputs<T>& in, const BackwardWorkspace<T>& ws,
+                    bool final_sweep, T* grad_ref) {
+  const Common<T>& cm = ws.cm;
+  const int64_t W = operand_width(p.D, p.prec);
   const bool ref_grad = grad_ref != nullptr;
-  BackwardWorkspace<T> w = BackwardWorkspace<T>::carve(workspace, pl, ref_grad);
-  if (!ex.run(RowDotParts<T>{B * pl.Q, D, pl.Q, pl.k_len_logits, x, mu, grad_mu, w.row_parts}, "stf_row_dots"))
-    return false;
-  if (!ex.run(RowDotSum<T>{B, pl.Q, w.row_parts, w.xn, w.mg}, "stf_row_dot_sum")) return false;
-  for (int64_t start = 0; start < pl.n; start += pl.c) {
-    const int64_t c = pl.n - start < pl.c ? pl.n - start : pl.c;
-    const T* r = ref + start * D;
-    // Rows 0..B-1: x_i . r_j; rows B..2B-1: g_i . r_j.
-    if (!launch_gemm(ex, logits_product<T>(pl, c, x, r, w.tile, w.partial), "stf_gemm_logits")) return false;
-    if (!launch_gemm(ex, logits_product<T>(pl, c, grad_mu, r, w.tile + B * c, w.partial), "stf_gemm_logits"))
-      return false;
-    BackwardWeights<T> bw{B * P, P, B, c, start, w.tile, w.ref_coef, sigma, ref_sqnorm, aux,
-                          w.xn, w.mg, grad_lse, w.cov_part, start == 0};
-    if (!ex.run(bw, "stf_bwd_weights")) return false;
-    // px += coef R_c.
-    GemmArgs<T> g = accumulate_product<T>(pl, c, w.tile, r, w.px, w.partial);
-    g.accumulate = start > 0;
-    if (!launch_gemm(ex, g, "stf_gemm_accumulate")) return false;
+  for (int64_t start = 0; start < p.n; start += p.chunk) {
+    const int64_t c = p.chunk < p.n - start ? p.chunk : p.n - start;
+    prepare_chunk(ex, p, cm, start, c);
+    // S = X' R'^T and C = G R'^T from the stacked (2B, W) operands: one product into the (2B, c)
+    // tile whose rows B..2B-1 are C.
+    T* S = cm.S;
+    T* C = cm.S + p.B * c;
+    ex.gemm(Gemm<T>{2 * p.B, c, W, cm.xop, W, false, cm.rop, W, true, S, c, false, p.prec != PREC_IEEE});
+    ex.run(BackwardTerms<T>{p.B * PARTS, c, p.prec, final_sweep, ref_grad && final_sweep, cm.xn, cm.rn, cm.k,
+                            p.sigma, in.aux, ws.mg, in.grad_lse, S, C, cm.S_lo, ws.A, cm.partsum});
+    ex.run(RowSums{p.B, cm.partsum, ws.rows});
+    if (!final_sweep) continue;
+    accumulate_product(ex, p, p.B, c, S, cm.S_lo, cm.rop, ws.px, start > 0);
     if (ref_grad) {
-      T* gr = grad_ref + start * D;
-      if (!ex.run(ColumnSum<T>{c, B, c, w.ref_coef, w.colsum}, "stf_bwd_colsum")) return false;
-      // grad_r = W^T G: A[j, i] = w_ij (the weights sit in rows B..2B-1), B = grad_mu (B, D).
-      if (!launch_gemm(ex, gemm_args<T>(c, D, B, w.tile + B * c, 1, c, grad_mu, D, 1, gr, D), "stf_gemm_ref"))
-        return false;
-      // grad_r += A^T X - (sum_i a_ij) r_j.
-      GemmArgs<T> h = gemm_args<T>(c, D, B, w.ref_coef, 1, c, x, D, 1, gr, D);
-      h.accumulate = true;
-      h.sub_scale = w.colsum;
-      h.sub_mat = r;
-      h.ld_sub = D;
-      if (!launch_gemm(ex, h, "stf_gemm_ref")) return false;
+      // dL/dr_j = sum_i w_ij g_i + a_ij (x'_i - r'_j), products in exact float32 in every mode.
+      T* g = grad_ref + start * p.D;
+      ex.gemm(Gemm<T>{c, p.D, p.B, C, c, true, in.grad_mu, p.D, false, g, p.D, false, false});
+      ex.gemm(Gemm<T>{c, p.D, p.B, ws.A, c, true, ws.xs, p.D, false, g, p.D, true, false});
+      ex.run(ColumnSums<T>{c, p.B, c, ws.A, ws.colsum});
+      ex.run(RefGradFinish<T>{c * p.D, p.D, ws.colsum, p.ref + start * p.D, p.centre, g});
     }
   }
-  if (!ex.run(BackwardSigma<T>{B, P, w.cov_part, aux, grad_lse, sigma, grad_sigma_out, w.s_row}, "stf_bwd_sigma")) return false;
-  return ex.run(BackwardX<T>{B * D, D, w.px, mu, x, grad_lse, sigma, w.s_row, grad_x_out}, "stf_bwd_x");
+}
+
+// The backward pass: grad_x (B, D), grad_sigma (B,) and, when grad_ref is not null, grad_ref (n, D).
+template <typename T, class Exec>
+void backward_run(Exec& ex, const Problem<T>& p, const BackwardInputs<T>& in, const BackwardWorkspace<T>& ws,
+                  T* grad_x, T* grad_sigma, T* grad_ref) {
+  const Common<T>& cm = ws.cm;
+  const int64_t W = operand_width(p.D, p.prec);
+  prepare_queries(ex, p, cm);
+  ex.run(ShiftRows<T>{p.B * LANES, p.D, p.prec, false, in.grad_mu, nullptr, cm.xop + p.B * W, nullptr});
+  ex.run(DotRows<T>{p.B * LANES, p.D, in.mu, p.centre, in.grad_mu, cm.lanes});
+  ex.run(LaneSum<T, Acc>{p.B, cm.lanes, ws.mg});
+  ex.run(RowsReset{p.B, false, ws.mg, ws.rows});
+  if (grad_ref != nullptr) {
+    ex.run(ShiftRows<T>{p.B * LANES, p.D, PREC_IEEE, false, p.x, p.centre, ws.xs, nullptr});
+    backward_sweep(ex, p, in, ws, false, grad_ref);
+    ex.run(RowsReset{p.B, true, ws.mg, ws.rows});
+  }
+  backward_sweep(ex, p, in, ws, true, grad_ref);
+  ex.run(BackwardFinishX<T>{p.B * p.D, p.D, ws.px, in.mu, p.x, p.centre, p.sigma, in.grad_lse, ws.rows, grad_x});
+  ex.run(BackwardFinishSigma<T>{p.B, in.aux, p.sigma, in.grad_lse, ws.rows, grad_sigma});
 }
 
 }  // namespace cuda
