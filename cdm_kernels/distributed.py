@@ -46,11 +46,11 @@ def _shard_state(xs: Tensor, sigmas: Tensor, shard: Tensor, chunk_size: int, bac
         return stf_reference.empty_state(B, D, xs)
     centre = stf_reference.centre_of(shard)
     mu, _, aux = torch.ops.cdm_kernels.stf_forward(xs, sigmas, shard, centre, chunk_size, precision, backend)
-    k = stf_reference.half_inv_sq(sigmas)
-    level = aux[:, AUX_DMIN] - aux[:, AUX_LOGL] / k
-    ones = torch.ones_like(level)
+    k = stf_reference.half_inv_sq(sigmas).double()
+    a = aux.double()
+    level = a[:, AUX_DMIN] - a[:, AUX_LOGL] / k
     no_arg = torch.full(level.shape, -1, dtype=torch.int64, device=level.device)  # not needed after the op
-    return stf_reference.State(level, ones, 1.0 / aux[:, AUX_NEFF], aux[:, AUX_DBAR] - level, mu, no_arg)
+    return stf_reference.State(level, torch.ones_like(level), 1.0 / a[:, AUX_NEFF], a[:, AUX_DBAR] - level, mu, no_arg)
 
 
 def _merge_across(state: stf_reference.State, sigmas: Tensor, group) -> stf_reference.State:
@@ -59,9 +59,11 @@ def _merge_across(state: stf_reference.State, sigmas: Tensor, group) -> stf_refe
     m = state.m.clone()
     dist.all_reduce(m, op=dist.ReduceOp.MIN, group=group)
     state = stf_reference.rebase(state, m, stf_reference.half_inv_sq(sigmas))
-    sums = torch.cat([state.l[:, None], state.l2[:, None], state.t[:, None], state.a], dim=1).contiguous()
+    sums = torch.stack([state.l, state.l2, state.t], dim=1)  # float64, like every row sum
+    a = state.a.contiguous()
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-    return stf_reference.State(m, sums[:, 0], sums[:, 1], sums[:, 2], sums[:, 3:], state.arg)
+    dist.all_reduce(a, op=dist.ReduceOp.SUM, group=group)
+    return stf_reference.State(m, sums[:, 0], sums[:, 1], sums[:, 2], a, state.arg)
 
 
 def _sizes_of_every_process(B: int, n_local: int, D: int, device, group) -> list[list[int]]:
@@ -127,9 +129,10 @@ def stf_target_sharded(
     Steps: all_gather every process's queries and noise levels (padded to the largest batch); each
     process takes the partial state of ALL queries over its shard with the fused op of its device
     (`_shard_state`); the states merge exactly across processes (`_merge_across`); each process keeps
-    its own rows. Traffic per call: the gathered queries (world B_max D) plus one reduction of
-    world B_max (D + 3) numbers. Works with any torch.distributed backend that has all_gather and
-    all_reduce (gloo on the CPU, NCCL on GPUs): every tensor stays on x's device.
+    its own rows. Traffic per call: the gathered queries (world B_max D) plus the reductions of
+    world B_max (D + 3) numbers (the accumulators, and the row sums in float64). Works with any
+    torch.distributed backend that has all_gather and all_reduce (gloo on the CPU, NCCL on GPUs):
+    every tensor stays on x's device.
 
     Args:
         x: this process's queries, shape (B, *S), float16/bfloat16/float32/float64.

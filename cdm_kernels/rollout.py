@@ -315,42 +315,53 @@ def rollout_step(
     check_float(x, "x")
     if x.dim() < 1:
         raise ValueError("x must have shape (B, *S) with at least one dimension, got a 0-d tensor")
-    B = x.shape[0]
-    dtype = compute_dtype(x.dtype)
-    tc = _noise_level(t_cur, "t_cur", B, x, dtype)
-    if isinstance(t_cur, Tensor) and t_cur.requires_grad and torch.is_grad_enabled():
-        raise ValueError("t_cur must not require grad: rollout_step treats noise levels as constants")
+    B, dtype = x.shape[0], compute_dtype(x.dtype)
+    tc = _constant_level(t_cur, "t_cur", B, x, dtype)
     if kind == "churn":
-        # churn computes its own t_hat and adds noise only: a denoised or t_next passed here would be
-        # silently ignored, most likely by a caller who meant another kind.
-        if denoised is not None:
-            raise ValueError(
-                "kind='churn' does not use denoised (x_hat = x + sqrt(t_hat^2 - t_cur^2) S_noise z); pass None"
-            )
-        if t_next is not None:
-            raise ValueError(
-                "kind='churn' does not use t_next (it returns t_hat = t_cur (1 + gamma)); pass None"
-            )
-        if num_steps is None or isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"kind='churn' needs num_steps, a positive int (gamma = S_churn / num_steps); got {num_steps!r}")
-        # NaN would make every comparison below false and silently turn the churn off (S_min,
-        # S_max) or fill x_hat with NaN (S_noise); inf is meaningful for S_churn (gamma is capped
-        # at sqrt 2 - 1) and for S_min, S_max (EDM's default S_max).
-        S_churn = _real(S_churn, "S_churn", "a number >= 0 (not NaN)", lambda v: v >= 0)
         S_noise = _real(S_noise, "S_noise", "a finite number >= 0", lambda v: 0 <= v < math.inf)
-        S_min = _real(S_min, "S_min", "a number (not NaN; +-inf allowed)", lambda v: not math.isnan(v))
-        S_max = _real(S_max, "S_max", "a number (not NaN; +-inf allowed)", lambda v: not math.isnan(v))
-        _check_levels(kind, tc, None)
-        tn = ref.churn_t_hat(tc, num_steps, S_churn, S_min, S_max)
+        tn = _churn_t_hat(tc, denoised, t_next, num_steps, S_churn, S_min, S_max)
         denoised = x
     else:
         _check_like(denoised, "denoised", x)
         if t_next is None:
             raise ValueError(f"kind={kind!r} needs t_next")
-        tn = _noise_level(t_next, "t_next", B, x, dtype)
-        if isinstance(t_next, Tensor) and t_next.requires_grad and torch.is_grad_enabled():
-            raise ValueError("t_next must not require grad: rollout_step treats noise levels as constants")
+        tn = _constant_level(t_next, "t_next", B, x, dtype)
         _check_levels(kind, tc, tn)
+    _check_heun_inputs(kind, x, x_euler, denoised_euler)
+    seed_v, offset_v = _noise_counters(kind, x, noise, seed, offset, generator)
+    name = registry.resolve_backend("rollout_step", x.device, backend)
+    out = _launch_step(x, denoised, tc, tn, x_euler, denoised_euler, noise, seed_v, offset_v, kind, S_noise, name)
+    return (out, tn.to(x.dtype) if x.dtype != dtype else tn) if kind == "churn" else out
+
+
+def _constant_level(t, name: str, B: int, x: Tensor, dtype: torch.dtype) -> Tensor:
+    """A per-sample noise level as (B,), refused if it requires grad (levels are constants here)."""
+    if isinstance(t, Tensor) and t.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{name} must not require grad: rollout_step treats noise levels as constants")
+    return _noise_level(t, name, B, x, dtype)
+
+
+def _churn_t_hat(tc: Tensor, denoised, t_next, num_steps, S_churn, S_min, S_max) -> Tensor:
+    """t_hat of EDM's churn after the checks of its arguments."""
+    # churn computes its own t_hat and adds noise only: a denoised or t_next passed here would be
+    # silently ignored, most likely by a caller who meant another kind.
+    if denoised is not None:
+        raise ValueError("kind='churn' does not use denoised (x_hat = x + sqrt(t_hat^2 - t_cur^2) S_noise z); pass None")
+    if t_next is not None:
+        raise ValueError("kind='churn' does not use t_next (it returns t_hat = t_cur (1 + gamma)); pass None")
+    if num_steps is None or isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"kind='churn' needs num_steps, a positive int (gamma = S_churn / num_steps); got {num_steps!r}")
+    # NaN would make every comparison below false and silently turn the churn off (S_min, S_max);
+    # inf is meaningful for S_churn (gamma is capped at sqrt 2 - 1) and for S_min, S_max (EDM's
+    # default S_max).
+    S_churn = _real(S_churn, "S_churn", "a number >= 0 (not NaN)", lambda v: v >= 0)
+    S_min = _real(S_min, "S_min", "a number (not NaN; +-inf allowed)", lambda v: not math.isnan(v))
+    S_max = _real(S_max, "S_max", "a number (not NaN; +-inf allowed)", lambda v: not math.isnan(v))
+    _check_levels("churn", tc, None)
+    return ref.churn_t_hat(tc, num_steps, S_churn, S_min, S_max)
+
+
+def _check_heun_inputs(kind: str, x: Tensor, x_euler, denoised_euler) -> None:
     if kind == "heun":
         if x_euler is None or denoised_euler is None:
             raise ValueError("kind='heun' needs x_euler (the Euler step's result) and denoised_euler = D(x_euler; t_next)")
@@ -358,21 +369,29 @@ def rollout_step(
         _check_like(denoised_euler, "denoised_euler", x)
     elif x_euler is not None or denoised_euler is not None:
         raise ValueError(f"x_euler and denoised_euler are only for kind='heun', got kind={kind!r}")
+
+
+def _noise_counters(kind: str, x: Tensor, noise, seed, offset, generator) -> tuple[int, int]:
+    """(seed, offset) of the in-kernel noise: (0, 0) for the deterministic steps and passed noise."""
     stochastic = kind in ("sde", "churn")
     if noise is not None:
         if not stochastic:
             raise ValueError(f"noise is only used by kind='sde' or 'churn', got kind={kind!r}")
         _check_like(noise, "noise", x)
-        seed_v, offset_v = 0, 0
-    elif stochastic:
-        seed_v = seed_from_generator(generator) if seed is None else seed
-        offset_v = offset
-        check_seed_offset(seed_v, offset_v, x.numel(), "rollout_step")
-    else:  # deterministic steps draw no noise
-        seed_v, offset_v = 0, 0
-    name = registry.resolve_backend("rollout_step", x.device, backend)
-    N = x.numel()
+        return 0, 0
+    if not stochastic:
+        return 0, 0
+    seed_v = seed_from_generator(generator) if seed is None else seed
+    check_seed_offset(seed_v, offset, x.numel(), "rollout_step")
+    return seed_v, offset
+
+
+def _launch_step(x, denoised, tc, tn, x_euler, denoised_euler, noise, seed, offset, kind, s_noise, name) -> Tensor:
+    """The step on (B, M) views in the compute dtype, through the op or, in plain eager mode with no
+    gradient to record, through its launcher (`_dispatch_is_a_plain_call`); x' in x's shape and dtype."""
+    B, N = x.shape[0], x.numel()
     M = N // B if B else 0
+    dtype = tc.dtype
 
     def flat(t):
         if t is None:
@@ -384,15 +403,13 @@ def rollout_step(
         out = x.to(dtype).reshape(B, M)
     else:
         args = (flat(x), flat(denoised), tc.contiguous(), tn.contiguous(), flat(x_euler), flat(denoised_euler),
-                flat(noise), seed_v, offset_v, kind, float(S_noise))
+                flat(noise), seed, offset, kind, float(s_noise))
         if _dispatch_is_a_plain_call(args):
             out = registry.launchers("rollout_step", name, x.device.type).rollout_step(*args)
         else:
             out = _rollout_step_op(*args, name)
     out = out.reshape(x.shape)
-    if out.dtype != x.dtype:
-        out = out.to(x.dtype)
-    return (out, tn.to(x.dtype) if x.dtype != dtype else tn) if kind == "churn" else out
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def _dispatch_is_a_plain_call(args) -> bool:

@@ -21,8 +21,10 @@ The arithmetic (docs/math.md, "Exact distances" and "Streaming in distance space
     with d_min = ||x_i - r_j*||^2 computed exactly for the reference j* at the state's minimum
     (tracked while streaming): as ||x'||^2 + m it would cancel and lose lse's digits at small sigma.
 
-The same partial states serve the sharded (multi-process) stable target: `partial_state` on each
-shard, `merge_states` across shards, `finalize` once.
+Row sums (the state's l, l2, t and the backward's sums) accumulate in float64, as every kernel's do:
+a float32 sum that starts at the dominant weight 1 rounds every later small weight at 1's ulp. The
+same partial states serve the sharded (multi-process) stable target: `partial_state` on each shard,
+`merge_states` across shards, `finalize` once.
 
 Shapes: x (B, D), sigma (B,), ref (n, D), centre (D,).
 """
@@ -141,7 +143,7 @@ class State:
 
 
 def empty_state(B: int, D: int, like: Tensor) -> State:
-    zeros = like.new_zeros(B)
+    zeros = like.new_zeros(B, dtype=torch.float64)
     arg = torch.full((B,), -1, dtype=torch.int64, device=like.device)
     return State(torch.full_like(zeros, torch.inf), zeros, zeros.clone(), zeros.clone(), like.new_zeros(B, D), arg)
 
@@ -151,9 +153,9 @@ def rebase(s: State, m_new: Tensor, k: Tensor) -> State:
     alpha = exp(-(m - m_new) k), and delta - m_new = (delta - m) + (m - m_new) moves t."""
     empty = s.m == torch.inf
     gap = torch.where(empty, torch.zeros_like(s.m), s.m - m_new)
-    alpha = torch.where(empty, torch.zeros_like(s.m), torch.exp(-gap * k))
+    alpha = torch.where(empty, torch.zeros_like(s.m), torch.exp(-gap * k.double()))
     t = torch.where(empty, torch.zeros_like(s.t), alpha * (s.t + gap * s.l))
-    return State(m_new, s.l * alpha, s.l2 * alpha * alpha, t, s.a * alpha[:, None], s.arg)
+    return State(m_new, s.l * alpha, s.l2 * alpha * alpha, t, s.a * alpha[:, None].to(s.a.dtype), s.arg)
 
 
 def merge_states(a: State, b: State, k: Tensor) -> State:
@@ -171,7 +173,9 @@ def chunk_state(d: Tensor, k: Tensor, ro: tuple[Tensor, ...], precision: str, st
     m, arg = d.min(dim=1)
     dm = d - m[:, None]
     e = torch.exp(-dm * k[:, None])
-    return State(m, e.sum(1), (e * e).sum(1), (e * dm).sum(1), product(operands(e, precision), ro), arg + start)
+    e64 = e.double()
+    sums = (e64.sum(1), (e64 * e64).sum(1), (e64 * dm.double()).sum(1))
+    return State(m.double(), *sums, product(operands(e, precision), ro), arg + start)
 
 
 def query_norms(x: Tensor, centre: Tensor, precision: str) -> Tensor:
@@ -210,13 +214,15 @@ def nearest_sqdist(x: Tensor, ref: Tensor, arg: Tensor) -> Tensor:
 def finalize(state: State, centre: Tensor, sigma: Tensor, dmin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """mu (B, D), lse (B,) and aux (B, AUX_COLS) = [m, log l, d_bar, n_eff, w_max, d_min] of a
     finished state whose minimum m is at the squared distance dmin (`nearest_sqdist`)."""
-    k = half_inv_sq(sigma)
-    mu = state.a / state.l[:, None] + centre
+    dt = state.a.dtype
+    k = half_inv_sq(sigma).double()
+    mu = state.a / state.l[:, None].to(dt) + centre
     log_l = torch.log(state.l)
+    dmin = dmin.double()
     lse = log_l - dmin * k
     dbar = dmin + state.t / state.l
     aux = torch.stack([state.m, log_l, dbar, state.l * state.l / state.l2, 1.0 / state.l, dmin], dim=1)
-    return mu, lse, aux
+    return mu, lse.to(dt), aux.to(dt)
 
 
 def stf_forward(x: Tensor, sigma: Tensor, ref: Tensor, centre: Tensor, chunk_size: int, precision: str = "ieee"):
@@ -259,29 +265,32 @@ def stf_backward(
     xs, mus = x - centre, mu - centre
     m, log_l, dbar = aux[:, AUX_M], aux[:, AUX_LOGL], aux[:, AUX_DBAR]
     delta_bar = dbar - query_norms(x, centre, precision)
-    mg = (mus * grad_mu).sum(1)
+    # Per-element terms and row sums in float64 (as the kernels); the products' operands in the mode.
+    dt = x.dtype
+    mg = (mus.double() * grad_mu.double()).sum(1)
     go = operands(grad_mu, precision)
 
     def weighted_chunks():
         for start, rs, ro, d in _chunks(x, ref, centre, chunk_size, precision):
-            w = torch.exp(-(d - m[:, None]) * k[:, None] - log_l[:, None])
-            yield start, rs, ro, d, w, product(go, tuple(t.T for t in ro))  # c_ij = g_i . r'_j
+            w = torch.exp(-(d - m[:, None]) * k[:, None] - log_l[:, None]).double()
+            yield start, rs, ro, d, w, product(go, tuple(t.T for t in ro)).double()  # c_ij = g_i . r'_j
 
     if ref_grad:
         mg = mg + sum((w * (c - mg[:, None])).sum(1) for *_, w, c in weighted_chunks())
     px = torch.zeros_like(x)
-    s_sum, cov, dev = (torch.zeros_like(sigma) for _ in range(3))
+    s_sum, cov, dev = (torch.zeros_like(mg) for _ in range(3))
     grad_ref = torch.zeros_like(ref) if ref_grad else ref.new_zeros(0)
     for start, rs, ro, d, w, c in weighted_chunks():
         xc = w * (c - mg[:, None])
-        wd = w * (d - delta_bar[:, None])
-        px += product(operands(xc, precision), ro)
+        wd = w * (d.double() - delta_bar.double()[:, None])
+        px += product(operands(xc.to(dt), precision), ro)
         s_sum += xc.sum(1)
         cov += (wd * (c - mg[:, None])).sum(1)
         dev += wd.sum(1)
         if ref_grad:
-            a = (xc + w * grad_lse[:, None]) / s2[:, None]
-            grad_ref[start : start + rs.shape[0]] = w.T @ grad_mu + a.T @ xs - a.sum(0)[:, None] * rs
-    grad_x = (px - s_sum[:, None] * mus + grad_lse[:, None] * (mus - xs)) / s2[:, None]
-    grad_sigma = (cov - s_sum * dev + grad_lse * dbar) / (s2 * sigma)
-    return grad_x, grad_sigma, grad_ref
+            a = ((xc + w * grad_lse.double()[:, None]) / s2.double()[:, None]).to(dt)
+            grad_ref[start : start + rs.shape[0]] = w.to(dt).T @ grad_mu + a.T @ xs - a.sum(0)[:, None] * rs
+    s64, gl64 = s2.double(), grad_lse.double()
+    grad_x = (px.double() - s_sum[:, None] * mus.double() + gl64[:, None] * (mus - xs).double()) / s64[:, None]
+    grad_sigma = (cov - s_sum * dev + gl64 * dbar.double()) / (s64 * sigma.double())
+    return grad_x.to(dt), grad_sigma.to(dt), grad_ref

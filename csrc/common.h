@@ -36,6 +36,19 @@ enum Precision : int { PREC_IEEE = 0, PREC_TF32X3 = 1, PREC_TF32 = 2, PREC_BF16 
 // Kinds of rollout step, in the order of cdm_kernels.contract.KINDS.
 enum StepKind : int { KIND_SDE = 0, KIND_EULER = 1, KIND_HEUN = 2, KIND_CHURN = 3, KIND_COUNT = 4 };
 
+// The bits of a float and back (memcpy: the one well-defined type pun, also in device code).
+CDM_HD uint32_t float_bits(float f) {
+  uint32_t b;
+  memcpy(&b, &f, sizeof b);
+  return b;
+}
+
+CDM_HD float bits_float(uint32_t b) {
+  float f;
+  memcpy(&f, &b, sizeof f);
+  return f;
+}
+
 // The enum value of a name passed from Python, or -1 for an unknown one (the glue turns that into
 // an error naming the argument).
 inline int precision_code(const char* name) {

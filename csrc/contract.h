@@ -9,6 +9,7 @@
 
 #include <initializer_list>
 #include <string>
+#include <tuple>
 
 #include "common.h"
 
@@ -95,6 +96,20 @@ inline void martingale(const char* op, const at::Tensor& D0, std::initializer_li
   }
   TORCH_CHECK((weight.dim() == 1 && weight.size(0) == D0.size(0)) || weight.sizes() == D0.sizes(), op,
               ": weight must be (B,) or (B, M) with (B, M) = ", D0.sizes(), ", got ", weight.sizes());
+}
+
+// The outputs of stf_forward (mu, lse, aux) and stf_backward (grad_x, grad_sigma, grad_ref: (0,)
+// without ref_grad, zeros for an empty batch), uninitialised otherwise.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> stf_forward_outputs(const at::Tensor& x) {
+  const int64_t B = x.size(0);
+  return {at::empty_like(x), at::empty({B}, x.options()), at::empty({B, AUX_COLS}, x.options())};
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> stf_backward_outputs(const at::Tensor& x, const at::Tensor& sigma,
+                                                                           const at::Tensor& ref, bool ref_grad) {
+  at::Tensor grad_ref = ref_grad ? at::empty_like(ref) : at::empty({0}, ref.options());
+  if (ref_grad && x.size(0) == 0) grad_ref.zero_();
+  return {at::empty_like(x), at::empty_like(sigma), grad_ref};
 }
 
 inline void philox(const char* op, int64_t seed, int64_t offset) {

@@ -70,23 +70,11 @@ CDM_HD float uniform(uint32_t r) {
 // (glibc's logf/cosf are scalar calls and cost 3x the Philox rounds). Cephes' minimax polynomials:
 // both are within 1-2 float32 ulps of the exact value on the arguments used here (u0 in
 // [1e-7, 1), theta in [0, 2 pi)), checked against float64 in tests/test_random.py.
-CDM_HD float bits_to_float(uint32_t b) {
-  float f;
-  memcpy(&f, &b, sizeof f);
-  return f;
-}
-
-CDM_HD uint32_t float_to_bits(float f) {
-  uint32_t b;
-  memcpy(&b, &f, sizeof b);
-  return b;
-}
-
 // log(v) for normal positive v.
 CDM_HD float log_poly(float v) {
-  const uint32_t bits = float_to_bits(v);
+  const uint32_t bits = float_bits(v);
   float e = static_cast<float>(static_cast<int32_t>(bits >> 23) - 126);
-  const float m = bits_to_float((bits & 0x007fffffu) | 0x3f000000u);  // v = m 2^e, m in [0.5, 1)
+  const float m = bits_float((bits & 0x007fffffu) | 0x3f000000u);  // v = m 2^e, m in [0.5, 1)
   // Below sqrt(1/2) take m' = 2m, e' = e - 1, as arithmetic rather than a branch (vectorises).
   // m < sqrt(1/2) (= 0x3f3504f3 in float) read off the mantissa bits: the sign bit of their
   // difference, pure arithmetic that vectorises (a compare here kept GCC from vectorising).
@@ -124,7 +112,7 @@ CDM_HD float cos_poly(float theta) {
   const uint32_t quadrant = static_cast<uint32_t>(static_cast<int32_t>(q));
   const uint32_t odd = 0u - (quadrant & 1u);
   const uint32_t sign = ((quadrant + 1u) & 2u) << 30;
-  return bits_to_float(((float_to_bits(s) & odd) | (float_to_bits(c) & ~odd)) ^ sign);
+  return bits_float(((float_bits(s) & odd) | (float_bits(c) & ~odd)) ^ sign);
 }
 
 // Box-Muller, z = sqrt(-2 log max(u0, 1e-7)) cos(2 pi u1), in three parts so that CPU loops can
@@ -133,9 +121,9 @@ CDM_HD float cos_poly(float theta) {
 CDM_HD float box_muller_radius_sq(float u0) {
   // max(u0, 1e-7) on the bit patterns (u0 >= 0, so they order as the floats do): an all-ones mask
   // from the sign of the difference. A float compare here stops GCC's vectoriser (trapping math).
-  const uint32_t b = float_to_bits(u0), k = float_to_bits(kMinUniform);
+  const uint32_t b = float_bits(u0), k = float_bits(kMinUniform);
   const uint32_t below = static_cast<uint32_t>(static_cast<int32_t>(b - k) >> 31);
-  return -2.0f * log_poly(bits_to_float((b & ~below) | (k & below)));
+  return -2.0f * log_poly(bits_float((b & ~below) | (k & below)));
 }
 
 CDM_HD float box_muller_cos(float u1) { return cos_poly(kTwoPi * u1); }

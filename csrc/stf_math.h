@@ -214,18 +214,6 @@ CDM_HD T grad_sigma(T cov, T s, T dev, T dbar, T glse, T sigma) {
 
 // ---- precision modes: operands as the tensor cores read them (docs/math.md, "Precision modes") ----
 
-CDM_HD uint32_t float_bits(float f) {
-  uint32_t b;
-  memcpy(&b, &f, sizeof b);
-  return b;
-}
-
-CDM_HD float bits_float(uint32_t b) {
-  float f;
-  memcpy(&f, &b, sizeof f);
-  return f;
-}
-
 // TF32 keeps 10 of float32's 23 mantissa bits: adding half a TF32 ulp to the magnitude bits and
 // truncating rounds half away from zero (cvt.rna.tf32.f32). NaN and inf pass unchanged.
 CDM_HD float round_tf32(float v) {

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+import judges
 from matrix import cases
+from problems import levels
 
 import cdm_kernels
 from cdm_kernels import rollout_reference as ref
@@ -26,33 +28,8 @@ def test_backends_present():
     assert cdm_kernels.available_backends("martingale_loss", "cpu") == names
 
 
-def _levels(B, dtype=torch.float64):
-    # Spread over EDM's whole range; t_next a fraction of t_cur (one sample with t_next = t_cur).
-    t_cur = torch.exp(torch.linspace(math.log(0.003), math.log(80.0), B, dtype=torch.float64))
-    frac = torch.rand(B, dtype=torch.float64) * 0.9 + 0.05
-    frac[0] = 1.0
-    return t_cur.to(dtype), (t_cur * frac).to(dtype)
-
-
-def _expected(kind, x, D, xe, De, t, tn, z, s_noise=1.0):
-    """float64 transcription of math.md, written independently of rollout_reference."""
-    x, D, xe, De, z = (v.double() if v is not None else None for v in (x, D, xe, De, z))
-    sh = (-1,) + (1,) * (x.dim() - 1)
-    t, tn = t.double().reshape(sh), tn.double().reshape(sh)
-    d = (x - D) / t
-    if kind == "sde":
-        out = x + 2 * (tn - t) * d + torch.sqrt(2 * (t - tn).abs() * t) * z
-        bound = x.abs() + 2 * ((tn - t) / t).abs() * (x.abs() + D.abs()) + torch.sqrt(2 * (t - tn).abs() * t) * z.abs()
-    elif kind == "euler":
-        out = x + (tn - t) * d
-        bound = x.abs() + ((tn - t) / t).abs() * (x.abs() + D.abs())
-    elif kind == "heun":
-        out = x + (tn - t) * (d + (xe - De) / tn) / 2
-        bound = x.abs() + ((tn - t) / t).abs() * (x.abs() + D.abs()) + ((tn - t) / tn).abs() * (xe.abs() + De.abs())
-    else:
-        out = x + torch.sqrt(tn**2 - t**2) * s_noise * z
-        bound = x.abs() + torch.sqrt(tn**2 - t**2) * s_noise * z.abs()
-    return out, bound
+_levels = levels
+_expected = judges.rollout_step
 
 
 def _inputs(shape, dtype, kind):

@@ -1,10 +1,9 @@
 """Compiles every Triton kernel of the package for real GPUs, without a GPU, and reports ptxas's
 register, spill and shared-memory use (the Triton counterpart of nvcc's -Xptxas -v in CI).
 
-Each variant is compiled with the block sizes and num_warps its launcher uses on a GPU (the stable
-target: `stf.block_sizes("cuda")`, `stf.NUM_WARPS`, `stf.NUM_STAGES`; the rollout steps, noise and
-martingale loss: `rollout.BLOCK` and Triton's default warps and stages), lowered to PTX by Triton,
-and assembled by ptxas.
+Each variant is compiled with the block sizes its launcher uses on a GPU (the stable target:
+`stf._blocks`; the rollout steps, noise and martingale loss: `rollout.BLOCK`) and Triton's default
+warps and stages, lowered to PTX by Triton, and assembled by ptxas.
 
     python -m cdm_kernels.triton.compile_check [--arch 80 90] [--quick]
 
@@ -48,76 +47,55 @@ def _ints(names):
 
 def variants(quick: bool = False) -> list[Variant]:
     """The kernel instantiations the launchers produce on a GPU: for the stable target float32 in
-    every mode, float64 in "ieee" (the first and middle chunks' variants, IS_FIRST and IS_LAST,
-    differ only in their ends); then `rollout_variants`."""
+    every mode and float64 in "ieee", first and later chunks, with and without the reference
+    gradient; then `rollout_variants`."""
+    import torch
+
     from . import stf
 
-    cases = [("float32", "bf16")] if quick else [("float32", m) for m in stf.PRECISIONS] + [("float64", "ieee")]
+    bs = stf._blocks(torch.device("cuda"))
+    modes = ["bf16"] if quick else list(stf.PRECISIONS)
+    cases = [("fp32", m) for m in modes] + ([] if quick else [("fp64", "ieee")])
     out = []
-    for dtype, mode in cases:
-        ty = "fp64" if dtype == "float64" else "fp32"
-        bs = stf.block_sizes("cuda", dtype == "float64", mode)
-        p = stf._PREC_CODE[mode]
-        label = mode if dtype == "float32" else f"{mode}, float64"
-        logit_blocks = {"BLOCK_B": bs["block_b"], "BLOCK_N": bs["block_n"], "BLOCK_D": bs["block_d"]}
-        acc_blocks = {"BLOCK_B": bs["block_b"], "BLOCK_N": bs["block_n_acc"], "BLOCK_D": bs["block_d_acc"]}
-        out.append(Variant(
-            "_fwd_logits_kernel", label,
-            {**_ptr(["x_ptr", "r_ptr", "rn_ptr", "sigma_ptr", "z_ptr", "part_ptr"], ty),
-             **_ints(["B", "D", "n0", "c", "WS", "NBLK"])},
-            {"PREC": p, "NATIVE_BF16": True, "USE_RN": p == 0, **logit_blocks},
-        ))
-        out.append(Variant(
-            "_fwd_acc_kernel", label,
-            {**_ptr(["z_ptr", "r_ptr", "state_ptr", "alpha_ptr", "acc_ptr"], ty), **_ints(["B", "D", "n0", "c", "WS"])},
-            {"IS_FIRST": False, "IS_LAST": True, "PREC": p, "NATIVE_BF16": True, **acc_blocks},
-        ))
-        for ref_grad in ([False] if quick else [False, True]):
+    for ty, mode in cases:
+        p = stf.PRECISIONS.index(mode)
+        label = mode if ty == "fp32" else f"{mode}, float64"
+        for ref_layout in (False, True):
             out.append(Variant(
-                "_bwd_logits_kernel", f"{label}{', ref_grad' if ref_grad else ''}",
-                {**_ptr(["x_ptr", "g_ptr", "r_ptr", "rn_ptr", "sigma_ptr", "xn_ptr", "mg_ptr", "aux_ptr", "glse_ptr",
-                         "p_ptr", "w_ptr", "a_ptr", "cov_ptr"], ty),
-                 **_ints(["B", "D", "n0", "c", "WS", "NCOV", "cov_col0"])},
-                {"PREC": p, "NATIVE_BF16": True, "USE_RN": p == 0, "REF_GRAD": ref_grad, **logit_blocks},
+                "_shift_rows_kernel", f"{label}, {'references' if ref_layout else 'queries'}",
+                {**_ptr(["src_ptr", "centre_ptr", "op_ptr", "norm_ptr"], ty), **_ints(["rows", "D", "W"])},
+                {"PREC": p, "REF_LAYOUT": ref_layout, "HAS_CENTRE": True, "WITH_NORMS": True,
+                 "BLOCK_R": bs["rows"], "BLOCK_D": bs["d"]},
             ))
+        for first in ([False] if quick else [True, False]):
+            out.append(Variant(
+                "_fwd_update_kernel", f"{label}{', first chunk' if first else ''}",
+                {**_ptr(["S_ptr", "S_lo_ptr", "xn_ptr", "rn_ptr", "k_ptr"], ty), "state_ptr": "*fp64",
+                 "arg_ptr": "*i64", "acc_ptr": f"*{ty}", **_ints(["B", "c", "D", "start"])},
+                {"IS_FIRST": first, "PREC": p, "BLOCK_B": bs["rows"], "BLOCK_C": bs["cols"], "BLOCK_D": bs["d"]},
+            ))
+        for final, ref_grad in ([(True, False)] if quick else [(True, False), (True, True), (False, True)]):
+            out.append(Variant(
+                "_bwd_terms_kernel", f"{label}{', ref_grad' if ref_grad else ''}{'' if final else ', first sweep'}",
+                {**_ptr(["S_ptr", "C_ptr", "S_lo_ptr", "A_ptr", "xn_ptr", "rn_ptr", "k_ptr", "sigma_ptr", "aux_ptr"],
+                        ty), "mg_ptr": "*fp64", "glse_ptr": f"*{ty}", "rows_ptr": "*fp64", **_ints(["B", "c"])},
+                {"AUX": 6, "FINAL": final, "REF_GRAD": ref_grad, "PREC": p, "BLOCK_B": bs["rows"],
+                 "BLOCK_C": bs["cols"]},
+            ))
+        if quick or mode != "ieee":
+            continue  # the finishing kernels do not depend on the mode
         out.append(Variant(
-            "_bwd_acc_kernel", label,
-            {**_ptr(["p_ptr", "r_ptr", "x_ptr", "mu_ptr", "sigma_ptr", "glse_ptr", "gx_ptr"], ty),
-             **_ints(["B", "D", "n0", "c", "WS"])},
-            {"IS_FIRST": False, "IS_LAST": True, "PREC": p, "NATIVE_BF16": True, **acc_blocks},
-        ))
-        if quick or mode not in ("ieee",):
-            continue
-        out.append(Variant(
-            "_row_stats_kernel", label,
-            {**_ptr(["x_ptr", "mu_ptr", "g_ptr", "xn_ptr", "mg_ptr"], ty), **_ints(["B", "D"])},
-            {"PREC": p, "HAS_G": True, "BLOCK_B": bs["block_b"], "BLOCK_D": bs["block_d_acc"]},
+            "_fwd_finish_kernel", label,
+            {"state_ptr": "*fp64", **_ptr(["k_ptr", "dmin_ptr", "centre_ptr", "mu_ptr", "lse_ptr", "aux_ptr"], ty),
+             **_ints(["B", "D"])},
+            {"AUX": 6, "BLOCK_B": bs["rows"], "BLOCK_D": bs["d"]},
         ))
         out.append(Variant(
-            "_fwd_merge_kernel", label,
-            {**_ptr(["part_ptr", "state_ptr", "alpha_ptr", "xn_ptr", "sigma_ptr", "lse_ptr", "aux_ptr"], ty),
-             **_ints(["B", "NB", "NBLK"])},
-            {"IS_FIRST": False, "IS_LAST": True, "BLOCK_B": bs["block_b"], "BLOCK_K": 32},
+            "_bwd_finish_kernel", label,
+            {**_ptr(["px_ptr", "mu_ptr", "x_ptr", "centre_ptr", "sigma_ptr", "glse_ptr", "aux_ptr"], ty),
+             "rows_ptr": "*fp64", **_ptr(["gx_ptr", "gs_ptr"], ty), **_ints(["B", "D"])},
+            {"AUX": 6, "BLOCK_B": bs["rows"], "BLOCK_D": bs["d"]},
         ))
-        out.append(Variant(
-            "_bwd_ref_kernel", label,
-            {**_ptr(["w_ptr", "a_ptr", "g_ptr", "x_ptr", "r_ptr", "gr_ptr"], ty), **_ints(["B", "D", "n0", "c", "WS"])},
-            {"BLOCK_B": bs["block_b_ref"], "BLOCK_N": bs["block_n_ref"], "BLOCK_D": bs["block_d_acc"]},
-        ))
-    if not quick:
-        # The launcher lowers block_b to 32 or 16 when B is small (stf._fill_tiles): those tiles too.
-        for block_b in (32, 16):
-            for v in [v for v in out if v.kernel in ("_fwd_logits_kernel", "_fwd_acc_kernel", "_bwd_logits_kernel",
-                                                     "_bwd_acc_kernel") and "float64" not in v.label
-                      and "ref_grad" not in v.label and v.constexprs["BLOCK_B"] == 64]:
-                out.append(Variant(v.kernel, f"{v.label}, block_b {block_b}", v.signature,
-                                   {**v.constexprs, "BLOCK_B": block_b}))
-        # ... and for very small B the accumulator column block to 32 or 16 (stf._fill_tiles).
-        for block_d in (32, 16):
-            for v in [v for v in out if v.kernel in ("_fwd_acc_kernel", "_bwd_acc_kernel")
-                      and v.label in ("ieee, block_b 16", "tf32, block_b 16", "bf16, block_b 16")]:
-                out.append(Variant(v.kernel, f"{v.label}, block_d {block_d}", v.signature,
-                                   {**v.constexprs, "BLOCK_D": block_d}))
     return out + rollout_variants(quick)
 
 
@@ -174,9 +152,7 @@ def compile_variant(v: Variant, arch: int) -> dict:
     fn = getattr(mod, v.kernel)
     sig = {**v.signature, **{k: "constexpr" for k in v.constexprs}}
     src = ASTSource(fn, sig, v.constexprs)
-    # The stable target's launchers pass their warps and stages; the rollout launchers, Triton's defaults.
-    options = {"num_warps": stf.NUM_WARPS, "num_stages": stf.NUM_STAGES} if v.module == "stf" else {}
-    k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    k = triton.compile(src, target=GPUTarget("cuda", arch, 32))
     ptx = k.asm["ptx"]
     gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
     with tempfile.TemporaryDirectory() as d:
@@ -198,7 +174,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     ap.add_argument("--quick", action="store_true",
-                    help="the stable target's bf16 forward/backward kernels and the float32 rollout kernels only")
+                    help="the stable target's bf16 per-chunk kernels and the float32 rollout kernels only")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("compile_check: unset TRITON_INTERPRET (the interpreter has nothing to compile)", file=sys.stderr)

@@ -80,6 +80,16 @@ def _wexp(v):
 
 
 @triton.jit
+def _reduced_dist(S_ptr, rn_ptr, xn, offs, cols, mask, c):
+    """delta_ij = ||r'_j||^2 - 2 S_ij for a tile of S = x' r'^T, clamped at -||x'_i||^2 (stf_math.h,
+    reduced_dist), with the tile's S (its dtype: that of the products)."""
+    dot = tl.load(S_ptr + offs, mask=mask, other=0.0)
+    rn = tl.load(rn_ptr + cols, mask=cols < c, other=0.0)
+    d = rn[None, :] - 2.0 * dot
+    return tl.where(d < -xn[:, None], -xn[:, None], d), dot
+
+
+@triton.jit
 def _nan_to(x, has_nan):
     """x, or NaN where has_nan: reductions may drop NaN; the kernels put it back."""
     return tl.where(has_nan, float("nan"), x)
@@ -169,12 +179,9 @@ def _fwd_update_kernel(
         cols = j0 + tl.arange(0, BLOCK_C)
         mask = rmask[:, None] & (cols < c)[None, :]
         offs = r64[:, None] * c + cols[None, :]
-        dot = tl.load(S_ptr + offs, mask=mask, other=0.0)
-        rn = tl.load(rn_ptr + cols, mask=cols < c, other=0.0)
-        d = rn[None, :] - 2.0 * dot
-        d = tl.where(d < -xn[:, None], -xn[:, None], d)
+        d, _ = _reduced_dist(S_ptr, rn_ptr, xn, offs, cols, mask, c)
         tl.store(S_ptr + offs, d, mask=mask)
-        dv = tl.where(mask, d, float("inf"))
+        dv = tl.where(mask & (d == d), d, float("inf"))  # NaN is flagged apart (reductions may drop it)
         bmin = tl.min(dv, axis=1)
         mn_arg = tl.where(bmin < mn, j0 + tl.argmin(dv, axis=1).to(tl.int64), mn_arg)  # first of equal ones
         mn = tl.minimum(mn, bmin)
@@ -317,10 +324,7 @@ def _bwd_terms_kernel(
         cols = j0 + tl.arange(0, BLOCK_C)
         mask = rmask[:, None] & (cols < c)[None, :]
         offs = r64[:, None] * c + cols[None, :]
-        dot = tl.load(S_ptr + offs, mask=mask, other=0.0)
-        rn = tl.load(rn_ptr + cols, mask=cols < c, other=0.0)
-        d = rn[None, :] - 2.0 * dot
-        d = tl.where(d < -xn[:, None], -xn[:, None], d)
+        d, dot = _reduced_dist(S_ptr, rn_ptr, xn, offs, cols, mask, c)
         v = tl.where(mask, -(d - m[:, None]) * k[:, None] - log_l[:, None], -1000.0)
         w = _wexp(v).to(tl.float64)
         cm = tl.load(C_ptr + offs, mask=mask, other=0.0).to(tl.float64) - mg[:, None]
@@ -392,7 +396,7 @@ def _blocks(device: torch.device) -> dict[str, int]:
     """Block sizes: wide on a GPU; small under the interpreter, so that the loops over D and over a
     chunk's columns and the masked edges all run on test-sized problems."""
     if device.type == "cuda":
-        return {"rows": 4, "cols": 256, "d": 256}
+        return {"rows": 4, "cols": 128, "d": 256}
     return {"rows": 4, "cols": 16, "d": 32}
 
 

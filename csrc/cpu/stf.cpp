@@ -172,11 +172,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stf_forward_cpu(const at::Tensor&
                                                                const at::Tensor& ref, const at::Tensor& centre,
                                                                int64_t chunk_size, c10::string_view precision) {
   check_ieee("stf_forward (cpu)", contract::stf("stf_forward (cpu)", x, sigma, ref, centre, chunk_size, precision));
-  const int64_t B = x.size(0);
-  at::Tensor mu = at::empty_like(x);
-  at::Tensor lse = at::empty({B}, x.options());
-  at::Tensor aux = at::empty({B, AUX_COLS}, x.options());
-  if (B == 0) return {mu, lse, aux};
+  auto [mu, lse, aux] = contract::stf_forward_outputs(x);
+  if (x.size(0) == 0) return {mu, lse, aux};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "stf_forward_cpu", [&] {
     forward_impl<scalar_t>(x, sigma, ref, centre, chunk_size, mu, lse, aux);
   });
@@ -311,13 +308,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stf_backward_cpu(
     int64_t chunk_size, c10::string_view precision, bool ref_grad) {
   check_ieee("stf_backward (cpu)", contract::stf_backward("stf_backward (cpu)", grad_mu, grad_lse, x, sigma, ref,
                                                           centre, mu, aux, chunk_size, precision));
-  at::Tensor grad_x = at::empty_like(x);
-  at::Tensor grad_sigma = at::empty_like(sigma);
-  at::Tensor grad_ref = ref_grad ? at::empty_like(ref) : at::empty({0}, ref.options());
-  if (x.size(0) == 0) {
-    if (ref_grad) grad_ref.zero_();
-    return {grad_x, grad_sigma, grad_ref};
-  }
+  auto [grad_x, grad_sigma, grad_ref] = contract::stf_backward_outputs(x, sigma, ref, ref_grad);
+  if (x.size(0) == 0) return {grad_x, grad_sigma, grad_ref};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "stf_backward_cpu", [&] {
     backward_impl<scalar_t>(grad_mu, grad_lse, x, sigma, ref, centre, mu, aux, chunk_size, ref_grad, grad_x,
                             grad_sigma, grad_ref);

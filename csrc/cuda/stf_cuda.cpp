@@ -81,11 +81,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stf_forward_cuda(const at::Tensor
   cdm::cuda::check_cuda(x, op);
   check_precision(op, x, prec);
   const c10::DeviceGuard guard(x.device());
-  const int64_t B = x.size(0);
-  at::Tensor mu = at::empty_like(x);
-  at::Tensor lse = at::empty({B}, x.options());
-  at::Tensor aux = at::empty({B, AUX_COLS}, x.options());
-  if (B == 0) return {mu, lse, aux};
+  auto [mu, lse, aux] = contract::stf_forward_outputs(x);
+  if (x.size(0) == 0) return {mu, lse, aux};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "stf_forward_cuda", [&] {
     const Problem<scalar_t> p = problem<scalar_t>(x, sigma, ref, centre, chunk_size, prec);
     at::Tensor ws = at::empty({ForwardWorkspace<scalar_t>::bytes(p)}, x.options().dtype(at::kByte));
@@ -106,13 +103,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stf_backward_cuda(
   cdm::cuda::check_cuda(x, op);
   check_precision(op, x, prec);
   const c10::DeviceGuard guard(x.device());
-  at::Tensor grad_x = at::empty_like(x);
-  at::Tensor grad_sigma = at::empty_like(sigma);
-  at::Tensor grad_ref = ref_grad ? at::empty_like(ref) : at::empty({0}, ref.options());
-  if (x.size(0) == 0) {
-    if (ref_grad) grad_ref.zero_();
-    return {grad_x, grad_sigma, grad_ref};
-  }
+  auto [grad_x, grad_sigma, grad_ref] = contract::stf_backward_outputs(x, sigma, ref, ref_grad);
+  if (x.size(0) == 0) return {grad_x, grad_sigma, grad_ref};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "stf_backward_cuda", [&] {
     const Problem<scalar_t> p = problem<scalar_t>(x, sigma, ref, centre, chunk_size, prec);
     at::Tensor ws = at::empty({BackwardWorkspace<scalar_t>::bytes(p, ref_grad)}, x.options().dtype(at::kByte));

@@ -1,0 +1,166 @@
+"""The seam every backend plugs into (cdm_kernels/registry.py): registration, "auto", capabilities,
+the resolution cache, the 0.1 aliases, and the launcher contract and device guard that every
+backend's launchers get from the registry."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+import cdm_kernels
+from cdm_kernels import contract, registry, stf_reference
+from cdm_kernels.contract import ContractError
+
+
+@pytest.fixture
+def scratch_registry(monkeypatch):
+    """An empty registry for the test (the package's registrations come back afterwards)."""
+    monkeypatch.setattr(registry, "_REGISTRY", {})
+    monkeypatch.setattr(registry, "_RESOLVED", {})
+    return registry
+
+
+def _fake_stf(calls, name):
+    def stf_forward(x, sigma, ref, centre, chunk_size, precision):
+        calls.append((name, precision))
+        return stf_reference.stf_forward(x, sigma, ref, centre, chunk_size, precision)
+
+    def stf_backward(*args):
+        return stf_reference.stf_backward(*args)
+
+    return types.SimpleNamespace(stf_forward=stf_forward, stf_backward=stf_backward)
+
+
+def test_every_op_family_has_every_backend_registered_in_one_place():
+    for op in registry.OPS:
+        names = cdm_kernels.available_backends(op, "cpu")
+        assert names[0] == ("cpu" if cdm_kernels.has_cpu_kernels() else "reference")
+        assert "reference" in names
+        assert cdm_kernels.resolve_backend(op, "cpu") == names[0]
+        # Every registered implementation provides every launcher of its family, under its name.
+        for b in names:
+            ns = registry.launchers(op, b, "cpu")
+            assert sorted(vars(ns)) == sorted(registry.OPS[op].launchers)
+        if torch.cuda.is_available() or cdm_kernels.has_cuda_kernels():
+            assert cdm_kernels.available_backends(op, "cuda")[-1] == "reference"
+
+
+def test_auto_takes_the_first_backend_of_the_order_with_the_precision(scratch_registry, monkeypatch):
+    calls = []
+    scratch_registry.register("reference", ("cpu",), {"stf_target": _fake_stf(calls, "reference")})
+    scratch_registry.register("cuda", ("cpu",), {"stf_target": _fake_stf(calls, "cuda")},
+                              precisions={"stf_target": ("ieee",)})
+    scratch_registry.register("triton", ("cpu",), {"stf_target": _fake_stf(calls, "triton")},
+                              precisions={"stf_target": registry.PRECISIONS})
+    # Under the GPU's preference order for CPU tensors (no GPU needed): cuda, triton, reference.
+    monkeypatch.setitem(registry.AUTO_ORDER, "cpu", registry.AUTO_ORDER["cuda"])
+    x, s, r = torch.randn(4, 6), torch.ones(4), torch.randn(10, 6)
+    for precision, want in (("ieee", "cuda"), ("tf32x3", "triton"), ("tf32", "triton"), ("bf16", "triton")):
+        assert cdm_kernels.resolve_backend("stf_target", "cpu", "auto", precision) == want
+        cdm_kernels.stf_target(x, s, r, precision=precision)
+        assert calls[-1] == (want, precision)
+    with pytest.raises(ValueError, match=r"precision 'tf32' is not supported by the 'cuda' backend"):
+        cdm_kernels.resolve_backend("stf_target", "cpu", "cuda", "tf32")
+    del scratch_registry._REGISTRY[("stf_target", "triton", "cpu")]
+    scratch_registry._RESOLVED.clear()
+    with pytest.raises(ValueError, match=r"precision 'bf16' is not supported by any backend that 'auto' picks"):
+        cdm_kernels.stf_target(x, s, r, precision="bf16")
+
+
+def test_backends_beyond_the_order_are_listed_but_never_auto(scratch_registry):
+    scratch_registry.register("reference", ("cpu",), {"randn": cdm_kernels.random})
+    scratch_registry.register("triton", ("cpu",), {"randn": cdm_kernels.random})
+    assert scratch_registry.available_backends("randn", "cpu") == ["reference", "triton"]
+    assert scratch_registry.resolve_backend("randn", "cpu") == "reference"
+
+
+def test_resolution_is_cached_and_registration_clears_the_cache(scratch_registry):
+    scratch_registry.register("reference", ("cpu",), {"randn": cdm_kernels.random})
+    assert scratch_registry.resolve_backend("randn", "cpu") == "reference"
+    assert scratch_registry._RESOLVED
+    scratch_registry.register("cpu", ("cpu",), {"randn": cdm_kernels.random})
+    assert not scratch_registry._RESOLVED
+    assert scratch_registry.resolve_backend("randn", "cpu") == "cpu"
+
+
+def test_registration_errors(scratch_registry):
+    with pytest.raises(ValueError, match=r"backend name must be one of"):
+        scratch_registry.register("fast", ("cpu",), {"randn": cdm_kernels.random})
+    with pytest.raises(ValueError, match=r"op must be one of"):
+        scratch_registry.register("cpu", ("cpu",), {"softmax": cdm_kernels.random})
+    with pytest.raises(ValueError, match=r"precisions of 'stf_target' must be among"):
+        scratch_registry.register("cpu", ("cpu",), {"stf_target": stf_reference}, precisions={"stf_target": ("fp8",)})
+    scratch_registry.register("cpu", ("cpu",), {"rollout_step": types.SimpleNamespace()})
+    with pytest.raises(RuntimeError, match=r"registered 'rollout_step' without the launcher 'rollout_step'"):
+        scratch_registry.launchers("rollout_step", "cpu", "cpu")
+    with pytest.raises(ValueError, match=r"backend 'cuda' is not available for cpu tensors \(available: \['cpu'\]\)"):
+        scratch_registry.resolve_backend("rollout_step", "cpu", "cuda")
+
+
+def test_legacy_device_first_forms_warn_and_mean_the_stable_target():
+    with pytest.warns(DeprecationWarning, match=r"name the op family first"):
+        assert cdm_kernels.available_backends("cpu") == cdm_kernels.available_backends("stf_target", "cpu")
+    with pytest.warns(DeprecationWarning):
+        assert cdm_kernels.resolve_backend("cpu") == cdm_kernels.resolve_backend("stf_target", "cpu")
+    with pytest.warns(DeprecationWarning):
+        assert cdm_kernels.resolve_backend("cpu", "reference") == "reference"
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="not supported by any backend"):
+        cdm_kernels.resolve_backend("cpu", "auto", "tf32")
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="not supported by any backend"):
+        cdm_kernels.resolve_backend(torch.device("cpu"), precision="tf32")
+    from cdm_kernels.rollout import available_rollout_backends, resolve_rollout_backend
+
+    assert available_rollout_backends("cpu") == cdm_kernels.available_backends("rollout_step", "cpu")
+    assert resolve_rollout_backend("cpu") == cdm_kernels.resolve_backend("rollout_step", "cpu")
+
+
+@pytest.mark.parametrize("backend", cdm_kernels.available_backends("stf_target", "cpu"))
+def test_every_backend_gets_the_contract_check(backend):
+    ns = registry.launchers("stf_target", backend, "cpu")
+    x, s, r = torch.randn(3, 4), torch.ones(3), torch.randn(5, 4)
+    c = r.mean(0)
+    with pytest.raises(ContractError, match=r"stf_forward: sigma must be a contiguous torch.float32 tensor"):
+        ns.stf_forward(x, s.double(), r, c, 4, "ieee")
+    with pytest.raises(ContractError, match=r"stf_forward: centre must have shape \(4,\), got \(3,\)"):
+        ns.stf_forward(x, s, r, c[:3], 4, "ieee")
+    with pytest.raises(ContractError, match=r"stf_forward: chunk_size must be a positive int, got 0"):
+        ns.stf_forward(x, s, r, c, 0, "ieee")
+    with pytest.raises(ContractError, match=r"x must be a contiguous"):
+        ns.stf_forward(x.t().contiguous().t(), s, r, c, 4, "ieee")
+
+
+def test_rollout_launchers_get_the_contract_check():
+    for backend in cdm_kernels.available_backends("rollout_step", "cpu"):
+        ns = registry.launchers("rollout_step", backend, "cpu")
+        x = torch.randn(2, 5)
+        t = torch.ones(2)
+        with pytest.raises(ContractError, match=r"rollout_step: kind must be one of"):
+            ns.rollout_step(x, x, t, t, None, None, None, 0, 0, "rk4", 1.0)
+        with pytest.raises(ContractError, match=r"rollout_step: t_next must have shape \(2,\), got \(3,\)"):
+            ns.rollout_step(x, x, t, torch.ones(3), None, None, None, 0, 0, "euler", 1.0)
+        with pytest.raises(ContractError, match=r"kind 'heun' needs x_euler and denoised_euler"):
+            ns.rollout_step(x, x, t, t, None, None, None, 0, 0, "heun", 1.0)
+
+
+def test_the_public_functions_check_before_the_contract():
+    # A user's mistake is reported by the public function, in its words, not as a contract error.
+    with pytest.raises(ValueError, match=r"sigma must have shape \(B,\)"):
+        cdm_kernels.stf_target(torch.randn(3, 4), torch.ones(2), torch.randn(5, 4))
+    assert issubclass(ContractError, ValueError)
+    assert contract.KINDS == cdm_kernels.rollout.KINDS
+
+
+@pytest.mark.gpu
+def test_launchers_run_on_their_tensors_device():
+    # The device guard: a launch on tensors of the last GPU while another one is current.
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    dev = torch.device("cuda", torch.cuda.device_count() - 1)
+    x, r = torch.randn(3, 8, device=dev), torch.randn(20, 8, device=dev)
+    with torch.cuda.device(0):
+        for b in cdm_kernels.available_backends("stf_target", "cuda"):
+            mu = cdm_kernels.stf_target(x, 0.5, r, backend=b)
+            assert mu.device == dev
+            torch.testing.assert_close(mu.cpu(), cdm_kernels.stf_target(x.cpu(), 0.5, r.cpu()), rtol=1e-4, atol=1e-5)
