@@ -47,12 +47,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .data import BatchOrder, ReferenceDraw, get_batch, load_dataset
+from .data import BatchOrder, ImageDataset, ReferenceDraw, get_batch, load_dataset
 from .edm import EDMPrecond, edm_sampler, save_image_grid
 
 __all__ = [
-    "LOSSES", "RESUME_MAY_CHANGE", "TrainConfig", "build_loss", "build_model", "main", "parse_args", "process_seed",
-    "train",
+    "LOSSES", "RESUME_MAY_CHANGE", "Run", "TrainConfig", "build_loss", "build_model", "fit", "main", "parse_args",
+    "process_seed", "set_up", "snapshot", "train", "train_step",
 ]
 
 LOSSES = ("edm", "stf", "cdm", "stf+cdm")
@@ -413,52 +413,74 @@ def _resolve_device(name: str) -> torch.device:
     return device
 
 
-def train(c: TrainConfig, on_step: Callable[[int, dict], None] | None = None) -> dict:
-    """Runs (or resumes) a training run.
+@dataclass
+class Run:
+    """A training run between two steps: what `set_up` builds and `train_step` advances.
 
-    Returns a summary dict: steps, images, seconds, images_per_second, loss (the last step's mean
-    per-element loss, averaged over the processes), the paths of the last snapshot (samples, plot,
-    checkpoint) and the trained `net` and its `ema` (EDMPrecond modules).
+    `model` is what the loss calls: `net` itself, or its DistributedDataParallel wrapper."""
 
-    `on_step(step, record)` is called after every completed step (used by tests to stop a run)."""
-    _check_config(c)
-    if c.threads is not None:
-        # On a shared or busy CPU, fewer threads than cores avoids OpenMP's spin-waiting.
-        torch.set_num_threads(c.threads)
-    device = _resolve_device(c.device)
-    dd = _Dist(device)
-    main_proc = dd.rank == 0
-    if c.batch % dd.world:
-        raise ValueError(f"batch ({c.batch}) must be divisible by the number of processes ({dd.world})")
-    local_batch = c.batch // dd.world
+    c: TrainConfig
+    device: torch.device
+    dd: _Dist
+    ds: ImageDataset
+    net: EDMPrecond
+    ema: EDMPrecond
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    order: BatchOrder
+    loss_fn: Callable
+    refs: ReferenceDraw | None   # the STF losses' draw of each step's other references
+    bank_images: torch.Tensor    # the pool the references are drawn from (the flips follow with --xflip)
+    total_steps: int
+    step: int = 0
+    images_seen: int = 0
+    resumed: str | None = None   # the checkpoint this run continues
 
-    # The output folder and the checkpoint to resume, checked before any work.
-    ckpt_path, ckpt = None, None
+    @property
+    def main_proc(self) -> bool:
+        return self.dd.rank == 0
+
+    @property
+    def local_batch(self) -> int:
+        return self.c.batch // self.dd.world
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.c.outdir, "log.jsonl")
+
+
+def _resume_or_start(c: TrainConfig, dd: _Dist) -> tuple[str | None, dict | None]:
+    """The checkpoint to resume (path and contents), or (None, None) for a fresh run; refuses an
+    output folder that holds another run, and a resume with changed options."""
     existing = _checkpoints(c.outdir)
-    if c.resume:
-        if c.overwrite:
-            raise ValueError("--overwrite starts a fresh run and --resume continues one: give only one of them")
-        ckpt_path = find_checkpoint(c.resume)
-        if existing and not os.path.samefile(os.path.dirname(os.path.abspath(ckpt_path)), c.outdir):
+    if not c.resume:
+        if existing and not c.overwrite:
+            # Else a later --resume of this folder would continue the old run from its latest checkpoint.
             raise FileExistsError(
-                f"--outdir {c.outdir!r} already holds checkpoints of another run than --resume {ckpt_path!r}; "
-                "resume into the checkpoint's own folder or into an empty --outdir"
+                f"--outdir {c.outdir!r} already holds checkpoints ({os.path.basename(existing[-1])} "
+                f"the latest): continue that run with --resume {c.outdir}, choose another --outdir, or pass "
+                "--overwrite to delete its checkpoints, log and samples and start afresh"
             )
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        _check_resume_config(ckpt.get("config", {}), c, ckpt_path)
-        if ckpt["world_size"] != dd.world:
-            raise ValueError(
-                f"{ckpt_path} was written by {ckpt['world_size']} processes; resume it with the same number "
-                f"(this run has {dd.world}) so that every random state carries over"
-            )
-    elif existing and not c.overwrite:
-        # Else a later --resume of this folder would continue the old run from its latest checkpoint.
+        return None, None
+    if c.overwrite:
+        raise ValueError("--overwrite starts a fresh run and --resume continues one: give only one of them")
+    ckpt_path = find_checkpoint(c.resume)
+    if existing and not os.path.samefile(os.path.dirname(os.path.abspath(ckpt_path)), c.outdir):
         raise FileExistsError(
-            f"--outdir {c.outdir!r} already holds checkpoints ({os.path.basename(existing[-1])} "
-            f"the latest): continue that run with --resume {c.outdir}, choose another --outdir, or pass "
-            "--overwrite to delete its checkpoints, log and samples and start afresh"
+            f"--outdir {c.outdir!r} already holds checkpoints of another run than --resume {ckpt_path!r}; "
+            "resume into the checkpoint's own folder or into an empty --outdir"
         )
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    _check_resume_config(ckpt.get("config", {}), c, ckpt_path)
+    if ckpt["world_size"] != dd.world:
+        raise ValueError(
+            f"{ckpt_path} was written by {ckpt['world_size']} processes; resume it with the same number "
+            f"(this run has {dd.world}) so that every random state carries over"
+        )
+    return ckpt_path, ckpt
 
+
+def _load_data(c: TrainConfig) -> ImageDataset:
     if c.cond and c.loss in ("stf", "stf+cdm"):
         # The stable target pools references of every class: at high noise it is the mean of all
         # images whatever the label, which would teach a conditional model to ignore its label.
@@ -469,12 +491,43 @@ def train(c: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
     ds = load_dataset(c.data, use_labels=c.cond)
     if c.cond and ds.labels is None:
         raise ValueError(f"--cond needs labels, but the data set {c.data!r} has none (see cdm_kernels.data)")
-    label_dim = ds.label_dim
+    return ds
+
+
+def _wrap_ddp(net: EDMPrecond, device: torch.device, dd: _Dist) -> torch.nn.Module:
+    if not dd.active:
+        return net
+    import inspect
+
+    # The only buffer (the Fourier frequencies) is equal everywhere and never changes: no need
+    # to broadcast it before every forward pass (the keyword was renamed in recent torch).
+    params = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+    return torch.nn.parallel.DistributedDataParallel(
+        net, device_ids=[device.index] if device.type == "cuda" else None, **no_sync
+    )
+
+
+def set_up(c: TrainConfig) -> Run:
+    """Set-up: checks the options, the output folder and the data, builds the model, EMA, optimizer,
+    data order and loss, seeds every random generator, and restores the checkpoint a --resume
+    continues. Writes nothing (`fit` prepares the output folder)."""
+    _check_config(c)
+    if c.threads is not None:
+        # On a shared or busy CPU, fewer threads than cores avoids OpenMP's spin-waiting.
+        torch.set_num_threads(c.threads)
+    device = _resolve_device(c.device)
+    dd = _Dist(device)
+    if c.batch % dd.world:
+        raise ValueError(f"batch ({c.batch}) must be divisible by the number of processes ({dd.world})")
+    local_batch = c.batch // dd.world
+    ckpt_path, ckpt = _resume_or_start(c, dd)
+    ds = _load_data(c)
     total_steps = c.steps if c.steps is not None else max(1, c.images // c.batch)
 
     # Same initial weights everywhere (DDP also broadcasts rank 0's at construction).
     torch.manual_seed(c.seed)
-    net = build_model(c, ds.resolution, ds.channels, label_dim).to(device)
+    net = build_model(c, ds.resolution, ds.channels, ds.label_dim).to(device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=c.lr, betas=(0.9, 0.999), eps=1e-8)
     order = BatchOrder(len(ds), c.seed, xflip=c.xflip, rank=dd.rank, world_size=dd.world)
@@ -491,180 +544,215 @@ def train(c: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
     if c.loss in ("stf", "stf+cdm"):
         refs = ReferenceDraw(bank_images.shape[0], c.rbatch - local_batch, c.batch, c.seed, dd.rank, dd.world)
 
-    step, images_seen = 0, 0
-    os.makedirs(c.outdir, exist_ok=True)
-    log_path = os.path.join(c.outdir, "log.jsonl")
+    run = Run(c, device, dd, ds, net, ema, net, opt, order, loss_fn, refs, bank_images, total_steps)
     if ckpt is not None:
         net.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
         order.load_state_dict(ckpt["data_order"])
         _set_rng_state(ckpt["rng"][dd.rank], device)
-        step, images_seen = ckpt["step"], ckpt["images_seen"]
-        if main_proc:
-            _truncate_log(log_path, step)
-            print(f"resumed {ckpt_path} at step {step} ({images_seen} images)", flush=True)
-    elif main_proc and c.overwrite:
-        _clear_run(c.outdir)
-    elif main_proc and os.path.exists(log_path):
-        os.remove(log_path)  # the log of a run killed before its first checkpoint: nothing to resume
-    if dd.world > 1:
-        dist.barrier(group=dd.group)
+        run.step, run.images_seen, run.resumed = ckpt["step"], ckpt["images_seen"], ckpt_path
+    run.model = _wrap_ddp(net, device, dd)
+    return run
 
-    ddp = net
-    if dd.active:
-        import inspect
 
-        # The only buffer (the Fourier frequencies) is equal everywhere and never changes: no need
-        # to broadcast it before every forward pass (the keyword was renamed in recent torch).
-        params = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
-        no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None, **no_sync
-        )
+def _prepare_outdir(run: Run) -> None:
+    """The output folder as the run continues it: the log cut back to the resumed step, or a fresh
+    folder (cleared with --overwrite)."""
+    c = run.c
+    if run.main_proc:
+        os.makedirs(c.outdir, exist_ok=True)
+        if run.resumed is not None:
+            _truncate_log(run.log_path, run.step)
+            print(f"resumed {run.resumed} at step {run.step} ({run.images_seen} images)", flush=True)
+        elif c.overwrite:
+            _clear_run(c.outdir)
+        elif os.path.exists(run.log_path):
+            os.remove(run.log_path)  # the log of a run killed before its first checkpoint: nothing to resume
+    if run.dd.world > 1:
+        dist.barrier(group=run.dd.group)
 
-    if main_proc:
-        n_params = sum(p.numel() for p in net.parameters())
+
+def _announce(run: Run) -> None:
+    c, dd = run.c, run.dd
+    n_params = sum(p.numel() for p in run.net.parameters())
+    print(
+        f"{run.ds.describe()}; loss {c.loss}; {n_params / 1e6:.2f}M parameters; {dd.world} process(es) on "
+        f"{run.device}; {run.total_steps} steps of {c.batch} images",
+        flush=True,
+    )
+    refs = run.refs
+    if refs is not None and refs.overlap:
         print(
-            f"{ds.describe()}; loss {c.loss}; {n_params / 1e6:.2f}M parameters; {dd.world} process(es) on {device}; "
-            f"{total_steps} steps of {c.batch} images",
+            f"note: {dd.world} processes x {refs.k} references besides their batch = {dd.world * refs.k} exceed "
+            f"the {refs.available} references outside the global batch: the processes' reference batches share "
+            f"{refs.overlap} of them each step (lower --rbatch to {run.local_batch + refs.available // dd.world} "
+            "for disjoint ones)",
             flush=True,
         )
-        if refs is not None and refs.overlap:
-            print(
-                f"note: {dd.world} processes x {refs.k} references besides their batch = {dd.world * refs.k} exceed "
-                f"the {refs.available} references outside the global batch: the processes' reference batches share "
-                f"{refs.overlap} of them each step (lower --rbatch to {local_batch + refs.available // dd.world} "
-                "for disjoint ones)",
-                flush=True,
-            )
 
-    def snapshot() -> dict:
-        paths = {}
-        rng = dd.gather(_rng_state(device))
-        # DDP keeps the replicas equal; a checksum per process in the checkpoint shows that they are.
-        checksums = dd.gather(float(sum(p.detach().double().sum() for p in net.parameters())))
-        if main_proc:
-            if c.grid:
-                grid = sample_grid(ema, c.grid, label_dim, c.seed, c.sample_steps, device)
-                paths["samples"] = os.path.join(c.outdir, f"samples-{step:07d}.png")
-                save_image_grid(grid, paths["samples"], ncols=int(math.ceil(math.sqrt(c.grid))))
-            if os.path.exists(log_path):
-                paths["plot"] = os.path.join(c.outdir, "loss.png")
-                _plot_losses(log_path, paths["plot"])
-            paths["checkpoint"] = os.path.join(c.outdir, f"checkpoint-{step:07d}.pt")
-            _atomic_save(
-                {
-                    "model": net.state_dict(),
-                    "ema": ema.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "step": step,
-                    "images_seen": images_seen,
-                    "rng": rng,
-                    "data_order": order.state_dict(),
-                    "world_size": dd.world,
-                    "param_checksums": checksums,
-                    "image_shape": [ds.channels, ds.resolution, ds.resolution],
-                    "label_dim": label_dim,
-                    "config": json.loads(json.dumps(dataclasses.asdict(c))),
-                },
-                paths["checkpoint"],
-            )
-        if dd.active:
-            dist.barrier(group=dd.group)
-        return paths
 
+def train_step(run: Run) -> dict:
+    """One training step: the next global batch (this process's share), the loss (for the STF losses
+    over this process's reference batch: its own images, then its slice of the step's draw),
+    backpropagation of sum(loss) / (global batch), the learning-rate warm-up, an Adam step and the
+    EMA update. Advances `run` and returns the step's log record."""
+    c = run.c
+    t0 = time.time()
+    idx, flip = run.order.next_batch(c.batch)
+    images, labels = get_batch(run.ds, idx, flip)
+    images = images.to(run.device)
+    labels = labels.to(run.device) if labels is not None else None
+
+    run.opt.zero_grad(set_to_none=True)
+    if run.refs is None:
+        loss = run.loss_fn(run.model, images, labels)
+    else:
+        g_idx, g_flip = run.order.last_global
+        exclude = g_idx + len(run.ds) * g_flip.long() if c.xflip else g_idx  # the flips follow in the bank
+        others = run.bank_images[run.refs.draw(run.step, exclude).to(run.bank_images.device)]
+        loss = run.loss_fn(run.model, images, labels, ref=torch.cat([images, others]))
+    # EDM: sum over elements, mean over the global batch (DDP averages over the processes).
+    loss.sum().mul(1.0 / run.local_batch).backward()
+    # Counting this step's images as seen, so that the first step does not have lr = 0.
+    lr = c.lr * min((run.images_seen + c.batch) / c.lr_rampup, 1.0) if c.lr_rampup > 0 else c.lr
+    for g in run.opt.param_groups:
+        g["lr"] = lr
+    for p in run.net.parameters():
+        if p.grad is not None:
+            torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+    run.opt.step()
+    run.images_seen += c.batch
+    run.step += 1
+    _update_ema(run)
+    mean_loss = run.dd.mean(float(loss.detach().mean()))
+    return {"step": run.step, "images": run.images_seen, "loss": mean_loss, "lr": lr, "sec": round(time.time() - t0, 4)}
+
+
+def _update_ema(run: Run) -> None:
+    # EDM's half-life rule, the half-life at most ema_rampup of the images seen.
+    c = run.c
+    ema_nimg = c.ema_halflife
+    if c.ema_rampup > 0:
+        ema_nimg = min(ema_nimg, run.images_seen * c.ema_rampup)
+    beta = 0.5 ** (c.batch / max(ema_nimg, 1e-8))
+    with torch.no_grad():
+        for p_ema, p in zip(run.ema.parameters(), run.net.parameters()):
+            p_ema.copy_(p.detach().lerp(p_ema, beta))
+        for b_ema, b in zip(run.ema.buffers(), run.net.buffers()):
+            b_ema.copy_(b)
+
+
+def snapshot(run: Run) -> dict:
+    """Snapshot: a grid of samples from the EMA weights, the loss plot and a checkpoint of every
+    state (written atomically). Returns the paths written (on the first process)."""
+    c, dd, step = run.c, run.dd, run.step
+    paths = {}
+    rng = dd.gather(_rng_state(run.device))
+    # DDP keeps the replicas equal; a checksum per process in the checkpoint shows that they are.
+    checksums = dd.gather(float(sum(p.detach().double().sum() for p in run.net.parameters())))
+    if run.main_proc:
+        if c.grid:
+            grid = sample_grid(run.ema, c.grid, run.ds.label_dim, c.seed, c.sample_steps, run.device)
+            paths["samples"] = os.path.join(c.outdir, f"samples-{step:07d}.png")
+            save_image_grid(grid, paths["samples"], ncols=int(math.ceil(math.sqrt(c.grid))))
+        if os.path.exists(run.log_path):
+            paths["plot"] = os.path.join(c.outdir, "loss.png")
+            _plot_losses(run.log_path, paths["plot"])
+        paths["checkpoint"] = os.path.join(c.outdir, f"checkpoint-{step:07d}.pt")
+        _atomic_save(
+            {
+                "model": run.net.state_dict(),
+                "ema": run.ema.state_dict(),
+                "optimizer": run.opt.state_dict(),
+                "step": step,
+                "images_seen": run.images_seen,
+                "rng": rng,
+                "data_order": run.order.state_dict(),
+                "world_size": dd.world,
+                "param_checksums": checksums,
+                "image_shape": [run.ds.channels, run.ds.resolution, run.ds.resolution],
+                "label_dim": run.ds.label_dim,
+                "config": _config_dict(c),
+            },
+            paths["checkpoint"],
+        )
+    if dd.active:
+        dist.barrier(group=dd.group)
+    return paths
+
+
+def fit(run: Run, on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Trains `run` to its last step: one `train_step` after another, each logged to log.jsonl,
+    a `snapshot` every --snap steps and at the end. Returns the summary of `train`."""
+    c = run.c
+    _prepare_outdir(run)
+    if run.main_proc:
+        _announce(run)
     bar = None
-    if main_proc and c.progress:
+    if run.main_proc and c.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stdout)
+        bar = tqdm(total=run.total_steps, initial=run.step, unit="step", dynamic_ncols=True, file=sys.stdout)
     t_start = time.time()
-    steps_start = step
+    steps_start = run.step
     last_loss = float("nan")
     paths: dict = {}
-    log = open(log_path, "a") if main_proc else None
+    log = open(run.log_path, "a") if run.main_proc else None
     try:
-        while step < total_steps:
-            t0 = time.time()
-            idx, flip = order.next_batch(c.batch)
-            images, labels = get_batch(ds, idx, flip)
-            images = images.to(device)
-            labels = labels.to(device) if labels is not None else None
-
-            opt.zero_grad(set_to_none=True)
-            if refs is None:
-                loss = loss_fn(ddp, images, labels)
-            else:
-                # This process's reference batch: its own images, then its slice of the step's draw.
-                g_idx, g_flip = order.last_global
-                exclude = g_idx + len(ds) * g_flip.long() if c.xflip else g_idx  # the flips follow in the bank
-                others = bank_images[refs.draw(step, exclude).to(bank_images.device)]
-                loss = loss_fn(ddp, images, labels, ref=torch.cat([images, others]))
-            # EDM: sum over elements, mean over the global batch (DDP averages over the processes).
-            loss.sum().mul(1.0 / local_batch).backward()
-            # Counting this step's images as seen, so that the first step does not have lr = 0.
-            lr = c.lr * min((images_seen + c.batch) / c.lr_rampup, 1.0) if c.lr_rampup > 0 else c.lr
-            for g in opt.param_groups:
-                g["lr"] = lr
-            for p in net.parameters():
-                if p.grad is not None:
-                    torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
-            opt.step()
-            images_seen += c.batch
-            step += 1
-
-            ema_nimg = c.ema_halflife
-            if c.ema_rampup > 0:
-                ema_nimg = min(ema_nimg, images_seen * c.ema_rampup)
-            beta = 0.5 ** (c.batch / max(ema_nimg, 1e-8))
-            with torch.no_grad():
-                for p_ema, p in zip(ema.parameters(), net.parameters()):
-                    p_ema.copy_(p.detach().lerp(p_ema, beta))
-                for b_ema, b in zip(ema.buffers(), net.buffers()):
-                    b_ema.copy_(b)
-
-            last_loss = dd.mean(float(loss.detach().mean()))
-            dt = time.time() - t0
-            record = {"step": step, "images": images_seen, "loss": last_loss, "lr": lr, "sec": round(dt, 4)}
+        while run.step < run.total_steps:
+            record = train_step(run)
+            last_loss = record["loss"]
             if log is not None:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
             if bar is not None:
                 elapsed = time.time() - t_start
-                bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{(step - steps_start) * c.batch / max(elapsed, 1e-9):.0f}")
+                img_s = (run.step - steps_start) * c.batch / max(elapsed, 1e-9)
+                bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{img_s:.0f}")
                 bar.update(1)
-            if step % c.snap == 0 or step == total_steps:
-                paths = snapshot()
+            if run.step % c.snap == 0 or run.step == run.total_steps:
+                paths = snapshot(run)
             if on_step is not None:
-                on_step(step, record)
+                on_step(run.step, record)
     finally:
         if bar is not None:
             bar.close()
         if log is not None:
             log.close()
     seconds = time.time() - t_start
-    done = step - steps_start
+    done = run.step - steps_start
     summary = {
-        "steps": step,
-        "images": images_seen,
+        "steps": run.step,
+        "images": run.images_seen,
         "seconds": seconds,
         "images_per_second": done * c.batch / max(seconds, 1e-9),
         "loss": last_loss,
         **paths,
-        "net": net,
-        "ema": ema,
+        "net": run.net,
+        "ema": run.ema,
     }
-    if main_proc:
+    if run.main_proc:
         print(
-            f"done: {step} steps ({images_seen} images) of loss {c.loss}; this session ran {done} steps in "
+            f"done: {run.step} steps ({run.images_seen} images) of loss {c.loss}; this session ran {done} steps in "
             f"{seconds:.1f} s ({summary['images_per_second']:.0f} images/s); last loss {last_loss:.4f}; "
             f"outputs in {c.outdir}",
             flush=True,
         )
-    if dd.owns_group:
+    if run.dd.owns_group:
         dist.destroy_process_group()
     return summary
+
+
+def train(c: TrainConfig, on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Runs (or resumes) a training run: `fit(set_up(c), on_step)`.
+
+    Returns a summary dict: steps, images, seconds, images_per_second, loss (the last step's mean
+    per-element loss, averaged over the processes), the paths of the last snapshot (samples, plot,
+    checkpoint) and the trained `net` and its `ema` (EDMPrecond modules).
+
+    `on_step(step, record)` is called after every completed step (used by tests to stop a run)."""
+    return fit(set_up(c), on_step)
 
 
 def sample_checkpoint(path: str, out_png: str, num: int = 100, num_steps: int = 18, seed: int = 0,

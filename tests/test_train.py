@@ -392,3 +392,36 @@ def test_profile_wall_time_leaves_out_the_profiler_itself(tmp_path, monkeypatch)
     monkeypatch.setattr(profile, "stop", slow_stop)
     r = profile_training(tiny(tmp_path, loss="edm"), steps=1)
     assert r["seconds_per_step"] < 1.5
+
+
+def test_the_named_steps_are_the_loop(tmp_path):
+    # set_up, train_step and snapshot, called one by one, make the run that train() makes.
+    from cdm_kernels.train import set_up, snapshot, train_step
+
+    kw = dict(loss="stf+cdm", steps=2, snap=2)
+    whole = train(tiny(tmp_path / "whole", **kw))
+    run = set_up(tiny(tmp_path / "steps", **kw))
+    assert (run.step, run.total_steps) == (0, 2) and not os.path.exists(tmp_path / "steps")  # set-up writes nothing
+    records = [train_step(run), train_step(run)]
+    assert [r["step"] for r in records] == [1, 2] and (run.step, run.images_seen) == (2, 16)
+    assert records[-1]["loss"] == whole["loss"]
+    os.makedirs(tmp_path / "steps")
+    paths = snapshot(run)
+    assert os.path.basename(paths["checkpoint"]) == "checkpoint-0000002.pt"
+    a = torch.load(whole["checkpoint"], weights_only=True)
+    b = torch.load(paths["checkpoint"], weights_only=True)
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][n], b[key][n]) for n in a[key])
+    assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"]) and a["data_order"] == b["data_order"]
+
+
+def test_no_function_of_the_training_loop_exceeds_100_lines():
+    import ast
+    import inspect
+
+    from cdm_kernels import train as train_mod
+
+    tree = ast.parse(inspect.getsource(train_mod))
+    long = [(f.name, f.end_lineno - f.lineno + 1) for f in ast.walk(tree)
+            if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) and f.end_lineno - f.lineno + 1 > 100]
+    assert not long, long
