@@ -12,6 +12,11 @@ the gradients of the processes), set the learning rate lr * min(images / lr_ramp
 step, and update the EMA of the weights with EDM's half-life rule
 beta = 0.5 ** (batch / max(min(ema_halflife, images * ema_rampup), 1e-8)).
 
+The loop reads as four named steps: `set_up` (checks the options, the output folder and the data,
+builds everything and restores a checkpoint; writes nothing), `train_step` (one step),
+`snapshot` (samples, plot, checkpoint) and `fit` (the loop that logs them); `train(c)` is
+`fit(set_up(c))`.
+
 The output folder holds log.jsonl (one line a step), loss.png, samples-<step>.png (a grid from the
 EMA weights with EDM's Heun sampler) and checkpoint-<step>.pt at each snapshot. A checkpoint holds
 the model, the EMA, the optimizer, the step and images seen, every random state (torch, numpy,
@@ -20,11 +25,15 @@ python, of every process) and the data order, as tensors and plain data only
 killed at any moment leaves the last snapshot intact, and `--resume` continues it to the same
 weights, bit for bit, as an uninterrupted run.
 
-A fresh run refuses a folder that already holds checkpoints (continue it with --resume, or pass
---overwrite to delete its checkpoints, log, plot and samples first), so that a later --resume can
-never pick up another run's checkpoint; --resume refuses options that differ from the checkpoint's
-(loss, batch, model, data, seed, ...) except those in RESUME_MAY_CHANGE (duration, snapshots, threads,
-device, ...).
+`--resume` continues in the checkpoint's own folder (unless --outdir names an empty one) and for
+the checkpoint's duration (unless --steps or --images give a new one); a run already at its end
+says there is nothing to do. A checkpoint of the folder that cannot be read (a damaged copy) is
+named, set aside as `.damaged`, and the newest one that loads is resumed; the temporary files of
+writes a killed run left half done are removed. A fresh run refuses a folder that already holds
+checkpoints (continue it with --resume, or pass --overwrite to delete its checkpoints, log, plot
+and samples first), so that a later --resume can never pick up another run's checkpoint; --resume
+refuses options that differ from the checkpoint's (loss, batch, model, data, seed, ...) except
+those in RESUME_MAY_CHANGE (duration, snapshots, threads, device, ...).
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ import random
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -56,6 +65,8 @@ __all__ = [
 ]
 
 LOSSES = ("edm", "stf", "cdm", "stf+cdm")
+DEFAULT_OUTDIR = "runs/train"
+DEFAULT_IMAGES = 19_200
 
 
 @dataclass
@@ -63,7 +74,7 @@ class TrainConfig:
     """Every option of a training run (the command line maps one-to-one onto these fields)."""
 
     data: str = "digits"              # "digits", a folder, a .zip or a .npy/.npz file
-    outdir: str = "runs/train"
+    outdir: str | None = None         # None: DEFAULT_OUTDIR, or with resume the checkpoint's folder
     loss: str = "stf+cdm"             # one of LOSSES
     batch: int = 64                   # global batch (split over the processes)
     rbatch: int = 1024                # STF reference batch per process (its own images first)
@@ -75,7 +86,8 @@ class TrainConfig:
     lr_rampup: int = 1_000            # images of linear learning-rate warm-up
     ema_halflife: int = 5_000         # images; EDM's half-life of the EMA weights
     ema_rampup: float = 0.05          # the half-life is at most this fraction of the images seen
-    images: int = 19_200              # duration in training images (steps = images / batch)
+    images: int | None = None         # duration in training images (steps = images / batch); None:
+                                      # DEFAULT_IMAGES, or with resume (and no steps) the checkpoint's
     steps: int | None = None          # duration in steps (overrides images)
     seed: int = 0
     snap: int = 100                   # snapshot (grid, plot, checkpoint) every this many steps
@@ -169,15 +181,23 @@ def _checkpoints(folder: str) -> list[str]:
     return [p for p in found if re.fullmatch(r"checkpoint-\d+\.pt", os.path.basename(p))]
 
 
-def _clear_run(folder: str) -> None:
-    """Deletes a run's outputs from `folder` (checkpoints, log, plot, sample grids, leftover
-    temporary files of a killed write) and nothing else."""
-    patterns = (
-        r"checkpoint-\d+\.pt(\.tmp\d+)?", r"log\.jsonl(\.tmp)?", r"loss\.png(\.tmp\.png)?", r"samples-\d+\.png",
-    )
-    for name in os.listdir(folder):
+# The temporary files of writes that a killed run left half done (`_atomic_save`, `_plot_losses`,
+# `_truncate_log`): a checkpoint's is as large as a checkpoint.
+_TEMPORARY = (r"checkpoint-\d+\.pt\.tmp\d+", r"log\.jsonl\.tmp", r"loss\.png\.tmp\.png")
+_OUTPUTS = (r"checkpoint-\d+\.pt(\.damaged)?", r"log\.jsonl", r"loss\.png", r"samples-\d+\.png")
+
+
+def _clear_run(folder: str, temporary_only: bool = False) -> list[str]:
+    """Deletes a run's outputs from `folder` (checkpoints, log, plot, sample grids, the leftover
+    temporary files of killed writes; with `temporary_only`, those files only) and nothing else.
+    Returns the names deleted."""
+    patterns = _TEMPORARY if temporary_only else _TEMPORARY + _OUTPUTS
+    removed = []
+    for name in sorted(os.listdir(folder)):
         if any(re.fullmatch(p, name) for p in patterns) and os.path.isfile(os.path.join(folder, name)):
             os.remove(os.path.join(folder, name))
+            removed.append(name)
+    return removed
 
 
 def _config_dict(c: TrainConfig) -> dict:
@@ -198,8 +218,7 @@ def _check_resume_config(saved: dict, c: TrainConfig, ckpt_path: str) -> None:
         old = saved[name]
         if name == "data" and os.path.exists(old) and os.path.exists(value) and os.path.samefile(old, value):
             continue  # the same data set named by another path
-        flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
-        diffs.append(f"{flag} {show(value)} (the checkpoint has {show(saved[name])})")
+        diffs.append(f"{_flag(name)} {show(value)} (the checkpoint has {show(saved[name])})")
     if diffs:
         raise ValueError(
             f"--resume {ckpt_path}: this run's options differ from the checkpoint's: " + "; ".join(diffs)
@@ -207,16 +226,47 @@ def _check_resume_config(saved: dict, c: TrainConfig, ckpt_path: str) -> None:
         )
 
 
-def find_checkpoint(path: str) -> str:
-    """A checkpoint file, or the latest checkpoint-<step>.pt of a folder."""
-    if os.path.isdir(path):
-        found = _checkpoints(path)
-        if not found:
-            raise FileNotFoundError(f"--resume {path!r}: the folder holds no checkpoint-<step>.pt")
-        return found[-1]
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--resume {path!r}: no such checkpoint file or folder")
-    return path
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read (damaged, truncated, or not written by this loop)."""
+
+
+# What every checkpoint of this loop holds; a file without them is not one.
+_CHECKPOINT_KEYS = ("model", "ema", "optimizer", "step", "images_seen", "rng", "data_order", "world_size")
+
+
+def _read_checkpoint(path: str) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch's zip reader, the unpickler and the OS raise many types
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{path} cannot be read ({type(exc).__name__}: {reason})") from None
+    missing = [k for k in _CHECKPOINT_KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(_CHECKPOINT_KEYS)
+    if missing:
+        raise CheckpointError(f"{path} is not a checkpoint of cdm_kernels.train (it lacks {', '.join(missing)})")
+    return ckpt
+
+
+def load_checkpoint(path: str, warn: Callable[[str], None] | None = print) -> tuple[str, dict, list[str]]:
+    """(file, contents, damaged) of a checkpoint file, or of the newest checkpoint-<step>.pt of a
+    folder that loads; `damaged` lists the newer ones of the folder that did not, each reported
+    through `warn`. Raises FileNotFoundError for no checkpoint, CheckpointError for none readable."""
+    if not os.path.isdir(path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--resume {path!r}: no such checkpoint file or folder")
+        return path, _read_checkpoint(path), []
+    found = _checkpoints(path)
+    if not found:
+        raise FileNotFoundError(f"--resume {path!r}: the folder holds no checkpoint-<step>.pt")
+    damaged, reasons = [], []
+    for candidate in reversed(found):
+        try:
+            return candidate, _read_checkpoint(candidate), damaged
+        except CheckpointError as exc:
+            damaged.append(candidate)
+            reasons.append(str(exc))
+            if warn is not None:
+                warn(f"warning: {exc}; trying the checkpoint before it")
+    raise CheckpointError(f"--resume {path!r}: none of its {len(found)} checkpoints can be read ({reasons[-1]})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,27 +274,47 @@ def find_checkpoint(path: str) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
+def _flag(name: str) -> str:
+    """The command-line flag of a TrainConfig field."""
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
 def _check_config(c: TrainConfig) -> None:
+    """Raises ValueError naming the first option whose value cannot work (by its command-line flag)."""
+    def positive_int(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
     if c.loss not in LOSSES:
-        raise ValueError(f"loss must be one of {LOSSES}, got {c.loss!r}")
+        raise ValueError(f"--loss must be one of {LOSSES}, got {c.loss!r}")
     for name in ("batch", "rbatch", "snap", "sample_steps", "model_channels", "num_blocks"):
-        v = getattr(c, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
-    if c.steps is None and (not isinstance(c.images, int) or c.images < 1):
-        raise ValueError(f"images (the duration) must be a positive int, got {c.images!r}")
-    if c.steps is not None and (not isinstance(c.steps, int) or c.steps < 1):
-        raise ValueError(f"steps must be a positive int or None, got {c.steps!r}")
+        if not positive_int(getattr(c, name)):
+            raise ValueError(f"{_flag(name)} must be a positive int, got {getattr(c, name)!r}")
+    for name in ("images", "steps", "threads"):
+        if getattr(c, name) is not None and not positive_int(getattr(c, name)):
+            raise ValueError(f"{_flag(name)} must be a positive int, got {getattr(c, name)!r}")
+    if "cdm" in c.loss and not (positive_int(c.cdm_steps) and c.cdm_steps >= 2):
+        raise ValueError(f"--cdm-steps must be an int >= 2 (the points of each rollout schedule), got {c.cdm_steps!r}")
     if not (c.lr > 0 and math.isfinite(c.lr)):
-        raise ValueError(f"lr must be positive and finite, got {c.lr}")
-    if c.lr_rampup < 0 or c.ema_halflife < 0 or c.ema_rampup < 0:
-        raise ValueError("lr_rampup, ema_halflife and ema_rampup must be >= 0")
+        raise ValueError(f"--lr must be positive and finite, got {c.lr}")
+    for name in ("lr_rampup", "ema_halflife", "ema_rampup", "eps_min", "lambda_m", "grid"):
+        if not (getattr(c, name) >= 0 and math.isfinite(getattr(c, name))):
+            raise ValueError(f"{_flag(name)} must be >= 0 and finite, got {getattr(c, name)}")
+    if not c.eps_min <= c.eps_max < math.inf:
+        raise ValueError(f"--eps-max must be finite and >= --eps-min ({c.eps_min}), got {c.eps_max}")
+    if not 0 <= c.dropout < 1:
+        raise ValueError(f"--dropout must be in [0, 1), got {c.dropout}")
+    for name in ("channel_mult", "attn_resolutions"):
+        if not all(positive_int(v) for v in getattr(c, name)) or (name == "channel_mult" and not c.channel_mult):
+            raise ValueError(f"{_flag(name)} must be a list of positive ints, got {getattr(c, name)!r}")
     if c.device not in ("auto", "cpu", "cuda") and not c.device.startswith("cuda:"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:i]', got {c.device!r}")
-    if c.threads is not None and (isinstance(c.threads, bool) or not isinstance(c.threads, int) or c.threads < 1):
-        raise ValueError(f"threads must be a positive int or None, got {c.threads!r}")
-    if c.grid < 0:
-        raise ValueError(f"grid must be >= 0, got {c.grid}")
+        raise ValueError(f"--device must be 'auto', 'cpu' or 'cuda[:i]', got {c.device!r}")
+    if c.cond and c.loss in ("stf", "stf+cdm"):
+        # The stable target pools references of every class: at high noise it is the mean of all
+        # images whatever the label, which would teach a conditional model to ignore its label.
+        raise ValueError(
+            f"--cond cannot be used with loss {c.loss!r}: the stable target averages references of every "
+            "class, so it is the target of an unconditional model; train unconditionally, or use 'edm'/'cdm'"
+        )
 
 
 def build_loss(c: TrainConfig, num_refs: int, local_batch: int, group=None, sharded: bool = False):
@@ -435,6 +505,7 @@ class Run:
     step: int = 0
     images_seen: int = 0
     resumed: str | None = None   # the checkpoint this run continues
+    damaged: list[str] = field(default_factory=list)  # newer checkpoints of its folder that did not load
 
     @property
     def main_proc(self) -> bool:
@@ -449,11 +520,27 @@ class Run:
         return os.path.join(self.c.outdir, "log.jsonl")
 
 
-def _resume_or_start(c: TrainConfig, dd: _Dist) -> tuple[str | None, dict | None]:
-    """The checkpoint to resume (path and contents), or (None, None) for a fresh run; refuses an
-    output folder that holds another run, and a resume with changed options."""
-    existing = _checkpoints(c.outdir)
+def _with_run_defaults(c: TrainConfig, ckpt_path: str | None = None, saved: dict | None = None) -> TrainConfig:
+    """`c` with the output folder and the duration filled in where they are None: a fresh run takes
+    DEFAULT_OUTDIR and DEFAULT_IMAGES; a resumed one continues in the checkpoint's folder, for the
+    checkpoint's duration (its --steps or --images) unless this run gives one."""
+    fill = {}
+    if c.outdir is None:
+        fill["outdir"] = (os.path.dirname(ckpt_path) or ".") if ckpt_path else DEFAULT_OUTDIR
+    if c.images is None:
+        fill["images"] = (saved or {}).get("images") or DEFAULT_IMAGES
+        if c.steps is None and saved:
+            fill["steps"] = saved.get("steps")
+    return dataclasses.replace(c, **fill)
+
+
+def _resume_or_start(c: TrainConfig, dd: _Dist) -> tuple[TrainConfig, str | None, dict | None, list[str]]:
+    """(`c` with its run defaults, the checkpoint to resume: path, contents and the newer ones that
+    did not load) or (`c`, None, None, []) for a fresh run. Refuses an output folder that holds
+    another run, and a resume with changed options."""
     if not c.resume:
+        c = _with_run_defaults(c)
+        existing = _checkpoints(c.outdir)
         if existing and not c.overwrite:
             # Else a later --resume of this folder would continue the old run from its latest checkpoint.
             raise FileExistsError(
@@ -461,36 +548,33 @@ def _resume_or_start(c: TrainConfig, dd: _Dist) -> tuple[str | None, dict | None
                 f"the latest): continue that run with --resume {c.outdir}, choose another --outdir, or pass "
                 "--overwrite to delete its checkpoints, log and samples and start afresh"
             )
-        return None, None
+        return c, None, None, []
     if c.overwrite:
         raise ValueError("--overwrite starts a fresh run and --resume continues one: give only one of them")
-    ckpt_path = find_checkpoint(c.resume)
+    ckpt_path, ckpt, damaged = load_checkpoint(c.resume, warn=print if dd.rank == 0 else None)
+    saved = ckpt.get("config", {})
+    c = _with_run_defaults(c, ckpt_path, saved)
+    existing = _checkpoints(c.outdir)
     if existing and not os.path.samefile(os.path.dirname(os.path.abspath(ckpt_path)), c.outdir):
         raise FileExistsError(
             f"--outdir {c.outdir!r} already holds checkpoints of another run than --resume {ckpt_path!r}; "
             "resume into the checkpoint's own folder or into an empty --outdir"
         )
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    _check_resume_config(ckpt.get("config", {}), c, ckpt_path)
+    _check_resume_config(saved, c, ckpt_path)
     if ckpt["world_size"] != dd.world:
         raise ValueError(
             f"{ckpt_path} was written by {ckpt['world_size']} processes; resume it with the same number "
             f"(this run has {dd.world}) so that every random state carries over"
         )
-    return ckpt_path, ckpt
+    return c, ckpt_path, ckpt, damaged
 
 
 def _load_data(c: TrainConfig) -> ImageDataset:
-    if c.cond and c.loss in ("stf", "stf+cdm"):
-        # The stable target pools references of every class: at high noise it is the mean of all
-        # images whatever the label, which would teach a conditional model to ignore its label.
-        raise ValueError(
-            f"--cond cannot be used with loss {c.loss!r}: the stable target averages references of every "
-            "class, so it is the target of an unconditional model; train unconditionally, or use 'edm'/'cdm'"
-        )
     ds = load_dataset(c.data, use_labels=c.cond)
     if c.cond and ds.labels is None:
         raise ValueError(f"--cond needs labels, but the data set {c.data!r} has none (see cdm_kernels.data)")
+    if c.batch > len(ds):
+        raise ValueError(f"--batch {c.batch} is larger than the data set ({len(ds)} images)")
     return ds
 
 
@@ -521,8 +605,15 @@ def set_up(c: TrainConfig) -> Run:
     if c.batch % dd.world:
         raise ValueError(f"batch ({c.batch}) must be divisible by the number of processes ({dd.world})")
     local_batch = c.batch // dd.world
-    ckpt_path, ckpt = _resume_or_start(c, dd)
+    c, ckpt_path, ckpt, damaged = _resume_or_start(c, dd)
     ds = _load_data(c)
+    if "stf" in c.loss:
+        try:
+            from . import resolve_backend
+
+            resolve_backend(device, c.backend)
+        except ValueError as exc:
+            raise ValueError(f"--backend {c.backend}: {exc}") from None
     total_steps = c.steps if c.steps is not None else max(1, c.images // c.batch)
 
     # Same initial weights everywhere (DDP also broadcasts rank 0's at construction).
@@ -551,20 +642,29 @@ def set_up(c: TrainConfig) -> Run:
         opt.load_state_dict(ckpt["optimizer"])
         order.load_state_dict(ckpt["data_order"])
         _set_rng_state(ckpt["rng"][dd.rank], device)
-        run.step, run.images_seen, run.resumed = ckpt["step"], ckpt["images_seen"], ckpt_path
+        run.step, run.images_seen, run.resumed, run.damaged = ckpt["step"], ckpt["images_seen"], ckpt_path, damaged
     run.model = _wrap_ddp(net, device, dd)
     return run
 
 
 def _prepare_outdir(run: Run) -> None:
-    """The output folder as the run continues it: the log cut back to the resumed step, or a fresh
-    folder (cleared with --overwrite)."""
+    """The output folder as the run continues it: the log cut back to the resumed step, newer
+    checkpoints that did not load set aside (`.damaged`), or a fresh folder (cleared with
+    --overwrite); the temporary files of writes a killed run left half done removed."""
     c = run.c
     if run.main_proc:
         os.makedirs(c.outdir, exist_ok=True)
+        removed = _clear_run(c.outdir, temporary_only=True)
+        if removed:
+            print(f"removed {len(removed)} temporary file(s) of interrupted writes: {', '.join(removed)}", flush=True)
         if run.resumed is not None:
             _truncate_log(run.log_path, run.step)
             print(f"resumed {run.resumed} at step {run.step} ({run.images_seen} images)", flush=True)
+            for path in run.damaged:
+                if os.path.samefile(os.path.dirname(os.path.abspath(path)), c.outdir):
+                    # Not removed (it may be worth a look), but out of the way of the next --resume.
+                    os.replace(path, path + ".damaged")
+                    print(f"set the unreadable {path} aside as {os.path.basename(path)}.damaged", flush=True)
         elif c.overwrite:
             _clear_run(c.outdir)
         elif os.path.exists(run.log_path):
@@ -684,8 +784,11 @@ def snapshot(run: Run) -> dict:
 
 def fit(run: Run, on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Trains `run` to its last step: one `train_step` after another, each logged to log.jsonl,
-    a `snapshot` every --snap steps and at the end. Returns the summary of `train`."""
+    a `snapshot` every --snap steps and at the end. Returns the summary of `train`. A resumed run
+    whose checkpoint is at or past its duration says so and writes nothing."""
     c = run.c
+    if run.step >= run.total_steps:
+        return _nothing_to_do(run)
     _prepare_outdir(run)
     if run.main_proc:
         _announce(run)
@@ -744,6 +847,22 @@ def fit(run: Run, on_step: Callable[[int, dict], None] | None = None) -> dict:
     return summary
 
 
+def _nothing_to_do(run: Run) -> dict:
+    last = [rec for _, rec in _read_log(run.log_path) if rec["step"] == run.step] if os.path.exists(run.log_path) else []
+    if run.main_proc:
+        where = "the end" if run.step == run.total_steps else "past the end"
+        print(
+            f"nothing to do: {run.resumed} is at step {run.step}, {where} of this run's {run.total_steps} steps; "
+            "to train further pass a larger --steps or --images (both count from the start of the run)",
+            flush=True,
+        )
+    if run.dd.owns_group:
+        dist.destroy_process_group()
+    return {"steps": run.step, "images": run.images_seen, "seconds": 0.0, "images_per_second": 0.0,
+            "loss": last[-1]["loss"] if last else float("nan"), "checkpoint": run.resumed, "net": run.net,
+            "ema": run.ema}
+
+
 def train(c: TrainConfig, on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Runs (or resumes) a training run: `fit(set_up(c), on_step)`.
 
@@ -757,10 +876,13 @@ def train(c: TrainConfig, on_step: Callable[[int, dict], None] | None = None) ->
 
 def sample_checkpoint(path: str, out_png: str, num: int = 100, num_steps: int = 18, seed: int = 0,
                       device: str = "auto", S_churn: float = 0.0) -> torch.Tensor:
-    """Samples `num` images from the EMA weights of a checkpoint (file or run folder) with EDM's Heun
-    sampler and writes them as a grid to `out_png`; returns the images (num, C, R, R) in [-1, 1]."""
-    ckpt_path = find_checkpoint(path)
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    """Samples `num` images from the EMA weights of a checkpoint (file, or the newest readable one of
+    a run folder) with EDM's Heun sampler and writes them as a grid to `out_png`; returns the images
+    (num, C, R, R) in [-1, 1]."""
+    return _sample(load_checkpoint(path)[1], out_png, num, num_steps, seed, device, S_churn)
+
+
+def _sample(ckpt: dict, out_png: str, num: int, num_steps: int, seed: int, device: str, S_churn: float):
     cfg = dict(ckpt["config"])
     for key in ("channel_mult", "attn_resolutions"):
         cfg[key] = tuple(cfg[key])
@@ -779,14 +901,28 @@ def sample_checkpoint(path: str, out_png: str, num: int = 100, num_steps: int = 
     return images
 
 
+def _profile_config(c: TrainConfig, steps: int, warmup: int, outdir: str) -> TrainConfig:
+    # One more step than profiled: the run's final snapshot (a checkpoint write) falls outside.
+    return dataclasses.replace(c, steps=warmup + steps + 1, snap=10**9, grid=0, progress=False, resume=None,
+                               outdir=outdir)
+
+
 def profile_training(c: TrainConfig, steps: int = 5, warmup: int = 1) -> dict:
     """Profiles `steps` training steps (after `warmup` steps) with torch.profiler on the CPU and
     splits their wall time into the cdm_kernels ops (every top-level `cdm_kernels::*` or
     `cdm_kernels_C::*` op, forward and backward: the stable target, rollout steps, the martingale
-    loss, Philox noise) and the rest (the network, the optimizer, the loop).
+    loss, Philox noise) and the rest (the network, the optimizer, the loop). The run writes into
+    a temporary folder.
 
     Returns {"seconds_per_step", "kernel_seconds_per_step", "kernel_share", "by_op": {name: s/step}}.
     """
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return _profile(set_up(_profile_config(c, steps, warmup, tmp)), steps, warmup)
+
+
+def _profile(run: Run, steps: int, warmup: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     prof = profile(activities=[ProfilerActivity.CPU])
@@ -801,12 +937,7 @@ def profile_training(c: TrainConfig, steps: int = 5, warmup: int = 1) -> dict:
             marks["t1"] = time.perf_counter()
             prof.stop()
 
-    import tempfile
-
-    # One more step than profiled: the run's final snapshot (a checkpoint write) falls outside.
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = dataclasses.replace(c, steps=warmup + steps + 1, snap=10**9, grid=0, progress=False, resume=None, outdir=tmp)
-        train(cfg, on_step=on_step)
+    fit(run, on_step=on_step)
     wall = marks["t1"] - marks["t0"]
 
     def is_kernel(name: str) -> bool:
@@ -856,7 +987,9 @@ def parse_args(argv=None, with_profile: bool = False):
     )
     g = p.add_argument_group("data and output")
     g.add_argument("--data", default=d.data, help="'digits' (built in), a folder of images, a .zip, or a .npy/.npz")
-    g.add_argument("--outdir", default=d.outdir, help="output folder (log, plots, sample grids, checkpoints)")
+    g.add_argument("--outdir", default=None,
+                   help=f"output folder: log, plots, sample grids, checkpoints ({DEFAULT_OUTDIR}; with --resume, "
+                   "the folder of the checkpoint)")
     g.add_argument("--xflip", action="store_true", help="x-flip augmentation")
     g.add_argument("--overwrite", action="store_true",
                    help="start afresh in an --outdir that holds checkpoints, deleting its checkpoints, log and samples")
@@ -875,7 +1008,8 @@ def parse_args(argv=None, with_profile: bool = False):
     g.add_argument("--lr-rampup", type=int, default=d.lr_rampup, help="images of learning-rate warm-up")
     g.add_argument("--ema-halflife", type=int, default=d.ema_halflife, help="EMA half-life in images")
     g.add_argument("--ema-rampup", type=float, default=d.ema_rampup)
-    g.add_argument("--images", type=int, default=d.images, help="duration in training images")
+    g.add_argument("--images", type=int, default=None,
+                   help=f"duration in training images ({DEFAULT_IMAGES}; with --resume, the checkpoint's duration)")
     g.add_argument("--steps", type=int, default=None, help="duration in steps (overrides --images)")
     g.add_argument("--seed", type=int, default=d.seed)
     g = p.add_argument_group("model")
@@ -917,9 +1051,9 @@ def main(argv=None) -> None:
     if a.sample_only:
         if not c.resume:
             raise SystemExit("--sample-only needs --resume (a checkpoint file or a run folder)")
-        sample_checkpoint(c.resume, a.sample_only, num=c.grid or 100, num_steps=c.sample_steps, seed=c.seed,
-                          device=c.device, S_churn=a.churn)
-        print(f"wrote {c.grid or 100} samples of {find_checkpoint(c.resume)} to {a.sample_only}")
+        ckpt_path, ckpt, _ = load_checkpoint(c.resume)
+        _sample(ckpt, a.sample_only, c.grid or 100, c.sample_steps, c.seed, c.device, a.churn)
+        print(f"wrote {c.grid or 100} samples of {ckpt_path} to {a.sample_only}")
         return
     if profile_steps:
         r = profile_training(c, steps=profile_steps)
