@@ -33,7 +33,8 @@ writes a killed run left half done are removed. A fresh run refuses a folder tha
 checkpoints (continue it with --resume, or pass --overwrite to delete its checkpoints, log, plot
 and samples first), so that a later --resume can never pick up another run's checkpoint; --resume
 refuses options that differ from the checkpoint's (loss, batch, model, data, seed, ...) except
-those in RESUME_MAY_CHANGE (duration, snapshots, threads, device, ...).
+those in RESUME_MAY_CHANGE (duration, snapshots, threads, device, ...). On the command line, such
+errors (and every bad option value) are one line and exit status 2.
 """
 
 from __future__ import annotations
@@ -969,6 +970,13 @@ def _profile(run: Run, steps: int, warmup: int) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (the message and where to look), not the whole usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _ints(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.replace(",", " ").split())
@@ -976,62 +984,71 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected a comma-separated list of ints, got {text!r}") from None
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m cdm_kernels.train`; every option's help states its default once."""
+    d = TrainConfig()
+    p = _Parser(prog="cdm-train", description="Train an EDM denoiser with the EDM, stable-target (STF) or "
+                "consistency (CDM) loss. Every option's help ends with its default.")
+    D = "(default: %(default)s)"
+    g = p.add_argument_group("data and output")
+    g.add_argument("--data", default=d.data, help=f"'digits' (built in), a folder of images, a .zip, or a .npy/.npz {D}")
+    g.add_argument("--outdir", default=None, help="output folder: log, plots, sample grids, checkpoints "
+                   f"(default: {DEFAULT_OUTDIR}; with --resume, the folder of the checkpoint)")
+    g.add_argument("--xflip", action="store_true", help="x-flip augmentation (default: off)")
+    g.add_argument("--overwrite", action="store_true", help="start afresh in an --outdir that holds checkpoints, "
+                   "deleting its checkpoints, log and samples (default: off: such a folder is refused)")
+    g.add_argument("--cond", action="store_true", help="class-conditional model, edm and cdm losses, needs labels "
+                   "(default: off)")
+    g = p.add_argument_group("loss")
+    g.add_argument("--loss", default=d.loss, choices=LOSSES, help=f"training objective {D}")
+    g.add_argument("--batch", type=int, default=d.batch, help=f"global batch size {D}")
+    g.add_argument("--rbatch", type=int, default=d.rbatch, help=f"STF reference batch per process {D}")
+    g.add_argument("--cdm-steps", type=int, default=d.cdm_steps, help=f"CDM rollout schedule points {D}")
+    g.add_argument("--lambda-m", type=float, default=d.lambda_m, help=f"CDM martingale weight {D}")
+    g.add_argument("--eps-min", type=float, default=d.eps_min, help=f"CDM: sigma_min = max(sigma - eps, 0.002), "
+                   f"eps ~ U[eps-min, eps-max] {D}")
+    g.add_argument("--eps-max", type=float, default=d.eps_max, help=f"see --eps-min {D}")
+    g.add_argument("--backend", default=d.backend, help=f"stable-target backend (cdm_kernels.available_backends) {D}")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate {D}")
+    g.add_argument("--lr-rampup", type=int, default=d.lr_rampup, help=f"images of learning-rate warm-up {D}")
+    g.add_argument("--ema-halflife", type=int, default=d.ema_halflife, help=f"EMA half-life in images {D}")
+    g.add_argument("--ema-rampup", type=float, default=d.ema_rampup,
+                   help=f"the EMA half-life is at most this fraction of the images seen {D}")
+    g.add_argument("--images", type=int, default=None, help="duration in training images "
+                   f"(default: {DEFAULT_IMAGES}; with --resume, the checkpoint's duration)")
+    g.add_argument("--steps", type=int, default=None,
+                   help="duration in steps, counted from the start of the run; overrides --images (default: none)")
+    g.add_argument("--seed", type=int, default=d.seed, help=f"seed of the weights, the data order and the noise {D}")
+    g = p.add_argument_group("model")
+    g.add_argument("--channels", type=int, default=d.model_channels, help=f"U-Net channels at the first level {D}")
+    g.add_argument("--channel-mult", type=_ints, default=d.channel_mult,
+                   help=f"per-level channel multipliers (default: {','.join(map(str, d.channel_mult))})")
+    g.add_argument("--blocks", type=int, default=d.num_blocks, help=f"residual blocks per level {D}")
+    g.add_argument("--attn", type=_ints, default=d.attn_resolutions,
+                   help=f"resolutions with attention (default: {','.join(map(str, d.attn_resolutions))})")
+    g.add_argument("--dropout", type=float, default=d.dropout, help=f"dropout probability {D}")
+    g = p.add_argument_group("run")
+    g.add_argument("--snap", type=int, default=d.snap, help=f"snapshot (grid, plot, checkpoint) every this many steps {D}")
+    g.add_argument("--resume", default=None, help="checkpoint file, or run folder (its newest readable checkpoint), "
+                   "to continue (default: none: a fresh run)")
+    g.add_argument("--device", default=d.device, help=f"'auto' (a CUDA GPU if there is one), 'cpu' or 'cuda[:i]' {D}")
+    g.add_argument("--sample-steps", type=int, default=d.sample_steps, help=f"Heun steps of the snapshot grids {D}")
+    g.add_argument("--grid", type=int, default=d.grid, help=f"images in each snapshot grid, 0 for none {D}")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (default: off: a bar)")
+    g.add_argument("--sample-only", metavar="PNG", default=None, help="instead of training, sample --grid images "
+                   "from the EMA weights of --resume into PNG (default: none: train)")
+    g.add_argument("--churn", type=float, default=0.0, help=f"S_churn of the --sample-only sampler, 0 is deterministic {D}")
+    g.add_argument("--profile", type=int, default=0, metavar="N", help="instead of training, profile N steps and "
+                   "print the share of time in cdm_kernels ops (default: 0: train)")
+    return p
+
+
 def parse_args(argv=None, with_profile: bool = False):
     """The TrainConfig of a command line (and the parsed namespace, for --profile and --sample-only,
     if `with_profile`)."""
-    d = TrainConfig()
-    p = argparse.ArgumentParser(
-        prog="cdm-train",
-        description="Train an EDM denoiser with the EDM, stable-target (STF) or consistency (CDM) loss.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    g = p.add_argument_group("data and output")
-    g.add_argument("--data", default=d.data, help="'digits' (built in), a folder of images, a .zip, or a .npy/.npz")
-    g.add_argument("--outdir", default=None,
-                   help=f"output folder: log, plots, sample grids, checkpoints ({DEFAULT_OUTDIR}; with --resume, "
-                   "the folder of the checkpoint)")
-    g.add_argument("--xflip", action="store_true", help="x-flip augmentation")
-    g.add_argument("--overwrite", action="store_true",
-                   help="start afresh in an --outdir that holds checkpoints, deleting its checkpoints, log and samples")
-    g.add_argument("--cond", action="store_true", help="class-conditional model (edm and cdm losses; needs labels)")
-    g = p.add_argument_group("loss")
-    g.add_argument("--loss", default=d.loss, choices=LOSSES)
-    g.add_argument("--batch", type=int, default=d.batch, help="global batch size")
-    g.add_argument("--rbatch", type=int, default=d.rbatch, help="STF reference batch per process")
-    g.add_argument("--cdm-steps", type=int, default=d.cdm_steps, help="CDM rollout schedule points")
-    g.add_argument("--lambda-m", type=float, default=d.lambda_m, help="CDM martingale weight")
-    g.add_argument("--eps-min", type=float, default=d.eps_min)
-    g.add_argument("--eps-max", type=float, default=d.eps_max)
-    g.add_argument("--backend", default=d.backend, help="stable-target backend")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=d.lr)
-    g.add_argument("--lr-rampup", type=int, default=d.lr_rampup, help="images of learning-rate warm-up")
-    g.add_argument("--ema-halflife", type=int, default=d.ema_halflife, help="EMA half-life in images")
-    g.add_argument("--ema-rampup", type=float, default=d.ema_rampup)
-    g.add_argument("--images", type=int, default=None,
-                   help=f"duration in training images ({DEFAULT_IMAGES}; with --resume, the checkpoint's duration)")
-    g.add_argument("--steps", type=int, default=None, help="duration in steps (overrides --images)")
-    g.add_argument("--seed", type=int, default=d.seed)
-    g = p.add_argument_group("model")
-    g.add_argument("--channels", type=int, default=d.model_channels, help="U-Net channels at the first level")
-    g.add_argument("--channel-mult", type=_ints, default=d.channel_mult, help="per-level multipliers, e.g. 1,2")
-    g.add_argument("--blocks", type=int, default=d.num_blocks, help="residual blocks per level")
-    g.add_argument("--attn", type=_ints, default=d.attn_resolutions, help="resolutions with attention")
-    g.add_argument("--dropout", type=float, default=d.dropout)
-    g = p.add_argument_group("run")
-    g.add_argument("--snap", type=int, default=d.snap, help="snapshot every this many steps")
-    g.add_argument("--resume", default=None, help="checkpoint file or output folder to continue")
-    g.add_argument("--device", default=d.device)
-    g.add_argument("--sample-steps", type=int, default=d.sample_steps, help="Heun steps of the snapshot grids")
-    g.add_argument("--grid", type=int, default=d.grid, help="images in each snapshot grid (0: none)")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("--sample-only", metavar="PNG", default=None,
-                   help="instead of training, sample --grid images from the EMA weights of --resume into PNG")
-    g.add_argument("--churn", type=float, default=0.0, help="S_churn of the --sample-only sampler (0: deterministic)")
-    g.add_argument("--profile", type=int, default=0, metavar="N",
-                   help="instead of training, profile N steps and print the share of time in cdm_kernels ops")
-    a = p.parse_args(argv)
+    a = build_parser().parse_args(argv)
     c = TrainConfig(
         data=a.data, outdir=a.outdir, loss=a.loss, batch=a.batch, rbatch=a.rbatch, cdm_steps=a.cdm_steps,
         lambda_m=a.lambda_m, eps_min=a.eps_min, eps_max=a.eps_max, lr=a.lr, lr_rampup=a.lr_rampup,
@@ -1044,21 +1061,40 @@ def parse_args(argv=None, with_profile: bool = False):
     return (c, a) if with_profile else c
 
 
+def _fail(message: str):
+    """Ends the program like a command-line error: the message on one line, status 2."""
+    sys.stderr.write(f"cdm-train: error: {' '.join(message.split())}\n")
+    raise SystemExit(2)
+
+
+def _or_exit(fn, *args):
+    """fn(*args); a ValueError or OSError it raises (a bad option, a missing or unreadable file, a
+    folder that holds another run: all found before any training) is a command-line error."""
+    try:
+        return fn(*args)
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
+
+
 def main(argv=None) -> None:
     """Entry point of `python -m cdm_kernels.train` and `cdm-train`."""
     c, a = parse_args(argv, with_profile=True)
-    profile_steps = a.profile
     if a.sample_only:
         if not c.resume:
-            raise SystemExit("--sample-only needs --resume (a checkpoint file or a run folder)")
-        ckpt_path, ckpt, _ = load_checkpoint(c.resume)
+            _fail("--sample-only needs --resume (a checkpoint file or a run folder)")
+        folder = os.path.dirname(os.path.abspath(a.sample_only))
+        if not os.path.isdir(folder):
+            _fail(f"--sample-only {a.sample_only!r}: the folder {folder!r} does not exist")
+        ckpt_path, ckpt, _ = _or_exit(load_checkpoint, c.resume)
         _sample(ckpt, a.sample_only, c.grid or 100, c.sample_steps, c.seed, c.device, a.churn)
         print(f"wrote {c.grid or 100} samples of {ckpt_path} to {a.sample_only}")
-        return
-    if profile_steps:
-        r = profile_training(c, steps=profile_steps)
+    elif a.profile:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            r = _profile(_or_exit(set_up, _profile_config(c, a.profile, 1, tmp)), a.profile, 1)
         print(
-            f"profile of {profile_steps} steps, loss {c.loss}, batch {c.batch}"
+            f"profile of {a.profile} steps, loss {c.loss}, batch {c.batch}"
             + (f", rbatch {c.rbatch}" if "stf" in c.loss else "")
             + (f", {c.cdm_steps} rollout points" if "cdm" in c.loss else "")
             + f": {r['seconds_per_step'] * 1e3:.1f} ms a step, {r['kernel_seconds_per_step'] * 1e3:.1f} ms "
@@ -1066,8 +1102,8 @@ def main(argv=None) -> None:
         )
         for name, sec in r["by_op"].items():
             print(f"  {name:48s} {sec * 1e3:9.2f} ms/step")
-        return
-    train(c)
+    else:
+        fit(_or_exit(set_up, c))
 
 
 if __name__ == "__main__":

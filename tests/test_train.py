@@ -591,3 +591,76 @@ def test_runs_killed_with_sigkill_resume_bit_for_bit(tmp_path):
     assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"]) and a["data_order"] == b["data_order"]
     with open(os.path.join(run, "log.jsonl")) as f, open(tmp_path / "full" / "log.jsonl") as g:
         assert [(r["step"], r["loss"]) for r in map(json.loads, f)] == [(r["step"], r["loss"]) for r in map(json.loads, g)]
+
+
+def _cli_error(capsys, argv):
+    """main(argv) must end with status 2 and one line on stderr; returns that line."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    assert err.count("\n") == 1 and err.startswith("cdm-train: error: ") and "Traceback" not in err, err
+    return err
+
+
+def test_command_line_errors_are_one_line_and_status_2(tmp_path, capsys):
+    common = ["--channels", "8", "--batch", "8", "--rbatch", "32", "--steps", "2", "--snap", "2", "--grid", "0",
+              "--no-progress", "--threads", "1", "--loss", "edm"]
+    run = str(tmp_path / "run")
+    main([*common, "--outdir", run])
+    capsys.readouterr()
+    # a changed option on --resume
+    err = _cli_error(capsys, [*common, "--resume", run, "--seed", "3"])
+    assert "--seed 3 (the checkpoint has 0)" in err
+    # a folder that holds checkpoints
+    assert "already holds checkpoints" in _cli_error(capsys, [*common, "--outdir", run])
+    # a missing data path, a missing checkpoint, a damaged one named on purpose
+    assert "'/nonexistent/set' does not exist" in _cli_error(capsys, [*common, "--data", "/nonexistent/set",
+                                                                      "--outdir", str(tmp_path / "b")])
+    assert "no such checkpoint" in _cli_error(capsys, [*common, "--resume", str(tmp_path / "nope.pt")])
+    ckpt = tmp_path / "run" / "checkpoint-0000002.pt"
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])
+    assert f"{ckpt} cannot be read" in _cli_error(capsys, [*common, "--resume", str(ckpt), "--steps", "3"])
+    # bad option values: argparse's and the loop's own checks
+    for argv, expect in [
+        (["--batch", "abc"], "argument --batch: invalid int value: 'abc' (see cdm-train --help)"),
+        (["--loss", "ddpm"], "argument --loss: invalid choice: 'ddpm'"),
+        (["--channel-mult", "1,x"], "expected a comma-separated list of ints, got '1,x'"),
+        (["--batch", "0"], "--batch must be a positive int, got 0"),
+        (["--lr", "nan"], "--lr must be positive and finite, got nan"),
+        (["--device", "tpu"], "--device must be 'auto', 'cpu' or 'cuda[:i]', got 'tpu'"),
+        (["--sample-only", str(tmp_path / "x.png")], "--sample-only needs --resume"),
+        (["--profile", "1", "--batch", "0"], "--batch must be a positive int, got 0"),
+    ]:
+        assert expect in _cli_error(capsys, [*argv, "--outdir", str(tmp_path / "c")]), argv
+    assert not (tmp_path / "c").exists() and not (tmp_path / "b").exists()
+
+
+def test_help_states_every_default_once(capsys):
+    from cdm_kernels.train import build_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    blocks, current = {}, None
+    for line in text.splitlines():
+        if line.startswith("  -"):
+            current = line.split()[0].rstrip(",")
+            blocks[current] = line
+        elif line.startswith("    ") and current:
+            blocks[current] += " " + line.strip()
+        else:
+            current = None
+    parser = build_parser()
+    flags = [a.option_strings[-1] for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert set(flags) <= set(blocks) and len(flags) > 30
+    for flag in flags:
+        block = " ".join(blocks[flag].split())
+        assert block.count("default") == 1 and "(default: " in block, block
+    defaults = TrainConfig()
+    for flag, value in [("--batch", defaults.batch), ("--rbatch", defaults.rbatch), ("--lr", defaults.lr),
+                        ("--loss", defaults.loss), ("--channel-mult", "1,2"), ("--images", 19200),
+                        ("--outdir", "runs/train")]:
+        assert f"(default: {value}" in " ".join(blocks[flag].split()), flag
