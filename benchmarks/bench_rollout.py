@@ -58,6 +58,7 @@ from torch import Tensor
 import cdm_kernels
 from benchmarks import stf_common as sc
 from cdm_kernels import rollout_reference as ref
+from cdm_kernels.progress import progress as progress_display
 from cdm_kernels.random import philox_randn_reference, randn_backends
 
 FLOAT32 = 4
@@ -347,16 +348,14 @@ def verdict(measured: float | None, target: float, check_ok: bool, quick: bool) 
 
 def run(cfg: Config, methods: list[Method] | None = None, progress: bool = True) -> dict:
     """Checks every method, then times the ones that passed; returns rows and the environment."""
-    from tqdm import tqdm
-
     default_threads = torch.get_num_threads()
     thread_counts = list(dict.fromkeys(t or default_threads for t in cfg.threads))
     backend = cdm_kernels.resolve_rollout_backend("cpu", cfg.backend)
     methods = [m for m in all_methods() if m.name in cfg.methods] if methods is None else methods
     env = sc.environment("cpu")
     load_start = sc.load_average()
-    bar = tqdm(total=len(methods) * (1 + len(cfg.shapes()) * len(thread_counts)), desc="rollout bench", unit="step",
-               disable=not progress, file=sys.stderr)
+    bar = progress_display(len(methods) * (1 + len(cfg.shapes()) * len(thread_counts)), desc="rollout bench",
+                           unit="steps", disable=not progress)
 
     checks: dict[str, tuple[bool, str]] = {}
     for m in methods:

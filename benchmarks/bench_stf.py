@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from benchmarks import stf_common as sc
+from cdm_kernels.progress import progress as progress_display
 
 CSV_FIELDS = [
     "timestamp", "device", "device_name", "torch", "triton", "pykeops", "cdm_kernels", "extension", "python",
@@ -95,8 +96,6 @@ def select_methods(cfg: SweepConfig, methods: list[sc.Method] | None = None) -> 
 
 def run_sweep(cfg: SweepConfig, methods: list[sc.Method] | None = None, progress: bool = True) -> dict:
     """Runs the sweep and writes every output into cfg.out; returns paths and rows."""
-    from tqdm import tqdm
-
     os.makedirs(cfg.out, exist_ok=True)
     methods = select_methods(cfg, methods)
     env = sc.environment(cfg.device)
@@ -113,7 +112,7 @@ def run_sweep(cfg: SweepConfig, methods: list[sc.Method] | None = None, progress
     rows: list[dict] = []
     gates: list[sc.GateResult] = []
     total = len(cfg.dims) * len(cfg.batches) * len(cfg.ns()) * len(methods) * len(cfg.passes)
-    bar = tqdm(total=total, desc="stf sweep", unit="case", disable=not progress, dynamic_ncols=True)
+    bar = progress_display(total, desc="stf sweep", unit="cases", disable=not progress)
 
     with open(csv_path, "w", newline="") as fcsv:
         writer = csv.DictWriter(fcsv, fieldnames=CSV_FIELDS)

@@ -59,6 +59,7 @@ import torch.distributed as dist
 
 from .data import BatchOrder, ImageDataset, ReferenceDraw, get_batch, load_dataset
 from .edm import EDMPrecond, edm_sampler, save_image_grid
+from .progress import progress
 
 __all__ = [
     "LOSSES", "RESUME_MAY_CHANGE", "Run", "TrainConfig", "build_loss", "build_model", "fit", "main", "parse_args",
@@ -104,7 +105,7 @@ class TrainConfig:
     sample_steps: int = 18            # Heun steps of the snapshot sampler
     grid: int = 100                   # images in the snapshot grid
     backend: str = "auto"             # stable-target backend (cdm_kernels.stf_target)
-    progress: bool = True             # tqdm bar on the first process
+    progress: bool = True             # progress on the first process (cdm_kernels.progress)
     threads: int | None = None        # torch intra-op CPU threads (None: torch's default)
     overwrite: bool = False           # a fresh run may delete the checkpoints, log and samples in outdir
 
@@ -793,11 +794,9 @@ def fit(run: Run, on_step: Callable[[int, dict], None] | None = None) -> dict:
     _prepare_outdir(run)
     if run.main_proc:
         _announce(run)
-    bar = None
-    if run.main_proc and c.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=run.total_steps, initial=run.step, unit="step", dynamic_ncols=True, file=sys.stdout)
+    # A bar on a terminal; in a log file a line every few steps, not one endless line.
+    bar = progress(run.total_steps, initial=run.step, unit="steps", file=sys.stdout,
+                   disable=not (run.main_proc and c.progress))
     t_start = time.time()
     steps_start = run.step
     last_loss = float("nan")
@@ -810,18 +809,15 @@ def fit(run: Run, on_step: Callable[[int, dict], None] | None = None) -> dict:
             if log is not None:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
-            if bar is not None:
-                elapsed = time.time() - t_start
-                img_s = (run.step - steps_start) * c.batch / max(elapsed, 1e-9)
-                bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{img_s:.0f}")
-                bar.update(1)
+            img_s = (run.step - steps_start) * c.batch / max(time.time() - t_start, 1e-9)
+            bar.set_postfix_str(f"loss {last_loss:.4f}, {img_s:.0f} images/s")
+            bar.update(1)
             if run.step % c.snap == 0 or run.step == run.total_steps:
                 paths = snapshot(run)
             if on_step is not None:
                 on_step(run.step, record)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
         if log is not None:
             log.close()
     seconds = time.time() - t_start
@@ -1036,7 +1032,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample-steps", type=int, default=d.sample_steps, help=f"Heun steps of the snapshot grids {D}")
     g.add_argument("--grid", type=int, default=d.grid, help=f"images in each snapshot grid, 0 for none {D}")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar (default: off: a bar)")
+    g.add_argument("--no-progress", action="store_true", help="no progress display (default: off: a bar on a "
+                   "terminal, a line every few steps in a log file)")
     g.add_argument("--sample-only", metavar="PNG", default=None, help="instead of training, sample --grid images "
                    "from the EMA weights of --resume into PNG (default: none: train)")
     g.add_argument("--churn", type=float, default=0.0, help=f"S_churn of the --sample-only sampler, 0 is deterministic {D}")

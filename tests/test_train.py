@@ -664,3 +664,25 @@ def test_help_states_every_default_once(capsys):
                         ("--loss", defaults.loss), ("--channel-mult", "1,2"), ("--images", 19200),
                         ("--outdir", "runs/train")]:
         assert f"(default: {value}" in " ".join(blocks[flag].split()), flag
+
+
+def test_progress_in_a_log_file_is_a_line_every_few_steps(tmp_path, capsys):
+    from cdm_kernels.progress import LineProgress, line_interval
+
+    assert [line_interval(n) for n in (1, 20, 21, 300, 1000, 19_200)] == [1, 1, 2, 20, 50, 1000]
+    train(tiny(tmp_path, steps=7, progress=True))  # pytest's captured stdout is not a terminal
+    out = capsys.readouterr().out
+    assert "\r" not in out
+    lines = [line for line in out.splitlines() if line.split()[0].endswith("/7")]
+    assert [line.split()[0] for line in lines] == [f"{k}/7" for k in range(1, 8)]
+    assert all(", loss " in line and "images/s" in line for line in lines)
+
+    import io
+
+    f = io.StringIO()
+    bar = LineProgress(45, initial=3, desc="sweep", unit="cases", file=f)  # 42 to go: a line every 5
+    for _ in range(42):
+        bar.update()
+    bar.close()
+    got = [line.split(",")[0] for line in f.getvalue().splitlines()]
+    assert got == [f"sweep: {k}/45 cases ({100 * k / 45:.0f}%)" for k in (5, 10, 15, 20, 25, 30, 35, 40, 45)]
