@@ -1,7 +1,7 @@
-"""Issue 4's speed criteria for the fused rollout steps (and issue 6's rollout part), on the CPU.
+"""The fused rollout steps against their speed targets (and against their peers), on the CPU.
 
-    PYTHONPATH=. python -m benchmarks.bench_rollout [--batch 256] [--threads 1,0] [--out DIR] [--strict]
-    PYTHONPATH=. python -m benchmarks.bench_rollout --quick --out /tmp/rollout   # ~10 s, no speed claims
+    python -m benchmarks.bench_rollout [--batch 256] [--threads 1,0] [--out DIR] [--strict]
+    python -m benchmarks.bench_rollout --quick      # ~10 s, no speed claims (or: python benchmarks/bench_rollout.py)
 
 float32 states of shape (B, 3, 32, 32) and (B, 3, 64, 64), B = --batch (256 by default). One row
 per fused method and shape, each with its own criterion, measured against peers timed in the same
@@ -36,9 +36,11 @@ on a small case and is compared with the float64 reference (rollout_reference, f
 the Philox spec `philox_randn_reference` for the noise). A method that disagrees is reported
 `wrong: ...` with verdict `FAIL (wrong)` and is not timed.
 
-Outputs with --out: rollout_bench.csv (one row per method and shape; device, versions, shapes,
-times, GB/s, fractions, target and verdict in every row) and rollout_bench.md. Exit status 0
-unless --strict and a criterion failed (never with --quick, whose sizes are not the issue's).
+Outputs in --out (default out/benchmarks/rollout_bench in the checkout, which git ignores; the
+committed results in benchmarks/results/ change only when --out names that folder):
+rollout_bench.csv (one row per method and shape; device, versions, shapes, times, GB/s, fractions,
+target and verdict in every row) and rollout_bench.md. Exit status 0 unless --strict and a
+criterion failed (never with --quick, whose sizes are not the targets').
 """
 
 from __future__ import annotations
@@ -52,14 +54,17 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-import torch
-from torch import Tensor
+if __package__ in (None, ""):  # run as `python benchmarks/bench_rollout.py`: the checkout's packages, as -m
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import cdm_kernels
-from benchmarks import stf_common as sc
-from cdm_kernels import rollout_reference as ref
-from cdm_kernels.progress import progress as progress_display
-from cdm_kernels.random import philox_randn_reference, randn_backends
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+import cdm_kernels  # noqa: E402
+from benchmarks import stf_common as sc  # noqa: E402
+from cdm_kernels import rollout_reference as ref  # noqa: E402
+from cdm_kernels.progress import progress as progress_display  # noqa: E402
+from cdm_kernels.random import philox_randn_reference, randn_backends  # noqa: E402
 
 FLOAT32 = 4
 SEED, OFFSET = 1234, 5  # Philox key and first counter of every in-kernel draw
@@ -343,7 +348,7 @@ def verdict(measured: float | None, target: float, check_ok: bool, quick: bool) 
     if not check_ok:
         return "FAIL (wrong)"
     v = "PASS" if measured is not None and measured >= target else "FAIL"
-    return v + (" (quick: not the issue's sizes)" if quick else "")
+    return v + (" (quick: not the target sizes)" if quick else "")
 
 
 def run(cfg: Config, methods: list[Method] | None = None, progress: bool = True) -> dict:
@@ -434,7 +439,7 @@ def _ms(s) -> str:
 def format_markdown(res: dict, command: str) -> str:
     env, cfg = res["env"], res["config"]
     lines = [
-        "# Fused rollout steps: issue 4's speed criteria"
+        "# Fused rollout steps: speed targets"
         + (" (--quick: small sizes, not a measurement)" if cfg.quick else ""),
         "",
         f"{env['device_name']}, torch {env['torch']}, triton {env['triton']}, cdm_kernels {env['cdm_kernels']} "
@@ -515,7 +520,8 @@ def parse_args(argv=None) -> tuple[Config, bool, bool]:
                     help="comma-separated thread counts, each a pass of every row; 0 = torch's default (1,0; --quick 0)")
     ap.add_argument("--methods", default="sde,noise,euler,heun", help="comma-separated subset")
     ap.add_argument("--quick", action="store_true", help="B=16, few repeats: checks the script, no speed claims")
-    ap.add_argument("--out", default=None, help="write rollout_bench.csv and rollout_bench.md into this directory")
+    ap.add_argument("--out", default=sc.default_out("rollout_bench"),
+                    help="write rollout_bench.csv and rollout_bench.md into this directory (default: %(default)s)")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a criterion fails (ignored with --quick)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = ap.parse_args(argv)
@@ -544,9 +550,9 @@ def main(argv=None) -> int:
     res = run(cfg, progress=progress)
     md = format_markdown(res, command.strip())
     print(md)
-    if cfg.out:
-        paths = write_outputs(res, cfg.out, command.strip())
-        print("wrote " + ", ".join(paths))
+    paths = write_outputs(res, cfg.out, command.strip())
+    print("wrote " + ", ".join(paths))
+    print(f"results in {os.path.abspath(cfg.out)}")
     failed = [r for r in res["rows"] if not r["verdict"].startswith("PASS")]
     return 1 if (strict and not cfg.quick and failed) else 0
 

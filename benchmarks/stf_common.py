@@ -42,6 +42,16 @@ from cdm_kernels.stf import default_chunk_size
 
 FLOAT32 = 4  # bytes per element: every benchmark here runs in float32
 
+# The checkout this module belongs to.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def default_out(name: str) -> str:
+    """Where a benchmark writes when --out is not given: out/benchmarks/<name> in the checkout, which
+    git ignores. benchmarks/results/ holds the committed results: it is written only when --out
+    names it."""
+    return os.path.join(REPO, "out", "benchmarks", name)
+
 # ----------------------------------------------------------------------------------------------
 # Inputs
 # ----------------------------------------------------------------------------------------------
