@@ -247,7 +247,7 @@ def _compiled_eager(x, sigma, ref, ref_sqnorm, prep):
 
 
 def all_methods(device: str = "cpu") -> list[Method]:
-    """Every method of issue 6 that this machine can be asked about (unavailable ones included, with
+    """Every method of the sweep against the peers that this machine can be asked about (unavailable ones included, with
     the reason), the library's backends first, in `available_backends` order."""
     # On the CPU, "triton" is only there under TRITON_INTERPRET=1 (the tests set it): the
     # interpreter checks kernels, it is not a way to run them, so it is not a method to time.
