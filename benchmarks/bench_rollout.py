@@ -8,7 +8,7 @@ per fused method and shape, each with its own criterion, measured against peers 
 run and in alternation (a b c a b c ...), so that a change of load on the shared machine hits
 every side alike:
 
-  sde     the fused reverse-SDE step (math.md section 3 step 4) with its noise drawn in the kernel,
+  sde     the fused reverse-SDE step (docs/math.md section 3 step 4) with its noise drawn in the kernel,
           against the authors' sequence of float64 tensor operations with torch.randn_like (their
           rollout keeps x in float64 and casts D(x) to it): peer time / ours >= 10.
   noise   cdm_kernels.randn (the same Philox noise, written to memory) against torch.randn of the
@@ -135,7 +135,7 @@ def make_inputs(shape: tuple[int, ...], seed: int = 0, copies: tuple[int, ...] =
 
 def authors_sde_step(x64: Tensor, D: Tensor, t: Tensor, tn: Tensor, z: Tensor | None = None) -> Tensor:
     """The consistency authors' step: float64 throughout (D(x) cast to it), noise from
-    torch.randn_like, separate tensor operations (math.md section 3)."""
+    torch.randn_like, separate tensor operations (docs/math.md section 3)."""
     D64 = D.to(torch.float64)
     if z is None:
         z = torch.randn_like(x64)

@@ -1,7 +1,7 @@
 """Shared machinery of the stable-target benchmarks: the methods compared, the float64 judge that
 gates them, timers, peak-memory measurement and the machine's own ceilings.
 
-Every method computes mu_i = sum_j softmax_j(-||x_i - r_j||^2 / (2 sigma_i^2)) r_j (math.md
+Every method computes mu_i = sum_j softmax_j(-||x_i - r_j||^2 / (2 sigma_i^2)) r_j (docs/math.md
 section 1) from x (B, D), sigma (B,), ref (n, D) and the bank's norms ||r_j||^2 (n,), float32.
 Per-bank preparation (the norms, sdpa's augmented keys) is done once, untimed, for every method
 alike, because a training loop keeps a fixed reference bank.
@@ -161,7 +161,7 @@ def authors_broadcast(x: Tensor, sigma: Tensor, ref: Tensor, ref_sqnorm: Tensor 
 
 def chunked_loop(x: Tensor, sigma: Tensor, ref: Tensor, ref_sqnorm: Tensor, prep=None,
                  chunk_size: int | None = None) -> Tensor:
-    """A plain chunked PyTorch loop with the log-sum-exp merge (math.md): the fused kernel's
+    """A plain chunked PyTorch loop with the log-sum-exp merge (docs/math.md): the fused kernel's
     algorithm without the fusion, the baseline it must beat. Same chunk size as the library's
     default. Memory O((B + chunk) D)."""
     B, D = x.shape

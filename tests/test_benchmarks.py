@@ -213,7 +213,7 @@ def test_gate_reports_a_method_that_raises():
 
 
 def test_judge_is_the_definition():
-    # The judge against a literal double loop over the definition (math.md section 1).
+    # The judge against a literal double loop over the definition (docs/math.md section 1).
     inp = sc.make_inputs(3, 5, 4, seed=7)
     mu = sc.judge_float64(inp.x, inp.sigma, inp.ref)
     x, s, r = inp.x.double(), inp.sigma.double(), inp.ref.double()
