@@ -1,7 +1,10 @@
-"""The training loop on the CPU with a tiny U-Net: one step of each loss, exact resumption after a
-kill, the output folder (refused when it holds another run, unless --overwrite; --resume with changed
-options refused; a half-written log line), the reference draws, the command line and the errors for
-bad options."""
+"""The training loop on the CPU with a tiny U-Net: one step of each loss, the named steps of the loop,
+exact resumption after a kill (an exception, and real SIGKILLs in the middle of a checkpoint write),
+the output folder (refused when it holds another run, unless --overwrite; --resume with changed
+options refused; --resume continuing in its own folder for its own duration, then having nothing to
+do; a half-written log line; a damaged newest checkpoint; leftover temporary files), the reference
+draws, the command line (one-line errors with status 2, every default in --help) and the progress
+lines of a run whose output is not a terminal."""
 
 import json
 import math
