@@ -52,7 +52,7 @@ class LineProgress:
             self._print()
 
     def _print(self) -> None:
-        pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
+        pct = f" ({100 * self.n // self.total}%)" if self.total else ""  # 100% only at the end
         head = f"{self.desc}: " if self.desc else ""
         tail = f", {self.postfix}" if self.postfix else ""
         self.file.write(f"{head}{self.n}/{self.total} {self.unit}{pct}, {time.time() - self._start:.0f} s{tail}\n")

@@ -688,4 +688,4 @@ def test_progress_in_a_log_file_is_a_line_every_few_steps(tmp_path, capsys):
         bar.update()
     bar.close()
     got = [line.split(",")[0] for line in f.getvalue().splitlines()]
-    assert got == [f"sweep: {k}/45 cases ({100 * k / 45:.0f}%)" for k in (5, 10, 15, 20, 25, 30, 35, 40, 45)]
+    assert got == [f"sweep: {k}/45 cases ({100 * k // 45}%)" for k in (5, 10, 15, 20, 25, 30, 35, 40, 45)]
