@@ -1,10 +1,10 @@
 """cdm_kernels: fused kernels for the stable target (STF) and consistency (CDM) diffusion objectives.
 
 Public API:
-    stf_target, stf_score, ref_sqnorm, STFStats   the stable target (docs/math.md section 1)
+    stf_target, stf_score, ref_sqnorm, STFStats   the stable target (math.md section 1)
     resolve_backend, available_backends           which backend runs on a device
     extension_status                              whether the compiled kernels are loaded
-    EDMLoss, STFLoss, CDMLoss, STFCDMLoss         training losses (docs/math.md sections 2 and 3)
+    EDMLoss, STFLoss, CDMLoss, STFCDMLoss         training losses (math.md sections 2 and 3)
     ReferenceBank                                 references (and cached norms) for the STF losses
     stf_target_sharded                            the stable target over references split across processes
 """
@@ -33,7 +33,7 @@ __all__ = [
     "stf_target",
 ]
 
-# Consistency rollouts, EDM sampler steps, Philox noise and the martingale loss (docs/math.md 2-3).
+# Consistency rollouts, EDM sampler steps, Philox noise and the martingale loss (math.md 2-3).
 from .random import randn
 from .rollout import (
     available_rollout_backends,

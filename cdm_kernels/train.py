@@ -580,6 +580,20 @@ def _load_data(c: TrainConfig) -> ImageDataset:
     return ds
 
 
+def _check_backend(device: torch.device, backend: str) -> None:
+    """Raises ValueError naming --backend when the stable target has no such backend on `device`."""
+    import inspect
+
+    from . import resolve_backend
+
+    # The registry of later versions names the op family first: resolve_backend("stf_target", device, ...).
+    op_first = next(iter(inspect.signature(resolve_backend).parameters)) == "op"
+    try:
+        resolve_backend(*(("stf_target",) if op_first else ()), device, backend)
+    except ValueError as exc:
+        raise ValueError(f"--backend {backend}: {exc}") from None
+
+
 def _wrap_ddp(net: EDMPrecond, device: torch.device, dd: _Dist) -> torch.nn.Module:
     if not dd.active:
         return net
@@ -610,12 +624,7 @@ def set_up(c: TrainConfig) -> Run:
     c, ckpt_path, ckpt, damaged = _resume_or_start(c, dd)
     ds = _load_data(c)
     if "stf" in c.loss:
-        try:
-            from . import resolve_backend
-
-            resolve_backend(device, c.backend)
-        except ValueError as exc:
-            raise ValueError(f"--backend {c.backend}: {exc}") from None
+        _check_backend(device, c.backend)
     total_steps = c.steps if c.steps is not None else max(1, c.images // c.batch)
 
     # Same initial weights everywhere (DDP also broadcasts rank 0's at construction).
