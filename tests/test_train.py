@@ -178,7 +178,7 @@ def test_command_line(tmp_path, capsys):
         (dict(dropout=1.0), ValueError, r"--dropout must be in \[0, 1\), got 1.0"),
         (dict(channel_mult=()), ValueError, r"--channel-mult must be a list of positive ints, got \(\)"),
         (dict(steps=0), ValueError, r"--steps must be a positive int, got 0"),
-        (dict(loss="stf", backend="cuda"), ValueError, r"--backend cuda: "),
+        (dict(loss="stf", backend="nope"), ValueError, r"--backend nope: backend must be .auto. or one of"),
     ],
 )
 def test_bad_options_are_named(tmp_path, kw, error, match):
