@@ -64,7 +64,7 @@ import cdm_kernels  # noqa: E402
 from benchmarks import stf_common as sc  # noqa: E402
 from cdm_kernels import rollout_reference as ref  # noqa: E402
 from cdm_kernels.progress import progress as progress_display  # noqa: E402
-from cdm_kernels.random import philox_randn_reference, randn_backends  # noqa: E402
+from cdm_kernels.random import philox_randn_reference  # noqa: E402
 
 FLOAT32 = 4
 SEED, OFFSET = 1234, 5  # Philox key and first counter of every in-kernel draw
@@ -260,7 +260,7 @@ def _sde(inp, backend):
 
 def _noise(inp, backend):
     shape = tuple(inp.x.shape)
-    name = backend if backend in randn_backends("cpu") else "auto"
+    name = backend if backend in sc.library_backends("randn", "cpu") else "auto"
     return lambda: cdm_kernels.randn(shape, SEED, OFFSET, backend=name)
 
 
