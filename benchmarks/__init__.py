@@ -1,7 +1,13 @@
-"""Benchmarks of cdm_kernels against its peers (issue 6) and the CPU kernel's speed targets (issue 2).
+"""Benchmarks of cdm_kernels against its peers and against its speed targets.
 
-    python -m benchmarks.bench_stf --quick        the stable-target sweep (CSV, markdown, plots)
-    python -m benchmarks.stf_cpu_targets          issue 2's pass/fail table for the fused CPU kernel
+    python -m benchmarks.bench_stf --quick        the stable-target sweep against the peers (CSV, markdown, plots)
+    python -m benchmarks.stf_cpu_targets          the fused CPU kernel's speed targets, pass/fail
+    python -m benchmarks.bench_rollout            the fused rollout steps' speed targets, pass/fail
+    python benchmarks/stf_precision_table.py      each precision mode's error against float64
+
+Each also runs as `python benchmarks/<name>.py`, and has a --quick mode that checks it in seconds.
+By default they write into out/benchmarks/<name> (ignored by git); the committed results in
+benchmarks/results/ change only when --out names that folder.
 
 Shared machinery (methods, float64 judge, timers, memory, machine ceilings): `stf_common`.
 """

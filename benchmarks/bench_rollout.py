@@ -1,14 +1,14 @@
-"""Issue 4's speed criteria for the fused rollout steps (and issue 6's rollout part), on the CPU.
+"""The fused rollout steps against their speed targets (and against their peers), on the CPU.
 
-    PYTHONPATH=. python -m benchmarks.bench_rollout [--batch 256] [--threads 1,0] [--out DIR] [--strict]
-    PYTHONPATH=. python -m benchmarks.bench_rollout --quick --out /tmp/rollout   # ~10 s, no speed claims
+    python -m benchmarks.bench_rollout [--batch 256] [--threads 1,0] [--out DIR] [--strict]
+    python -m benchmarks.bench_rollout --quick      # ~10 s, no speed claims (or: python benchmarks/bench_rollout.py)
 
 float32 states of shape (B, 3, 32, 32) and (B, 3, 64, 64), B = --batch (256 by default). One row
 per fused method and shape, each with its own criterion, measured against peers timed in the same
 run and in alternation (a b c a b c ...), so that a change of load on the shared machine hits
 every side alike:
 
-  sde     the fused reverse-SDE step (math.md section 3 step 4) with its noise drawn in the kernel,
+  sde     the fused reverse-SDE step (docs/math.md section 3 step 4) with its noise drawn in the kernel,
           against the authors' sequence of float64 tensor operations with torch.randn_like (their
           rollout keeps x in float64 and casts D(x) to it): peer time / ours >= 10.
   noise   cdm_kernels.randn (the same Philox noise, written to memory) against torch.randn of the
@@ -36,9 +36,11 @@ on a small case and is compared with the float64 reference (rollout_reference, f
 the Philox spec `philox_randn_reference` for the noise). A method that disagrees is reported
 `wrong: ...` with verdict `FAIL (wrong)` and is not timed.
 
-Outputs with --out: rollout_bench.csv (one row per method and shape; device, versions, shapes,
-times, GB/s, fractions, target and verdict in every row) and rollout_bench.md. Exit status 0
-unless --strict and a criterion failed (never with --quick, whose sizes are not the issue's).
+Outputs in --out (default out/benchmarks/rollout_bench in the checkout, which git ignores; the
+committed results in benchmarks/results/ change only when --out names that folder):
+rollout_bench.csv (one row per method and shape; device, versions, shapes, times, GB/s, fractions,
+target and verdict in every row) and rollout_bench.md. Exit status 0 unless --strict and a
+criterion failed (never with --quick, whose sizes are not the targets').
 """
 
 from __future__ import annotations
@@ -52,13 +54,17 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-import torch
-from torch import Tensor
+if __package__ in (None, ""):  # run as `python benchmarks/bench_rollout.py`: the checkout's packages, as -m
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import cdm_kernels
-from benchmarks import stf_common as sc
-from cdm_kernels import rollout_reference as ref
-from cdm_kernels.random import philox_randn_reference, randn_backends
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+import cdm_kernels  # noqa: E402
+from benchmarks import stf_common as sc  # noqa: E402
+from cdm_kernels import rollout_reference as ref  # noqa: E402
+from cdm_kernels.progress import progress as progress_display  # noqa: E402
+from cdm_kernels.random import philox_randn_reference  # noqa: E402
 
 FLOAT32 = 4
 SEED, OFFSET = 1234, 5  # Philox key and first counter of every in-kernel draw
@@ -129,7 +135,7 @@ def make_inputs(shape: tuple[int, ...], seed: int = 0, copies: tuple[int, ...] =
 
 def authors_sde_step(x64: Tensor, D: Tensor, t: Tensor, tn: Tensor, z: Tensor | None = None) -> Tensor:
     """The consistency authors' step: float64 throughout (D(x) cast to it), noise from
-    torch.randn_like, separate tensor operations (math.md section 3)."""
+    torch.randn_like, separate tensor operations (docs/math.md section 3)."""
     D64 = D.to(torch.float64)
     if z is None:
         z = torch.randn_like(x64)
@@ -254,7 +260,7 @@ def _sde(inp, backend):
 
 def _noise(inp, backend):
     shape = tuple(inp.x.shape)
-    name = backend if backend in randn_backends("cpu") else "auto"
+    name = backend if backend in sc.library_backends("randn", "cpu") else "auto"
     return lambda: cdm_kernels.randn(shape, SEED, OFFSET, backend=name)
 
 
@@ -342,21 +348,19 @@ def verdict(measured: float | None, target: float, check_ok: bool, quick: bool) 
     if not check_ok:
         return "FAIL (wrong)"
     v = "PASS" if measured is not None and measured >= target else "FAIL"
-    return v + (" (quick: not the issue's sizes)" if quick else "")
+    return v + (" (quick: not the target sizes)" if quick else "")
 
 
 def run(cfg: Config, methods: list[Method] | None = None, progress: bool = True) -> dict:
     """Checks every method, then times the ones that passed; returns rows and the environment."""
-    from tqdm import tqdm
-
     default_threads = torch.get_num_threads()
     thread_counts = list(dict.fromkeys(t or default_threads for t in cfg.threads))
     backend = cdm_kernels.resolve_rollout_backend("cpu", cfg.backend)
     methods = [m for m in all_methods() if m.name in cfg.methods] if methods is None else methods
     env = sc.environment("cpu")
     load_start = sc.load_average()
-    bar = tqdm(total=len(methods) * (1 + len(cfg.shapes()) * len(thread_counts)), desc="rollout bench", unit="step",
-               disable=not progress, file=sys.stderr)
+    bar = progress_display(len(methods) * (1 + len(cfg.shapes()) * len(thread_counts)), desc="rollout bench",
+                           unit="steps", disable=not progress)
 
     checks: dict[str, tuple[bool, str]] = {}
     for m in methods:
@@ -435,7 +439,7 @@ def _ms(s) -> str:
 def format_markdown(res: dict, command: str) -> str:
     env, cfg = res["env"], res["config"]
     lines = [
-        "# Fused rollout steps: issue 4's speed criteria"
+        "# Fused rollout steps: speed targets"
         + (" (--quick: small sizes, not a measurement)" if cfg.quick else ""),
         "",
         f"{env['device_name']}, torch {env['torch']}, triton {env['triton']}, cdm_kernels {env['cdm_kernels']} "
@@ -516,7 +520,8 @@ def parse_args(argv=None) -> tuple[Config, bool, bool]:
                     help="comma-separated thread counts, each a pass of every row; 0 = torch's default (1,0; --quick 0)")
     ap.add_argument("--methods", default="sde,noise,euler,heun", help="comma-separated subset")
     ap.add_argument("--quick", action="store_true", help="B=16, few repeats: checks the script, no speed claims")
-    ap.add_argument("--out", default=None, help="write rollout_bench.csv and rollout_bench.md into this directory")
+    ap.add_argument("--out", default=sc.default_out("rollout_bench"),
+                    help="write rollout_bench.csv and rollout_bench.md into this directory (default: %(default)s)")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a criterion fails (ignored with --quick)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = ap.parse_args(argv)
@@ -545,9 +550,9 @@ def main(argv=None) -> int:
     res = run(cfg, progress=progress)
     md = format_markdown(res, command.strip())
     print(md)
-    if cfg.out:
-        paths = write_outputs(res, cfg.out, command.strip())
-        print("wrote " + ", ".join(paths))
+    paths = write_outputs(res, cfg.out, command.strip())
+    print("wrote " + ", ".join(paths))
+    print(f"results in {os.path.abspath(cfg.out)}")
     failed = [r for r in res["rows"] if not r["verdict"].startswith("PASS")]
     return 1 if (strict and not cfg.quick and failed) else 0
 

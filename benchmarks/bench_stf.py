@@ -1,8 +1,9 @@
-"""Stable-target sweep (issue 6): throughput and peak extra memory against the reference-batch size n,
-for this library's backends and its peers, forward and forward+backward.
+"""The stable-target sweep against the peers a user would pick instead: throughput and peak extra
+memory against the reference-batch size n, for this library's backends and its peers, forward and
+forward+backward.
 
-    PYTHONPATH=. python -m benchmarks.bench_stf --quick            # reduced sweep, well under a minute
-    PYTHONPATH=. python -m benchmarks.bench_stf --budget 1 --out benchmarks/results
+    python -m benchmarks.bench_stf --quick            # reduced sweep, well under a minute (or: python benchmarks/bench_stf.py)
+    python -m benchmarks.bench_stf --budget 1 --out benchmarks/results   # the full sweep, into the committed results
 
 For each D in --dims and B in --batches, n doubles from --n-min to --n-max. Before any timing every
 method is compared with a float64 judge on a small case (stf_common.run_gate); a method that
@@ -12,9 +13,11 @@ method whose median call exceeds --budget seconds stops growing n ("skipped: tim
 library's own methods (cdm_kernels[...]) have their own, larger --library-budget, so that their rows
 reach n = 1M where memory allows (they are what a user compares the peers with).
 
-Outputs in --out: stf_bench.csv (one row per (pass, D, B, n, method), device and versions in every
-row), stf_gate.csv, stf_bench.md (tables), stf_throughput.png and stf_memory.png (log-log, one line
-per method). pykeops is used when importable; otherwise its rows say "not installed".
+Outputs in --out (default out/benchmarks/stf_bench in the checkout, which git ignores; the committed
+results in benchmarks/results/ change only when --out names that folder): stf_bench.csv (one row per
+(pass, D, B, n, method), device and versions in every row), stf_gate.csv, stf_bench.md (tables),
+stf_throughput.png and stf_memory.png (log-log, one line per method), stf_command.txt. pykeops is
+used when importable; otherwise its rows say "not installed".
 """
 
 from __future__ import annotations
@@ -28,9 +31,13 @@ import shlex
 import sys
 from dataclasses import asdict, dataclass, field
 
-import torch
+if __package__ in (None, ""):  # run as `python benchmarks/bench_stf.py`: the checkout's packages, as -m
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import stf_common as sc
+import torch  # noqa: E402
+
+from benchmarks import stf_common as sc  # noqa: E402
+from cdm_kernels.progress import progress as progress_display  # noqa: E402
 
 CSV_FIELDS = [
     "timestamp", "device", "device_name", "torch", "triton", "pykeops", "cdm_kernels", "extension", "python",
@@ -56,7 +63,7 @@ class SweepConfig:
     mem_limit_gb: float = 16.0  # GiB: inputs + predicted extra memory of one call
     methods: tuple[str, ...] | None = None  # None: all
     device: str = "cpu"
-    out: str = "benchmarks/results"
+    out: str = field(default_factory=lambda: sc.default_out("stf_bench"))
     time_wrong: bool = False  # time methods that failed the gate anyway (still marked wrong)
     quick: bool = False
 
@@ -95,8 +102,6 @@ def select_methods(cfg: SweepConfig, methods: list[sc.Method] | None = None) -> 
 
 def run_sweep(cfg: SweepConfig, methods: list[sc.Method] | None = None, progress: bool = True) -> dict:
     """Runs the sweep and writes every output into cfg.out; returns paths and rows."""
-    from tqdm import tqdm
-
     os.makedirs(cfg.out, exist_ok=True)
     methods = select_methods(cfg, methods)
     env = sc.environment(cfg.device)
@@ -113,7 +118,7 @@ def run_sweep(cfg: SweepConfig, methods: list[sc.Method] | None = None, progress
     rows: list[dict] = []
     gates: list[sc.GateResult] = []
     total = len(cfg.dims) * len(cfg.batches) * len(cfg.ns()) * len(methods) * len(cfg.passes)
-    bar = tqdm(total=total, desc="stf sweep", unit="case", disable=not progress, dynamic_ncols=True)
+    bar = progress_display(total, desc="stf sweep", unit="cases", disable=not progress)
 
     with open(csv_path, "w", newline="") as fcsv:
         writer = csv.DictWriter(fcsv, fieldnames=CSV_FIELDS)
@@ -354,7 +359,8 @@ def parse_args(argv=None) -> SweepConfig:
     ap.add_argument("--mem-limit-gb", type=float, help="GiB per call, inputs included (default: min(16, 70%% of free))")
     ap.add_argument("--methods", nargs="+", help="subset of method names")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--out", default=sc.default_out("stf_bench"),
+                    help="folder of the outputs (default: %(default)s; the committed ones: benchmarks/results)")
     ap.add_argument("--time-wrong", action="store_true", help="also time methods that fail the gate (marked)")
     a = ap.parse_args(argv)
     kw = dict(QUICK) if a.quick else {"mem_limit_gb": default_mem_limit_gb()}
@@ -382,6 +388,7 @@ def main(argv=None) -> int:
           f"{res['ceilings'].matmul_gflops:.1f} GFLOP/s, {res['ceilings'].copy_gbps:.1f} GB/s")
     for path in (res["csv"], res["gate"], res["md"], *res["plots"]):
         print("wrote", path)
+    print(f"results in {os.path.abspath(cfg.out)}")
     return 0
 
 

@@ -1,7 +1,7 @@
 """Shared machinery of the stable-target benchmarks: the methods compared, the float64 judge that
 gates them, timers, peak-memory measurement and the machine's own ceilings.
 
-Every method computes mu_i = sum_j softmax_j(-||x_i - r_j||^2 / (2 sigma_i^2)) r_j (math.md
+Every method computes mu_i = sum_j softmax_j(-||x_i - r_j||^2 / (2 sigma_i^2)) r_j (docs/math.md
 section 1) from x (B, D), sigma (B,), ref (n, D) and the bank's norms ||r_j||^2 (n,), float32.
 Per-bank preparation (the norms, sdpa's augmented keys) is done once, untimed, for every method
 alike, because a training loop keeps a fixed reference bank.
@@ -41,6 +41,31 @@ import cdm_kernels
 from cdm_kernels.stf import default_chunk_size
 
 FLOAT32 = 4  # bytes per element: every benchmark here runs in float32
+
+# The checkout this module belongs to.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def library_backends(op: str, device: str = "cpu") -> list[str]:
+    """The backends of the cdm_kernels op family `op` ("stf_target" or "randn") for tensors on `device`.
+    The registry of later versions answers for every family, named first; version 0.1 had a
+    function per family."""
+    import inspect
+
+    if next(iter(inspect.signature(cdm_kernels.available_backends).parameters)) == "op":
+        return cdm_kernels.available_backends(op, device)
+    if op == "randn":
+        from cdm_kernels.random import randn_backends
+
+        return randn_backends(device)
+    return cdm_kernels.available_backends(device)
+
+
+def default_out(name: str) -> str:
+    """Where a benchmark writes when --out is not given: out/benchmarks/<name> in the checkout, which
+    git ignores. benchmarks/results/ holds the committed results: it is written only when --out
+    names it."""
+    return os.path.join(REPO, "out", "benchmarks", name)
 
 # ----------------------------------------------------------------------------------------------
 # Inputs
@@ -151,7 +176,7 @@ def authors_broadcast(x: Tensor, sigma: Tensor, ref: Tensor, ref_sqnorm: Tensor 
 
 def chunked_loop(x: Tensor, sigma: Tensor, ref: Tensor, ref_sqnorm: Tensor, prep=None,
                  chunk_size: int | None = None) -> Tensor:
-    """A plain chunked PyTorch loop with the log-sum-exp merge (math.md): the fused kernel's
+    """A plain chunked PyTorch loop with the log-sum-exp merge (docs/math.md): the fused kernel's
     algorithm without the fusion, the baseline it must beat. Same chunk size as the library's
     default. Memory O((B + chunk) D)."""
     B, D = x.shape
@@ -237,14 +262,14 @@ def _compiled_eager(x, sigma, ref, ref_sqnorm, prep):
 
 
 def all_methods(device: str = "cpu") -> list[Method]:
-    """Every method of issue 6 that this machine can be asked about (unavailable ones included, with
+    """Every method of the sweep against the peers that this machine can be asked about (unavailable ones included, with
     the reason), the library's backends first, in `available_backends` order."""
     # On the CPU, "triton" is only there under TRITON_INTERPRET=1 (the tests set it): the
     # interpreter checks kernels, it is not a way to run them, so it is not a method to time.
     interpreted = torch.device(device).type == "cpu"
     methods = [
         _library_method(b)
-        for b in cdm_kernels.available_backends(device)
+        for b in library_backends("stf_target", device)
         if not (interpreted and b == "triton")
     ]
     methods += [

@@ -9,7 +9,10 @@ Data with spread weights at every sigma: C smooth "images" in [-1, 1]^D and, for
 perturbed at log-spaced scales eps from 1e-5 to 3; x_i = centre + sigma_i z. A copy at scale eps
 moves d_ij by about eps^2 D, so at every sigma some copies carry weight (the n_eff column shows it).
 
-    PYTHONPATH=. python benchmarks/stf_precision_table.py [--dim 3072] [--copies 32] [--centres 8]
+    python benchmarks/stf_precision_table.py [--dim 3072] [--copies 32] [--centres 8]   # or: python -m benchmarks.stf_precision_table
+    python benchmarks/stf_precision_table.py --quick     # D = 64, a few rows: checks the script in seconds
+
+It prints the tables and writes no file.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import sys
 from dataclasses import dataclass
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: CPU tensors run for real
+if __package__ in (None, ""):  # run as `python benchmarks/stf_precision_table.py`: the checkout's packages, as -m
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
@@ -123,8 +128,11 @@ def main(argv=None):
     ap.add_argument("--centres", type=int, default=Config.centres)
     ap.add_argument("--copies", type=int, default=Config.copies)
     ap.add_argument("--chunk-size", type=int, default=Config.chunk_size)
+    ap.add_argument("--quick", action="store_true", help="D = 64, 2 centres of 4 copies: checks the script")
     args = ap.parse_args(argv)
     cfg = Config(dim=args.dim, centres=args.centres, copies=args.copies, chunk_size=args.chunk_size)
+    if args.quick:
+        cfg = Config(dim=64, centres=2, copies=4, chunk_size=16)
     x, sigma, ref, grad_mu, grad_lse = make_data(cfg)
     *exact, neff = judge(x, sigma, ref, grad_mu, grad_lse)
     C = cfg.centres

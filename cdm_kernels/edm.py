@@ -1,4 +1,4 @@
-"""EDM preconditioning, a small U-Net and EDM's Heun sampler (Karras et al. 2022; math.md section 2).
+"""EDM preconditioning, a small U-Net and EDM's Heun sampler (Karras et al. 2022; docs/math.md section 2).
 
   D(x; sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x; c_noise(sigma), class_labels)
 
@@ -208,7 +208,7 @@ class UNet(nn.Module):
 
 
 class EDMPrecond(nn.Module):
-    """EDM's preconditioned denoiser D(x; sigma) around a `UNet` (math.md section 2).
+    """EDM's preconditioned denoiser D(x; sigma) around a `UNet` (docs/math.md section 2).
 
         c_skip = sd^2 / (sigma^2 + sd^2)        c_out = sigma sd / sqrt(sigma^2 + sd^2)
         c_in   = 1 / sqrt(sigma^2 + sd^2)       c_noise = ln(sigma) / 4
@@ -278,7 +278,7 @@ class EDMPrecond(nn.Module):
 
 def edm_sigma_steps(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, *,
                     dtype=torch.float64, device=None) -> Tensor:
-    """EDM's sampling noise levels t_0 > ... > t_{N-1} (the rho schedule, math.md section 2,
+    """EDM's sampling noise levels t_0 > ... > t_{N-1} (the rho schedule, docs/math.md section 2,
     `cdm_kernels.edm_schedule`) and t_N = 0. Returns shape (num_steps + 1,)."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")

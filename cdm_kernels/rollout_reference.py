@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of the rollout steps and the martingale loss (math.md sections 2 and 3).
+"""Pure-PyTorch reference of the rollout steps and the martingale loss (docs/math.md sections 2 and 3).
 
 The spec every fused backend is tested against: separate tensor operations, any device, any float
 dtype, computed in the dtype it is given (run it in float64 to judge). Per-sample noise levels
@@ -42,7 +42,7 @@ def _per_sample(t: Tensor, x: Tensor) -> Tensor:
 
 
 def sde_step(x: Tensor, denoised: Tensor, t_cur: Tensor, t_next: Tensor, noise: Tensor) -> Tensor:
-    """x + 2 (t' - t) (x - D) / t + sqrt(2 |t - t'| t) z, math.md section 3 step 4."""
+    """x + 2 (t' - t) (x - D) / t + sqrt(2 |t - t'| t) z, docs/math.md section 3 step 4."""
     t, tn = _per_sample(t_cur, x), _per_sample(t_next, x)
     h = tn - t
     return x + 2 * h * (x - denoised) / t + torch.sqrt(2 * h.abs() * t) * noise
@@ -78,12 +78,12 @@ def churn_step(x: Tensor, t_cur: Tensor, t_hat: Tensor, S_noise: float, noise: T
 
 
 def martingale_loss(D0: Tensor, D1a: Tensor, D1b: Tensor, y: Tensor, weight, lambda_m: float = 2.0) -> Tensor:
-    """weight (D0 - y)^2 + lambda_m (D1a - D0)(D1b - D0), per element (math.md section 3 step 6)."""
+    """weight (D0 - y)^2 + lambda_m (D1a - D0)(D1b - D0), per element (docs/math.md section 3 step 6)."""
     return weight * (D0 - y) ** 2 + lambda_m * (D1a - D0) * (D1b - D0)
 
 
 def martingale_loss_grads(grad: Tensor, D0, D1a, D1b, y, weight, lambda_m: float = 2.0):
-    """(dL/dD0, dL/dD1a, dL/dD1b) for an incoming gradient `grad`, math.md section 3."""
+    """(dL/dD0, dL/dD1a, dL/dD1b) for an incoming gradient `grad`, docs/math.md section 3."""
     ea, eb = D1a - D0, D1b - D0
     g0 = grad * (2 * weight * (D0 - y) - lambda_m * (ea + eb))
     return g0, grad * lambda_m * eb, grad * lambda_m * ea

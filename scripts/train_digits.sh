@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The main job: sets up .venv and builds (scripts/setup.sh), then trains a small EDM U-Net with the
+# The main job: sets up .venv and builds (scripts/setup.sh: skipped, in a few seconds, when nothing
+# the build depends on changed since the last run), then trains a small EDM U-Net with the
 # stable target and the consistency loss (stf+cdm) on the 8x8 digits that ship inside scikit-learn,
 # on the CPU, and samples it. Outputs in runs/digits: log.jsonl, loss.png, samples-*.png,
 # checkpoints. Extra arguments go to `python -m cdm_kernels.train` (see --help).
 # Running it again starts the run over (--overwrite replaces runs/digits' checkpoints, log and
-# samples); pass `--resume runs/digits` to continue the last run instead.
+# samples); pass `--resume runs/digits` to continue the last run instead (for its own duration, or
+# a new --steps).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -1,12 +1,18 @@
-"""The benchmarks' machinery: the --quick sweep's outputs are complete and well formed, the float64
-correctness gate rejects wrong methods (and they are never timed), the memory refusal and the time
-budget work, the peak-memory measurement sees what a call allocates. No speed is asserted."""
+"""The benchmarks' machinery: every benchmark's --quick mode runs in a clone of the repository, as
+`python -m benchmarks.X` and as `python benchmarks/X.py`, and leaves the clone's git status clean
+(its outputs go to the ignored out/ folder, never over the committed benchmarks/results/); the
+--quick sweep's outputs are complete and well formed, the float64 correctness gate rejects wrong
+methods (and they are never timed), the memory refusal and the time budget work, the peak-memory
+measurement sees what a call allocates. No speed is asserted."""
 
 from __future__ import annotations
 
 import csv
+import glob
+import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -20,23 +26,82 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ----------------------------------------------------------------------------------------------
-# The --quick sweep, run once as a user would (a subprocess through the CLI)
+# Every benchmark in a clone, as a user would start it (subprocesses through the command line)
 # ----------------------------------------------------------------------------------------------
 
 
+def _git(cwd, *args) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout
+
+
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench_quick")
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_stf", "--quick", "--out", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+def clone(tmp_path_factory):
+    """A fresh git repository holding this working tree as it is (tracked files and the untracked ones
+    git does not ignore) plus the built extension, committed: what a user's clone looks like."""
+    if shutil.which("git") is None or not os.path.exists(os.path.join(ROOT, ".git")):
+        pytest.skip("not a git checkout")
+    dst = tmp_path_factory.mktemp("clone")
+    names = _git(ROOT, "ls-files", "-z", "--cached", "--others", "--exclude-standard").split("\0")
+    extension = [os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "cdm_kernels", "_C*.so"))]
+    for name in [n for n in names if n] + extension:
+        if os.path.isfile(os.path.join(ROOT, name)):
+            os.makedirs(os.path.dirname(dst / name), exist_ok=True)
+            shutil.copy2(os.path.join(ROOT, name), dst / name)
+    _git(dst, "init", "-q")
+    _git(dst, "add", "-A")
+    _git(dst, "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-q", "-m", "clone")
+    assert _git(dst, "status", "--porcelain", "--untracked-files=all") == ""
+    return dst
+
+
+def _in_clone(clone, *args, timeout=600):
+    """`python *args` in the clone, importing only the clone's packages; returns its stdout."""
+    env = dict(os.environ, PYTHONPATH=str(clone))
+    proc = subprocess.run([sys.executable, *args], cwd=clone, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"{args}: " + proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "\r" not in proc.stderr  # progress in a log: lines, not a bar
+    return proc.stdout
+
+
+def _benchmark_scripts(root) -> list[str]:
+    return sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(root, "benchmarks", "*.py"))
+                  if 'if __name__ == "__main__":' in open(p).read())
+
+
+@pytest.fixture(scope="module")
+def quick_run(clone):
+    # As the README says, without --out: the results go to the ignored out/benchmarks/stf_bench.
+    stdout = _in_clone(clone, "-m", "benchmarks.bench_stf", "--quick")
+    out = clone / "out" / "benchmarks" / "stf_bench"
+    assert f"results in {out}" in stdout
+    assert _git(clone, "status", "--porcelain", "--untracked-files=all") == ""
     with open(out / "stf_bench.csv") as f:
         reader = csv.DictReader(f)
         header, rows = reader.fieldnames, list(reader)
     with open(out / "stf_gate.csv") as f:
         gates = list(csv.DictReader(f))
-    return {"out": out, "header": header, "rows": rows, "gates": gates, "stdout": proc.stdout}
+    # The methods as the benchmark's own process sees them (the test process may register more
+    # backends, e.g. an emulation for the tests alone): (name, why unavailable or None).
+    methods = json.loads(_in_clone(clone, "-c", "import json; from benchmarks import stf_common as sc; "
+                                   "print(json.dumps([[m.name, m.unavailable] for m in sc.all_methods('cpu')]))"))
+    return {"out": out, "header": header, "rows": rows, "gates": gates, "stdout": stdout, "methods": methods}
+
+
+def test_every_benchmark_runs_both_ways_and_leaves_the_clone_clean(clone, quick_run):
+    # bench_stf's and bench_rollout's quick runs have their own tests; every other script's --quick
+    # runs here as `python benchmarks/X.py`, and each one's --help the other way (`-m` for those).
+    scripts = _benchmark_scripts(clone)
+    assert {"bench_stf", "bench_rollout", "stf_cpu_targets", "stf_precision_table"} <= set(scripts)
+    for name in scripts:
+        if name not in ("bench_stf", "bench_rollout"):
+            _in_clone(clone, os.path.join("benchmarks", name + ".py"), "--quick", timeout=300)
+        form = [os.path.join("benchmarks", name + ".py")] if name == "bench_stf" else ["-m", "benchmarks." + name]
+        assert "--quick" in _in_clone(clone, *form, "--help"), name
+    assert _git(clone, "status", "--porcelain", "--untracked-files=all") == ""
+    written = sorted(os.listdir(clone / "out" / "benchmarks"))
+    assert "stf_cpu_targets" in written
+    assert os.path.getsize(clone / "out" / "benchmarks" / "stf_cpu_targets" / "stf_cpu_targets.md") > 0
 
 
 def test_quick_sweep_writes_every_output(quick_run):
@@ -57,7 +122,7 @@ def test_quick_sweep_writes_every_output(quick_run):
 def test_quick_sweep_csv_is_complete_and_consistent(quick_run):
     rows, cfg = quick_run["rows"], bench_stf.SweepConfig(**bench_stf.QUICK)
     assert quick_run["header"] == bench_stf.CSV_FIELDS
-    methods = [m.name for m in sc.all_methods("cpu")]
+    methods = [name for name, _ in quick_run["methods"]]
     expected = {(p, m, n) for p in sc.PASSES for m in methods for n in cfg.ns()}
     got = [(r["pass"], r["method"], int(r["n"])) for r in rows]
     assert len(got) == len(set(got)) and set(got) == expected  # one row per case, none missing
@@ -98,9 +163,9 @@ def test_quick_sweep_refuses_the_broadcast_by_predicted_memory(quick_run):
 
 def test_quick_sweep_gate_covers_every_available_method(quick_run):
     gated = {(g["method"], g["pass"]) for g in quick_run["gates"]}
-    for m in sc.all_methods("cpu"):
-        if not m.unavailable:
-            assert {(m.name, p) for p in sc.PASSES} <= gated
+    for name, unavailable in quick_run["methods"]:
+        if not unavailable:
+            assert {(name, p) for p in sc.PASSES} <= gated
     eager = [g for g in quick_run["gates"] if g["method"] == "eager"]
     assert eager and all(g["verdict"] == "ok" for g in eager)
 
@@ -153,7 +218,7 @@ def test_gate_reports_a_method_that_raises():
 
 
 def test_judge_is_the_definition():
-    # The judge against a literal double loop over the definition (math.md section 1).
+    # The judge against a literal double loop over the definition (docs/math.md section 1).
     inp = sc.make_inputs(3, 5, 4, seed=7)
     mu = sc.judge_float64(inp.x, inp.sigma, inp.ref)
     x, s, r = inp.x.double(), inp.sigma.double(), inp.ref.double()
@@ -267,7 +332,7 @@ def test_roofline_picks_the_binding_ceiling():
 
 
 # ----------------------------------------------------------------------------------------------
-# stf_cpu_targets' building blocks (the full run takes minutes; its shapes are fixed by issue 2)
+# stf_cpu_targets' building blocks (the full run takes minutes at the targets' shapes)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -288,20 +353,21 @@ def test_targets_runner_compares_and_flags_wrong_methods():
 
 
 # ----------------------------------------------------------------------------------------------
-# bench_rollout (issue 4's speed criteria): the --quick run as a user would start it
+# bench_rollout (the rollout steps' speed targets): the --quick run as a user would start it
 # ----------------------------------------------------------------------------------------------
 
 
-def test_rollout_bench_quick_writes_checked_complete_rows(tmp_path):
+def test_rollout_bench_quick_writes_checked_complete_rows(clone):
     from benchmarks import bench_rollout as br
 
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_rollout", "--quick", "--no-progress",
-                           "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    # As a script, without --out: the results go to the ignored out/benchmarks/rollout_bench.
+    stdout = _in_clone(clone, os.path.join("benchmarks", "bench_rollout.py"), "--quick", "--no-progress")
+    out = clone / "out" / "benchmarks" / "rollout_bench"
+    assert f"results in {out}" in stdout
+    assert _git(clone, "status", "--porcelain", "--untracked-files=all") == ""
     for name in ("rollout_bench.csv", "rollout_bench.md"):
-        assert (tmp_path / name).is_file() and (tmp_path / name).stat().st_size > 0, name
-    with open(tmp_path / "rollout_bench.csv") as f:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    with open(out / "rollout_bench.csv") as f:
         reader = csv.DictReader(f)
         header, rows = reader.fieldnames, list(reader)
     assert header == br.CSV_FIELDS
@@ -329,7 +395,7 @@ def test_rollout_bench_quick_writes_checked_complete_rows(tmp_path):
         else:  # euler and heun: fraction of the copy's bandwidth
             assert r["metric"] == "copy fraction" and r["measured"] == r["frac_of_copy"]
         assert r["verdict"].startswith(("PASS", "FAIL")) and "quick" in r["verdict"]  # no speed is asserted
-    md = (tmp_path / "rollout_bench.md").read_text()
+    md = (out / "rollout_bench.md").read_text()
     for s in shapes:
         assert f"## {s}" in md
     for m in targets:

@@ -122,7 +122,7 @@ def _run(tmp_path, batch_sizes, shard_sizes, mode):
 
 
 def _naive(x, sigma, ref):
-    # Direct float64 transcription of math.md section 1: the full (B, n) distance matrix.
+    # Direct float64 transcription of docs/math.md section 1: the full (B, n) distance matrix.
     d = ((x.reshape(x.shape[0], 1, -1) - ref.reshape(1, ref.shape[0], -1)) ** 2).sum(-1)
     logit = -d / (2 * sigma[:, None] ** 2)
     w = torch.softmax(logit, dim=1)

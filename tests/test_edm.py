@@ -1,4 +1,4 @@
-"""EDM preconditioning, the U-Net and EDM's Heun sampler (math.md section 2).
+"""EDM preconditioning, the U-Net and EDM's Heun sampler (docs/math.md section 2).
 
 The sampler is checked with the exact denoiser of a Gaussian data set N(m, s^2 I),
 D(x; sigma) = m + s^2 / (s^2 + sigma^2) (x - m): its deterministic result is an affine map of the

@@ -1,4 +1,4 @@
-"""EDM, STF, CDM and STF+CDM losses against float64 transcriptions of math.md with the same draws.
+"""EDM, STF, CDM and STF+CDM losses against float64 transcriptions of docs/math.md with the same draws.
 
 Every loss takes a torch.Generator; the tests replay its draws in the documented order (ln sigma,
 n, the bank's randperm, eps, the rollout's Philox seed) and recompute the loss from the formulas:
@@ -84,7 +84,7 @@ def _weight(sigma):
 
 
 def _naive_target(x, sigma, refs):
-    """math.md section 1 with the full distance matrix: mu_i = sum_j softmax_j(-d_ij / 2 sigma_i^2) r_j."""
+    """docs/math.md section 1 with the full distance matrix: mu_i = sum_j softmax_j(-d_ij / 2 sigma_i^2) r_j."""
     B, n = x.shape[0], refs.shape[0]
     d = ((x.reshape(B, 1, -1) - refs.reshape(1, n, -1)) ** 2).sum(-1)
     w = torch.softmax(-d / (2 * sigma.reshape(B, 1) ** 2), dim=1)
@@ -205,7 +205,7 @@ def _philox(numel, seed, offset, device="cpu"):
 
 def _cdm_transcription(net, images, labels, augment_pipe, seed, *, num_steps, lambda_m, eps_min, eps_max,
                        P_mean, P_std, ref=None):
-    """math.md section 3, steps 1-6, in float64, replaying the loss's draws from Generator(seed)."""
+    """docs/math.md section 3, steps 1-6, in float64, replaying the loss's draws from Generator(seed)."""
     g = _gen(seed, images.device)
     sigma, y, aug, x_t = _replay_noise(g, images, P_mean, P_std, augment_pipe)
     B, K = images.shape[0], 2

@@ -1,7 +1,10 @@
-"""The training loop on the CPU with a tiny U-Net: one step of each loss, exact resumption after a
-kill, the output folder (refused when it holds another run, unless --overwrite; --resume with changed
-options refused; a half-written log line), the reference draws, the command line and the errors for
-bad options."""
+"""The training loop on the CPU with a tiny U-Net: one step of each loss, the named steps of the loop,
+exact resumption after a kill (an exception, and real SIGKILLs in the middle of a checkpoint write),
+the output folder (refused when it holds another run, unless --overwrite; --resume with changed
+options refused; --resume continuing in its own folder for its own duration, then having nothing to
+do; a half-written log line; a damaged newest checkpoint; leftover temporary files), the reference
+draws, the command line (one-line errors with status 2, every default in --help) and the progress
+lines of a run whose output is not a terminal."""
 
 import json
 import math
@@ -166,11 +169,16 @@ def test_command_line(tmp_path, capsys):
          r"needs 4992 references besides the batch but the data set offers 1789 outside the global batch of 8"),
         (dict(batch=0), ValueError, r"batch must be a positive int, got 0"),
         (dict(lr=-1.0), ValueError, r"lr must be positive and finite, got -1.0"),
-        (dict(batch=4000), ValueError, r"batch size 4000 is larger than the data set \(1797 images\)"),
+        (dict(batch=4000), ValueError, r"--batch 4000 is larger than the data set \(1797 images\)"),
         (dict(data="/nonexistent/set"), FileNotFoundError, r"'/nonexistent/set' does not exist"),
         (dict(resume="/nonexistent/ckpt.pt"), FileNotFoundError, r"--resume '/nonexistent/ckpt.pt': no such checkpoint"),
         (dict(device="tpu"), ValueError, r"device must be 'auto', 'cpu' or 'cuda\[:i\]', got 'tpu'"),
-        (dict(cdm_steps=1, loss="cdm"), ValueError, r"num_steps must be an int >= 2"),
+        (dict(cdm_steps=1, loss="cdm"), ValueError, r"--cdm-steps must be an int >= 2 \(the points of each rollout"),
+        (dict(eps_min=0.1, eps_max=0.05), ValueError, r"--eps-max must be finite and >= --eps-min \(0.1\), got 0.05"),
+        (dict(dropout=1.0), ValueError, r"--dropout must be in \[0, 1\), got 1.0"),
+        (dict(channel_mult=()), ValueError, r"--channel-mult must be a list of positive ints, got \(\)"),
+        (dict(steps=0), ValueError, r"--steps must be a positive int, got 0"),
+        (dict(loss="stf", backend="nope"), ValueError, r"--backend nope: backend must be .auto. or one of"),
     ],
 )
 def test_bad_options_are_named(tmp_path, kw, error, match):
@@ -392,3 +400,292 @@ def test_profile_wall_time_leaves_out_the_profiler_itself(tmp_path, monkeypatch)
     monkeypatch.setattr(profile, "stop", slow_stop)
     r = profile_training(tiny(tmp_path, loss="edm"), steps=1)
     assert r["seconds_per_step"] < 1.5
+
+
+def test_the_named_steps_are_the_loop(tmp_path):
+    # set_up, train_step and snapshot, called one by one, make the run that train() makes.
+    from cdm_kernels.train import set_up, snapshot, train_step
+
+    kw = dict(loss="stf+cdm", steps=2, snap=2)
+    whole = train(tiny(tmp_path / "whole", **kw))
+    run = set_up(tiny(tmp_path / "steps", **kw))
+    assert (run.step, run.total_steps) == (0, 2) and not os.path.exists(tmp_path / "steps")  # set-up writes nothing
+    records = [train_step(run), train_step(run)]
+    assert [r["step"] for r in records] == [1, 2] and (run.step, run.images_seen) == (2, 16)
+    assert records[-1]["loss"] == whole["loss"]
+    os.makedirs(tmp_path / "steps")
+    paths = snapshot(run)
+    assert os.path.basename(paths["checkpoint"]) == "checkpoint-0000002.pt"
+    a = torch.load(whole["checkpoint"], weights_only=True)
+    b = torch.load(paths["checkpoint"], weights_only=True)
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][n], b[key][n]) for n in a[key])
+    assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"]) and a["data_order"] == b["data_order"]
+
+
+def test_no_function_of_the_training_loop_exceeds_100_lines():
+    import ast
+    import inspect
+
+    from cdm_kernels import train as train_mod
+
+    tree = ast.parse(inspect.getsource(train_mod))
+    long = [(f.name, f.end_lineno - f.lineno + 1) for f in ast.walk(tree)
+            if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) and f.end_lineno - f.lineno + 1 > 100]
+    assert not long, long
+
+
+def _listing(folder):
+    return {name: os.stat(os.path.join(folder, name)).st_mtime_ns for name in os.listdir(folder)}
+
+
+def test_resume_continues_in_its_folder_for_its_duration_and_then_has_nothing_to_do(tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    monkeypatch.chdir(tmp_path)  # where the default output folder (runs/train) would appear
+    run = tmp_path / "run"
+    with pytest.raises(Killed):
+        train(tiny(run, steps=5, snap=2), on_step=lambda step, rec: (_ for _ in ()).throw(Killed) if step == 3 else None)
+    # No --outdir, no duration: the run continues in its own folder, to the checkpoint's 5 steps.
+    again = dataclasses.replace(tiny(None, steps=None), outdir=None, images=None, resume=str(run))
+    s = train(again)
+    assert s["steps"] == 5 and s["checkpoint"] == str(run / "checkpoint-0000005.pt")
+    assert not (tmp_path / "runs").exists()
+    with open(run / "log.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4, 5]
+    capsys.readouterr()
+    # Nothing left to train: it says so and writes nothing.
+    before = _listing(run)
+    s = train(again)
+    out = capsys.readouterr().out
+    assert out.startswith(f"nothing to do: {run / 'checkpoint-0000005.pt'} is at step 5, the end of this run's 5 steps")
+    assert s["steps"] == 5 and math.isfinite(s["loss"]) and _listing(run) == before and "last loss nan" not in out
+    s = train(dataclasses.replace(again, steps=3))
+    assert "is at step 5, past the end of this run's 3 steps" in capsys.readouterr().out and _listing(run) == before
+    # A new duration continues it; an explicit --outdir elsewhere (an empty folder) still works.
+    assert train(dataclasses.replace(again, steps=6))["steps"] == 6
+    assert train(dataclasses.replace(again, steps=7, outdir=str(tmp_path / "copy")))["steps"] == 7
+    assert sorted(os.listdir(tmp_path / "copy"))[0] == "checkpoint-0000007.pt"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_resume_skips_a_damaged_newest_checkpoint_and_removes_temporary_files(tmp_path, capsys):
+    kw = dict(loss="stf+cdm", steps=6, snap=2)
+    full = train(tiny(tmp_path / "full", **kw))
+    run = tmp_path / "run"
+    train(tiny(run, **dict(kw, steps=4)))  # checkpoints at steps 2 and 4
+    newest = run / "checkpoint-0000004.pt"
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])  # a copy truncated to half its size
+    (run / "checkpoint-0000006.pt.tmp4242").write_bytes(b"\0" * 4096)  # writes a killed run left half done
+    (run / "loss.png.tmp.png").write_bytes(b"\0" * 16)
+    (run / "log.jsonl.tmp").write_text("")
+    capsys.readouterr()
+
+    resumed = train(tiny(run, resume=str(run), **kw))
+    out = capsys.readouterr().out
+    assert f"warning: {newest} cannot be read (RuntimeError: " in out
+    assert f"resumed {run / 'checkpoint-0000002.pt'} at step 2" in out
+    assert "removed 3 temporary file(s) of interrupted writes: checkpoint-0000006.pt.tmp4242, log.jsonl.tmp, " \
+           "loss.png.tmp.png" in out
+    assert sorted(os.listdir(run)) == [
+        "checkpoint-0000002.pt", "checkpoint-0000004.pt", "checkpoint-0000004.pt.damaged", "checkpoint-0000006.pt",
+        "log.jsonl", "loss.png",
+    ]
+    assert (run / "checkpoint-0000004.pt.damaged").read_bytes() == data[: len(data) // 2]  # kept, out of the way
+    # From the older checkpoint the run is exact again.
+    a = torch.load(full["checkpoint"], weights_only=True)
+    b = torch.load(resumed["checkpoint"], weights_only=True)
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][n], b[key][n]) for n in a[key]), key
+    assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"]) and a["data_order"] == b["data_order"]
+    with open(run / "log.jsonl") as f, open(tmp_path / "full" / "log.jsonl") as g:
+        assert [json.loads(line)["loss"] for line in f] == [json.loads(line)["loss"] for line in g]
+
+
+def test_unreadable_checkpoints_are_named(tmp_path):
+    from cdm_kernels.train import CheckpointError, load_checkpoint
+
+    train(tiny(tmp_path, steps=2, snap=1))
+    for name in ("checkpoint-0000001.pt", "checkpoint-0000002.pt"):
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(data[: len(data) // 2])
+    one = str(tmp_path / "checkpoint-0000001.pt")
+    with pytest.raises(CheckpointError, match=rf"^{one} cannot be read \(RuntimeError: "):
+        load_checkpoint(one)  # a file named on purpose is not replaced by another
+    warnings = []
+    with pytest.raises(CheckpointError, match=r"none of its 2 checkpoints can be read \(.*checkpoint-0000001.pt cannot"):
+        load_checkpoint(str(tmp_path), warn=warnings.append)
+    assert len(warnings) == 2 and "checkpoint-0000002.pt cannot be read" in warnings[0]
+    torch.save({"model": {}}, tmp_path / "checkpoint-0000003.pt")  # loads, but is not one of this loop's
+    with pytest.raises(CheckpointError, match=r"checkpoint-0000003.pt is not a checkpoint of cdm_kernels.train "
+                                              r"\(it lacks ema, optimizer, step"):
+        load_checkpoint(str(tmp_path / "checkpoint-0000003.pt"))
+
+
+# A training run, as the command line starts it, that SIGKILLs itself at a chosen moment: "checkpoint N"
+# once the temporary file of checkpoint N is written and before its rename, "step N" once step N is
+# logged (not snapshotted). A real kill: no finally block, no flush, the temporary file left behind.
+_KILLER = r"""
+import os, signal, sys
+import torch
+from cdm_kernels import train as T
+
+where, at, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if where == "checkpoint":
+    real_save = torch.save
+
+    def save(obj, f):
+        real_save(obj, f)
+        if isinstance(obj, dict) and obj.get("step") == at:
+            f.flush()
+            die()
+
+    torch.save = save
+T.fit(T.set_up(T.parse_args(argv)), on_step=(lambda step, rec: die() if step == at else None) if where == "step" else None)
+"""
+
+
+def test_runs_killed_with_sigkill_resume_bit_for_bit(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    kw = dict(loss="stf+cdm", steps=6, snap=2, grid=4, sample_steps=2)
+    full = train(tiny(tmp_path / "full", **kw))
+    run = str(tmp_path / "run")
+    argv = ["--loss", "stf+cdm", "--batch", "8", "--rbatch", "32", "--cdm-steps", "3", "--steps", "6", "--snap", "2",
+            "--grid", "4", "--sample-steps", "2", "--channels", "8", "--lr", "1e-3", "--lr-rampup", "16",
+            "--ema-halflife", "100", "--threads", "1", "--no-progress", "--outdir", run]
+
+    def start(*how, resume=True):
+        proc = subprocess.run([sys.executable, "-c", _KILLER, *how, *argv, *(["--resume", run] if resume else [])],
+                              cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        return proc
+
+    # Killed while writing checkpoint 4: checkpoint 2 stands, with the log of 4 steps and the temporary file.
+    proc = start("checkpoint", "4", resume=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    left = sorted(os.listdir(run))
+    assert left[:2] == ["checkpoint-0000002.pt", "checkpoint-0000004.pt.tmp" + left[1].rsplit("tmp", 1)[1]]
+    # Resumed from step 2, killed after step 5 (logged, never snapshotted).
+    proc = start("step", "5")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert "removed 1 temporary file(s) of interrupted writes: checkpoint-0000004.pt.tmp" in proc.stdout
+    assert f"resumed {run}/checkpoint-0000002.pt at step 2" in proc.stdout
+    # Resumed from step 4 to the end.
+    proc = start("none", "0")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"resumed {run}/checkpoint-0000004.pt at step 4" in proc.stdout
+    assert not [name for name in os.listdir(run) if ".tmp" in name]
+
+    a = torch.load(full["checkpoint"], weights_only=True)
+    b = torch.load(os.path.join(run, "checkpoint-0000006.pt"), weights_only=True)
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][n], b[key][n]) for n in a[key]), key
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"]) and a["data_order"] == b["data_order"]
+    with open(os.path.join(run, "log.jsonl")) as f, open(tmp_path / "full" / "log.jsonl") as g:
+        assert [(r["step"], r["loss"]) for r in map(json.loads, f)] == [(r["step"], r["loss"]) for r in map(json.loads, g)]
+
+
+def _cli_error(capsys, argv):
+    """main(argv) must end with status 2 and one line on stderr; returns that line."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    assert err.count("\n") == 1 and err.startswith("cdm-train: error: ") and "Traceback" not in err, err
+    return err
+
+
+def test_command_line_errors_are_one_line_and_status_2(tmp_path, capsys):
+    common = ["--channels", "8", "--batch", "8", "--rbatch", "32", "--steps", "2", "--snap", "2", "--grid", "0",
+              "--no-progress", "--threads", "1", "--loss", "edm"]
+    run = str(tmp_path / "run")
+    main([*common, "--outdir", run])
+    capsys.readouterr()
+    # a changed option on --resume
+    err = _cli_error(capsys, [*common, "--resume", run, "--seed", "3"])
+    assert "--seed 3 (the checkpoint has 0)" in err
+    # a folder that holds checkpoints
+    assert "already holds checkpoints" in _cli_error(capsys, [*common, "--outdir", run])
+    # a missing data path, a missing checkpoint, a damaged one named on purpose
+    assert "'/nonexistent/set' does not exist" in _cli_error(capsys, [*common, "--data", "/nonexistent/set",
+                                                                      "--outdir", str(tmp_path / "b")])
+    assert "no such checkpoint" in _cli_error(capsys, [*common, "--resume", str(tmp_path / "nope.pt")])
+    ckpt = tmp_path / "run" / "checkpoint-0000002.pt"
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])
+    assert f"{ckpt} cannot be read" in _cli_error(capsys, [*common, "--resume", str(ckpt), "--steps", "3"])
+    # bad option values: argparse's and the loop's own checks
+    for argv, expect in [
+        (["--batch", "abc"], "argument --batch: invalid int value: 'abc' (see cdm-train --help)"),
+        (["--loss", "ddpm"], "argument --loss: invalid choice: 'ddpm'"),
+        (["--channel-mult", "1,x"], "expected a comma-separated list of ints, got '1,x'"),
+        (["--batch", "0"], "--batch must be a positive int, got 0"),
+        (["--lr", "nan"], "--lr must be positive and finite, got nan"),
+        (["--device", "tpu"], "--device must be 'auto', 'cpu' or 'cuda[:i]', got 'tpu'"),
+        (["--sample-only", str(tmp_path / "x.png")], "--sample-only needs --resume"),
+        (["--profile", "1", "--batch", "0"], "--batch must be a positive int, got 0"),
+    ]:
+        assert expect in _cli_error(capsys, [*argv, "--outdir", str(tmp_path / "c")]), argv
+    assert not (tmp_path / "c").exists() and not (tmp_path / "b").exists()
+
+
+def test_help_states_every_default_once(capsys):
+    from cdm_kernels.train import build_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    blocks, current = {}, None
+    for line in text.splitlines():
+        if line.startswith("  -"):
+            current = line.split()[0].rstrip(",")
+            blocks[current] = line
+        elif line.startswith("    ") and current:
+            blocks[current] += " " + line.strip()
+        else:
+            current = None
+    parser = build_parser()
+    flags = [a.option_strings[-1] for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert set(flags) <= set(blocks) and len(flags) > 30
+    for flag in flags:
+        block = " ".join(blocks[flag].split())
+        assert block.count("default") == 1 and "(default: " in block, block
+    defaults = TrainConfig()
+    for flag, value in [("--batch", defaults.batch), ("--rbatch", defaults.rbatch), ("--lr", defaults.lr),
+                        ("--loss", defaults.loss), ("--channel-mult", "1,2"), ("--images", 19200),
+                        ("--outdir", "runs/train")]:
+        assert f"(default: {value}" in " ".join(blocks[flag].split()), flag
+
+
+def test_progress_in_a_log_file_is_a_line_every_few_steps(tmp_path, capsys):
+    from cdm_kernels.progress import LineProgress, line_interval
+
+    assert [line_interval(n) for n in (1, 20, 21, 300, 1000, 19_200)] == [1, 1, 2, 20, 50, 1000]
+    train(tiny(tmp_path, steps=7, progress=True))  # pytest's captured stdout is not a terminal
+    out = capsys.readouterr().out
+    assert "\r" not in out
+    lines = [line for line in out.splitlines() if line.split()[0].endswith("/7")]
+    assert [line.split()[0] for line in lines] == [f"{k}/7" for k in range(1, 8)]
+    assert all(", loss " in line and "images/s" in line for line in lines)
+
+    import io
+
+    f = io.StringIO()
+    bar = LineProgress(45, initial=3, desc="sweep", unit="cases", file=f)  # 42 to go: a line every 5
+    for _ in range(42):
+        bar.update()
+    bar.close()
+    got = [line.split(",")[0] for line in f.getvalue().splitlines()]
+    assert got == [f"sweep: {k}/45 cases ({100 * k // 45}%)" for k in (5, 10, 15, 20, 25, 30, 35, 40, 45)]
