@@ -33,7 +33,9 @@ and left out (they would only pull the ratios towards 1).
 Measurements (each row after its warm-up steps):
   ms/step     median over the timed steps (at least --min-steps, more while they total under
               --target-s, at most --steps); CUDA events on a GPU, time.perf_counter on the CPU.
-  x EDM       ms/step over the EDM row's ms/step, same run.
+  x EDM       ms/step over the median of EDM steps timed in alternation with the row's steps (one
+              EDM step after each), so that a change of load or clocks hits both; "edm (end)" is
+              EDM timed again after every row, its ratio to the first EDM row the run's drift.
   peak memory one more step: GPU torch.cuda.max_memory_allocated (absolute) and its excess over what
               was allocated before the step; CPU the allocator events of torch.profiler
               (stf_common.peak_extra_bytes) for the excess, plus the persistent tensors (parameters,
@@ -51,9 +53,10 @@ to 80, the images' D), tolerance FlashAttention's rule (stf_common.gate_toleranc
 rollout with the authors' float64 rollout fed the same Philox noise (relative 1e-5). A formula that
 fails is reported "wrong: ..." in its rows and not timed.
 
-Memory: before each row runs, its peak is estimated (persistent tensors + the EDM step's measured
-excess x the number of batches that keep a graph + the stable target's and the rollout's own
-tensors: for the broadcast formula 3 B n D + 4 B n floats, stf_common's model) and a row over the
+Memory: before each row runs, its peak is estimated (persistent tensors + the reference batch + the
+larger of the EDM step's measured excess x the batches that keep a graph and the stable target's own
+tensors, for the broadcast formula 3 B n D + 4 B n floats, stf_common's model + the rollout's
+states: `estimate_bytes`) and a row over the
 limit (--mem-limit-gb; default 95% of the GPU's free memory, 70% of the CPU's available memory, at
 the start) is recorded "OOM (needs X GiB)" without running; an out-of-memory error that happens
 anyway is caught and recorded "OOM (at run: ...)".
@@ -145,7 +148,7 @@ class Config:
 CPU_STEPS = dict(warmup=0, min_steps=1, max_steps=3, target_s=120.0, profile_steps=1)
 # One thread: on a shared 2-core machine a second OpenMP thread waits at every barrier for a core
 # that another process holds, and a 0.1 s step takes seconds.
-QUICK = dict(batch=4, net=TINY, rbatches=(64, 256), data=256, warmup=1, min_steps=2, max_steps=2, target_s=0.0,
+QUICK = dict(batch=4, net=TINY, rbatches=(64, 256), data=256, warmup=0, min_steps=2, max_steps=2, target_s=0.0,
              profile_steps=1, threads=1, quick=True)
 
 
@@ -412,26 +415,27 @@ def graph_batches(case: Case) -> int:
     return 1 + (K if "cdm" in case.loss else 0)
 
 
-def formula_bytes(case: Case, B: int, D: int, device: str = "cpu") -> float:
-    """Bytes of the tensors the swapped pieces allocate besides the network: the reference batch (the
-    gathered others and the concatenation, 2 rbatch D floats), the stable target (stf_common's model of
-    the method: the broadcast formula's is 3 B n D + 4 B n floats) and the rollout's states (float32
-    fused steps: x, D, x'; float64 steps: x, D, z and two temporaries)."""
-    total = 0.0
-    if case.rbatch:
-        n = case.rbatch
-        methods = {m.name: m for m in sc.all_methods(device)}
-        name = "authors-broadcast" if case.method == "authors" else f"cdm_kernels[{cdm_kernels.resolve_backend(device)}]"
-        total += FLOAT32 * 2 * n * D + methods[name].extra_bytes(B, n, D, False)
-    if "cdm" in case.loss:
-        total += K * B * D * (5 * FLOAT64 if case.method == "authors" else 3 * FLOAT32)
-    return total
+def stable_target_bytes(case: Case, B: int, D: int, device: str = "cpu") -> float:
+    """Peak extra bytes of the stable target itself (stf_common's model of the method; the broadcast
+    formula's is 3 B n D + 4 B n floats), 0 without one."""
+    if not case.rbatch:
+        return 0.0
+    methods = {m.name: m for m in sc.all_methods(device)}
+    name = "authors-broadcast" if case.method == "authors" else f"cdm_kernels[{cdm_kernels.resolve_backend(device)}]"
+    return methods[name].extra_bytes(B, case.rbatch, D, False)
 
 
 def estimate_bytes(case: Case, B: int, D: int, persistent: float, edm_extra: float, device: str = "cpu") -> float:
-    """Predicted peak of a step of `case`: persistent tensors + the EDM step's measured excess for
-    every batch that keeps a graph + the formulas' own tensors."""
-    return persistent + graph_batches(case) * edm_extra + formula_bytes(case, B, D, device)
+    """Predicted peak of a step of `case`:
+
+        persistent tensors + the reference batch (the step's and the loss's concatenation, 2 rbatch D
+        floats, alive through the forward pass) + the larger of the EDM step's measured excess for each
+        batch that keeps a graph (D0, and D1 of the K trajectories) and the stable target's own
+        tensors (under no_grad, freed before the network runs) + the rollout's states (float32 fused
+        steps: x, D, x'; the authors' float64 steps: x, D, z and two temporaries)."""
+    refs = FLOAT32 * 2 * case.rbatch * D if case.rbatch else 0.0
+    rollout = K * B * D * (5 * FLOAT64 if case.method == "authors" else 3 * FLOAT32) if "cdm" in case.loss else 0.0
+    return persistent + refs + max(graph_batches(case) * edm_extra, stable_target_bytes(case, B, D, device)) + rollout
 
 
 def refusal(needs: float, limit: float) -> str | None:
@@ -520,7 +524,8 @@ def library_op_time(step: Callable[[], None], device: str, steps: int) -> dict:
 
     cuda = torch.device(device).type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=acts) as prof:
+    # stf_common's guard: the profiler's backend prints start/stop lines on the C-level stderr.
+    with sc._quiet_fd2(), profile(activities=acts) as prof:
         if cuda:
             torch.cuda.synchronize()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -562,14 +567,24 @@ def memory_of_step(bench: Bench, step: Callable[[], None]) -> tuple[float, float
     return bench.persistent_bytes() + extra, extra
 
 
-def time_steps(step: Callable[[], None], cfg: Config, tick: Callable[[str], None]) -> list[float]:
+def time_steps(step: Callable[[], None], cfg: Config, tick: Callable[[str], None],
+               peer: Callable[[], None] | None = None) -> tuple[list[float], list[float]]:
     """Seconds of each timed step: at least min_steps, more while they total under target_s, at most
-    max_steps (CUDA events on a GPU, perf_counter on the CPU: stf_common.time_call, one step a call)."""
+    max_steps (CUDA events on a GPU, perf_counter on the CPU: stf_common.time_call, one step a call).
+    With a `peer` (EDM's step), one peer step after each step, timed too: a change of load or clocks
+    hits both alike, and their ratio stays meaningful on a shared machine."""
     times: list[float] = []
+    peer_times: list[float] = []
+
+    def one(fn) -> float:
+        return sc.time_call(fn, cfg.device, min_repeats=1, max_repeats=1, warmup=False).median
+
     while len(times) < cfg.min_steps or (len(times) < cfg.max_steps and sum(times) + times[-1] <= cfg.target_s):
-        times.append(sc.time_call(step, cfg.device, min_repeats=1, max_repeats=1, warmup=False).median)
+        times.append(one(step))
+        if peer is not None:
+            peer_times.append(one(peer))
         tick(f"timed {len(times)}")
-    return times
+    return times, peer_times
 
 
 # ----------------------------------------------------------------------------------------------
@@ -644,8 +659,9 @@ def timing_columns(times: list[float]) -> dict:
             "steps": len(times)}
 
 
-def run_case(bench: Bench, case: Case, progress: Progress) -> dict:
-    """Warm-up, the memory step, the profiled steps and the timed steps of one row."""
+def run_case(bench: Bench, case: Case, progress: Progress, edm_step: Callable[[], None]) -> dict:
+    """Warm-up, the memory step, the profiled steps and the timed steps of one row (in alternation
+    with EDM's step, except for EDM's own row)."""
     cfg = bench.cfg
     step = bench.step_fn(make_loss(cfg, case), case.rbatch)
     warm_up(step, cfg.warmup, progress.tick)
@@ -654,8 +670,12 @@ def run_case(bench: Bench, case: Case, progress: Progress) -> dict:
     progress.tick("memory")
     prof = library_op_time(step, cfg.device, cfg.profile_steps)
     progress.tick("profile")
-    times = time_steps(step, cfg, progress.tick)
-    return {"status": "ok", **timing_columns(times), "peak_bytes": peak, "peak_extra_bytes": extra,
+    times, edm_times = time_steps(step, cfg, progress.tick, None if case.loss == "edm" else edm_step)
+    ratio = {}
+    if edm_times:
+        edm_ms = statistics.median(edm_times) * 1e3
+        ratio = {"edm_paired_ms": edm_ms, "ratio_vs_edm": statistics.median(times) * 1e3 / edm_ms}
+    return {"status": "ok", **timing_columns(times), **ratio, "peak_bytes": peak, "peak_extra_bytes": extra,
             "lib_ms_per_step": prof["lib_s"] * 1e3, "profiled_ms_per_step": prof["wall_s"] * 1e3,
             "lib_share": prof["share"],
             "lib_ops": "; ".join(f"{k}={v * 1e3:.3f}" for k, v in prof["by_op"].items())}
@@ -687,8 +707,9 @@ def _run(cfg: Config, progress: bool) -> dict:
     bench = Bench(cfg)
     D = math.prod(cfg.image)
     todo = cases(cfg)
-    prog = Progress(len(todo), progress)
-    bench.step_fn(make_loss(cfg, todo[0]), None)()  # Adam's state exists from here on: persistent
+    prog = Progress(len(todo) + 1, progress)  # and EDM again at the end
+    edm_step = bench.step_fn(make_loss(cfg, todo[0]), None)
+    edm_step()  # Adam's state exists from here on: persistent
     bench.sync()
     persistent = bench.persistent_bytes()
     rows: list[dict] = []
@@ -708,7 +729,7 @@ def _run(cfg: Config, progress: bool) -> dict:
                 row["status"] = refusal(est, limit)
             else:
                 try:
-                    row.update(run_case(bench, case, prog))
+                    row.update(run_case(bench, case, prog, edm_step))
                 except torch.OutOfMemoryError as exc:
                     row["status"] = f"OOM (at run: {str(exc).splitlines()[0][:160]})"
                 except RuntimeError as exc:  # the CPU allocator's failure is a plain RuntimeError
@@ -722,12 +743,13 @@ def _run(cfg: Config, progress: bool) -> dict:
                 edm = row
             rows.append(row)
             prog.row_done()
-        rows.append(retime_edm(bench, prog, env, persistent, t_start))
+        rows.append(retime_edm(bench, edm_step, prog, env, persistent, t_start))
     finally:
         prog.close()
     load_end = sc.load_average()
     for r in rows:
-        r["ratio_vs_edm"] = r["ms_per_step"] / edm["ms_per_step"] if r.get("ms_per_step") else ""
+        if r["loss"] in ("edm", "edm (end)") and r.get("ms_per_step"):  # EDM's row: 1; at the end: the drift
+            r["ratio_vs_edm"] = r["ms_per_step"] / edm["ms_per_step"]
         r["limit_bytes"] = limit
         r["load_start"], r["load_end"] = load_start, load_end
     rows.append(target_row(cfg, rows, env, limit))
@@ -736,7 +758,8 @@ def _run(cfg: Config, progress: bool) -> dict:
             "seconds": time.monotonic() - t_start}
 
 
-def retime_edm(bench: Bench, prog: Progress, env: dict, persistent: float, t_start: float) -> dict:
+def retime_edm(bench: Bench, step: Callable[[], None], prog: Progress, env: dict, persistent: float,
+               t_start: float) -> dict:
     """EDM's step timed again after every other row ("edm (end)"): its ratio to the first EDM row is
     the drift of the machine over the run (clocks, load), the scale of the other ratios' error."""
     cfg = bench.cfg
@@ -744,9 +767,8 @@ def retime_edm(bench: Bench, prog: Progress, env: dict, persistent: float, t_sta
     prog.row("EDM again, at the end")
     if cfg.budget_s is not None and time.monotonic() - t_start > cfg.budget_s:
         return {**row, "status": "skipped: time budget"}
-    step = bench.step_fn(make_loss(cfg, Case("edm", "-", None)), None)
     warm_up(step, cfg.warmup, prog.tick)
-    row.update(status="ok", **timing_columns(time_steps(step, cfg, prog.tick)))
+    row.update(status="ok", **timing_columns(time_steps(step, cfg, prog.tick)[0]))
     prog.row_done()
     return row
 
@@ -756,7 +778,7 @@ def target_row(cfg: Config, rows: list[dict], env: dict, limit: float) -> dict:
     target applies: on a GPU, at batch 64, 50,000 references, the DDPM++-like network."""
     large = cfg.rbatches[1]
     stf = next((r for r in rows if r["loss"] == "stf" and r["method"] == "library" and r["rbatch"] == large), None)
-    ratio = stf["ratio_vs_edm"] if stf is not None and stf.get("ratio_vs_edm") != "" else None
+    ratio = stf.get("ratio_vs_edm") if stf is not None else None  # absent when the row did not run
     issue_sizes = cfg.batch == 64 and large == 50_000 and cfg.net == DDPMPP and cfg.image == (3, 32, 32)
     if ratio is None:
         verdict = "no verdict: " + (stf["status"] if stf is not None else "the STF rows were not run")
@@ -778,7 +800,7 @@ def target_row(cfg: Config, rows: list[dict], env: dict, limit: float) -> dict:
 CSV_FIELDS = [
     "device", "device_name", "torch", "triton", "cdm_kernels", "extension", "python", "threads", "quick",
     "batch", "image", "net_params", "loss", "method", "rbatch", "cdm_points", "status", "ms_per_step", "q25_ms",
-    "q75_ms", "steps", "ratio_vs_edm", "peak_bytes", "peak_extra_bytes", "persistent_bytes", "est_bytes",
+    "q75_ms", "steps", "edm_paired_ms", "ratio_vs_edm", "peak_bytes", "peak_extra_bytes", "persistent_bytes", "est_bytes",
     "limit_bytes", "lib_ms_per_step", "profiled_ms_per_step", "lib_share", "lib_ops", "load_start", "load_end",
 ]
 
