@@ -3,7 +3,7 @@ formulas, at CIFAR-10 shape (issue "Rollouts and training on the GPU").
 
     python -m benchmarks.bench_train_step --quick                 # tiny net: checks the script, well under a minute
     python -m benchmarks.bench_train_step --device cuda           # the issue's configuration, on a GPU
-    python benchmarks/bench_train_step.py --device cpu --batch 8  # works as a script too
+    python benchmarks/bench_train_step.py --device cpu --batch 4 --threads 1   # works as a script too
 
 Setting: images 3 x 32 x 32 drawn from a synthetic data set of 50,000 images (CIFAR-10's training set
 size, uniform in [-1, 1], kept on the device as the training loop keeps its bank); the loop's network
@@ -20,7 +20,7 @@ Rows: EDM; STF with reference batches of 4096 and 50,000; CDM with 6 rollout poi
   authors  the same loss with two pieces swapped for the authors' formulas: the stable target by the
            broadcast formula (a (B, n, D) difference tensor, softmax, weighted sum of the repeated
            references, under no_grad: `stf_common.authors_broadcast`) and the rollout steps as float64
-           tensor operations with torch.randn_like noise (`bench_rollout.authors_sde_step`). The
+           tensor operations with torch.randn_like noise (bench_rollout's peer, `authors_rollout`). The
            network, the draws of sigma and sigma_min, the weighting, the reference batch and the
            martingale loss (the fused op) are the library loss's own, so the difference isolates the
            two formulas.
@@ -36,6 +36,9 @@ Measurements (each row after its warm-up steps):
   x EDM       ms/step over the median of EDM steps timed in alternation with the row's steps (one
               EDM step after each), so that a change of load or clocks hits both; "edm (end)" is
               EDM timed again after every row, its ratio to the first EDM row the run's drift.
+  CPU time    on the CPU also the process's CPU time of each step (time.process_time) and its ratio
+              to the paired EDM steps': with one thread (--threads 1) the step's own cost, which
+              other processes on a shared machine do not inflate as they do the wall time.
   peak memory one more step: GPU torch.cuda.max_memory_allocated (absolute) and its excess over what
               was allocated before the step; CPU the allocator events of torch.profiler
               (stf_common.peak_extra_bytes) for the excess, plus the persistent tensors (parameters,
@@ -76,7 +79,7 @@ import shlex
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,7 +90,6 @@ import torch  # noqa: E402
 
 import cdm_kernels  # noqa: E402
 from benchmarks import stf_common as sc  # noqa: E402
-from benchmarks.bench_rollout import authors_sde_step  # noqa: E402
 from cdm_kernels.train import TrainConfig, build_loss, build_model  # noqa: E402
 
 GiB = float(1 << 30)
@@ -281,8 +283,9 @@ def authors_rollout(net: Callable, x_t: torch.Tensor, sigma: torch.Tensor, sigma
         x = x_t.detach().double().repeat(K, *([1] * (x_t.dim() - 1)))
         for k in range(num_steps - 1):
             t_cur, t_next = t[:, k].repeat(K).reshape(bshape), t[:, k + 1].repeat(K).reshape(bshape)
-            D = net(x, t_cur, labels_k)
-            x = authors_sde_step(x, D, t_cur, t_next, None if noise is None else noise(k, x))
+            D = net(x, t_cur, labels_k).to(torch.float64)  # their rollout keeps x in float64, casts D to it
+            z = torch.randn_like(x) if noise is None else noise(k, x)
+            x = x + 2 * (t_next - t_cur) * (x - D) / t_cur + torch.sqrt(2 * (t_cur - t_next).abs() * t_cur) * z
     return x.reshape(K, *x_t.shape)
 
 
@@ -420,9 +423,9 @@ def stable_target_bytes(case: Case, B: int, D: int, device: str = "cpu") -> floa
     formula's is 3 B n D + 4 B n floats), 0 without one."""
     if not case.rbatch:
         return 0.0
-    methods = {m.name: m for m in sc.all_methods(device)}
-    name = "authors-broadcast" if case.method == "authors" else f"cdm_kernels[{cdm_kernels.resolve_backend(device)}]"
-    return methods[name].extra_bytes(B, case.rbatch, D, False)
+    methods = sc.all_methods(device)  # this library's backends first, the one "auto" picks first of all
+    want = "authors-broadcast" if case.method == "authors" else "cdm_kernels["
+    return next(m for m in methods if m.name.startswith(want)).extra_bytes(B, case.rbatch, D, False)
 
 
 def estimate_bytes(case: Case, B: int, D: int, persistent: float, edm_extra: float, device: str = "cpu") -> float:
@@ -567,24 +570,37 @@ def memory_of_step(bench: Bench, step: Callable[[], None]) -> tuple[float, float
     return bench.persistent_bytes() + extra, extra
 
 
+@dataclass
+class Timed:
+    """Seconds of the timed steps (wall: CUDA events / perf_counter; cpu: this process's CPU time) and
+    of the EDM steps timed in alternation with them."""
+
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+    peer_wall: list[float] = field(default_factory=list)
+    peer_cpu: list[float] = field(default_factory=list)
+
+
 def time_steps(step: Callable[[], None], cfg: Config, tick: Callable[[str], None],
-               peer: Callable[[], None] | None = None) -> tuple[list[float], list[float]]:
-    """Seconds of each timed step: at least min_steps, more while they total under target_s, at most
-    max_steps (CUDA events on a GPU, perf_counter on the CPU: stf_common.time_call, one step a call).
-    With a `peer` (EDM's step), one peer step after each step, timed too: a change of load or clocks
-    hits both alike, and their ratio stays meaningful on a shared machine."""
-    times: list[float] = []
-    peer_times: list[float] = []
+               peer: Callable[[], None] | None = None) -> Timed:
+    """Each timed step: at least min_steps, more while they total under target_s, at most max_steps
+    (CUDA events on a GPU, perf_counter on the CPU: stf_common.time_call, one step a call; and the
+    process's CPU time, which other processes on a shared CPU do not inflate). With a `peer` (EDM's
+    step), one peer step after each step, timed too: a change of load or clocks hits both alike, and
+    their ratio stays meaningful on a shared machine."""
+    t = Timed()
 
-    def one(fn) -> float:
-        return sc.time_call(fn, cfg.device, min_repeats=1, max_repeats=1, warmup=False).median
+    def one(fn, wall: list[float], cpu: list[float]) -> None:
+        c0 = time.process_time()
+        wall.append(sc.time_call(fn, cfg.device, min_repeats=1, max_repeats=1, warmup=False).median)
+        cpu.append(time.process_time() - c0)
 
-    while len(times) < cfg.min_steps or (len(times) < cfg.max_steps and sum(times) + times[-1] <= cfg.target_s):
-        times.append(one(step))
+    while len(t.wall) < cfg.min_steps or (len(t.wall) < cfg.max_steps and sum(t.wall) + t.wall[-1] <= cfg.target_s):
+        one(step, t.wall, t.cpu)
         if peer is not None:
-            peer_times.append(one(peer))
-        tick(f"timed {len(times)}")
-    return times, peer_times
+            one(peer, t.peer_wall, t.peer_cpu)
+        tick(f"timed {len(t.wall)}")
+    return t
 
 
 # ----------------------------------------------------------------------------------------------
@@ -653,10 +669,22 @@ def base_row(bench: Bench, case: Case, env: dict, persistent: float) -> dict:
             "cdm_points": cfg.cdm_steps if "cdm" in case.loss else "", "persistent_bytes": persistent}
 
 
-def timing_columns(times: list[float]) -> dict:
-    q = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
-    return {"ms_per_step": statistics.median(times) * 1e3, "q25_ms": q[0] * 1e3, "q75_ms": q[2] * 1e3,
-            "steps": len(times)}
+def timing_columns(t: Timed, device: str) -> dict:
+    """Median and quartiles of the wall times, and the ratios to the EDM steps timed alongside; on the
+    CPU the same from the process's CPU time (one thread: the step's own cost, whatever else runs)."""
+    q = statistics.quantiles(t.wall, n=4, method="inclusive") if len(t.wall) > 1 else [t.wall[0]] * 3
+    ms = statistics.median(t.wall) * 1e3
+    cols = {"ms_per_step": ms, "q25_ms": q[0] * 1e3, "q75_ms": q[2] * 1e3, "steps": len(t.wall)}
+    cpu = torch.device(device).type == "cpu"
+    if cpu:
+        cols["cpu_ms_per_step"] = statistics.median(t.cpu) * 1e3
+    if t.peer_wall:
+        cols["edm_paired_ms"] = statistics.median(t.peer_wall) * 1e3
+        cols["ratio_vs_edm"] = ms / cols["edm_paired_ms"]
+        if cpu:
+            cols["edm_paired_cpu_ms"] = statistics.median(t.peer_cpu) * 1e3
+            cols["cpu_ratio_vs_edm"] = cols["cpu_ms_per_step"] / cols["edm_paired_cpu_ms"]
+    return cols
 
 
 def run_case(bench: Bench, case: Case, progress: Progress, edm_step: Callable[[], None]) -> dict:
@@ -670,12 +698,8 @@ def run_case(bench: Bench, case: Case, progress: Progress, edm_step: Callable[[]
     progress.tick("memory")
     prof = library_op_time(step, cfg.device, cfg.profile_steps)
     progress.tick("profile")
-    times, edm_times = time_steps(step, cfg, progress.tick, None if case.loss == "edm" else edm_step)
-    ratio = {}
-    if edm_times:
-        edm_ms = statistics.median(edm_times) * 1e3
-        ratio = {"edm_paired_ms": edm_ms, "ratio_vs_edm": statistics.median(times) * 1e3 / edm_ms}
-    return {"status": "ok", **timing_columns(times), **ratio, "peak_bytes": peak, "peak_extra_bytes": extra,
+    timed = time_steps(step, cfg, progress.tick, None if case.loss == "edm" else edm_step)
+    return {"status": "ok", **timing_columns(timed, cfg.device), "peak_bytes": peak, "peak_extra_bytes": extra,
             "lib_ms_per_step": prof["lib_s"] * 1e3, "profiled_ms_per_step": prof["wall_s"] * 1e3,
             "lib_share": prof["share"],
             "lib_ops": "; ".join(f"{k}={v * 1e3:.3f}" for k, v in prof["by_op"].items())}
@@ -750,6 +774,8 @@ def _run(cfg: Config, progress: bool) -> dict:
     for r in rows:
         if r["loss"] in ("edm", "edm (end)") and r.get("ms_per_step"):  # EDM's row: 1; at the end: the drift
             r["ratio_vs_edm"] = r["ms_per_step"] / edm["ms_per_step"]
+            if "cpu_ms_per_step" in r:
+                r["cpu_ratio_vs_edm"] = r["cpu_ms_per_step"] / edm["cpu_ms_per_step"]
         r["limit_bytes"] = limit
         r["load_start"], r["load_end"] = load_start, load_end
     rows.append(target_row(cfg, rows, env, limit))
@@ -768,7 +794,7 @@ def retime_edm(bench: Bench, step: Callable[[], None], prog: Progress, env: dict
     if cfg.budget_s is not None and time.monotonic() - t_start > cfg.budget_s:
         return {**row, "status": "skipped: time budget"}
     warm_up(step, cfg.warmup, prog.tick)
-    row.update(status="ok", **timing_columns(time_steps(step, cfg, prog.tick)[0]))
+    row.update(status="ok", **timing_columns(time_steps(step, cfg, prog.tick), cfg.device))
     prog.row_done()
     return row
 
@@ -779,6 +805,7 @@ def target_row(cfg: Config, rows: list[dict], env: dict, limit: float) -> dict:
     large = cfg.rbatches[1]
     stf = next((r for r in rows if r["loss"] == "stf" and r["method"] == "library" and r["rbatch"] == large), None)
     ratio = stf.get("ratio_vs_edm") if stf is not None else None  # absent when the row did not run
+    cpu_ratio = stf.get("cpu_ratio_vs_edm", "") if stf is not None else ""
     issue_sizes = cfg.batch == 64 and large == 50_000 and cfg.net == DDPMPP and cfg.image == (3, 32, 32)
     if ratio is None:
         verdict = "no verdict: " + (stf["status"] if stf is not None else "the STF rows were not run")
@@ -790,7 +817,8 @@ def target_row(cfg: Config, rows: list[dict], env: dict, limit: float) -> dict:
         verdict = "PASS" if ratio <= TARGET_RATIO else "FAIL"
     return {**env, "quick": cfg.quick, "batch": cfg.batch, "image": "x".join(map(str, cfg.image)),
             "loss": f"target: STF(r={large})/EDM <= {TARGET_RATIO:.2f}", "method": "library", "rbatch": large,
-            "ratio_vs_edm": ratio if ratio is not None else "", "status": verdict, "limit_bytes": limit}
+            "ratio_vs_edm": ratio if ratio is not None else "", "cpu_ratio_vs_edm": cpu_ratio, "status": verdict,
+            "limit_bytes": limit}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -800,7 +828,8 @@ def target_row(cfg: Config, rows: list[dict], env: dict, limit: float) -> dict:
 CSV_FIELDS = [
     "device", "device_name", "torch", "triton", "cdm_kernels", "extension", "python", "threads", "quick",
     "batch", "image", "net_params", "loss", "method", "rbatch", "cdm_points", "status", "ms_per_step", "q25_ms",
-    "q75_ms", "steps", "edm_paired_ms", "ratio_vs_edm", "peak_bytes", "peak_extra_bytes", "persistent_bytes", "est_bytes",
+    "q75_ms", "steps", "edm_paired_ms", "ratio_vs_edm", "cpu_ms_per_step", "edm_paired_cpu_ms", "cpu_ratio_vs_edm",
+    "peak_bytes", "peak_extra_bytes", "persistent_bytes", "est_bytes",
     "limit_bytes", "lib_ms_per_step", "profiled_ms_per_step", "lib_share", "lib_ops", "load_start", "load_end",
 ]
 
@@ -816,6 +845,7 @@ def _fmt(v, spec: str) -> str:
 def format_markdown(res: dict, command: str) -> str:
     cfg, env = res["config"], res["env"]
     net = cfg.net
+    cpu = torch.device(cfg.device).type == "cpu"
     lines = [
         "# One training step: EDM, STF, CDM, STF+CDM, this library's ops against the authors' formulas"
         + (" (--quick: tiny network, not a measurement)" if cfg.quick else ""),
@@ -835,19 +865,22 @@ def format_markdown(res: dict, command: str) -> str:
         f"step(s), then {cfg.min_steps} to {cfg.max_steps} timed steps (more while under {cfg.target_s:g} s). "
         f"Memory limit for the estimates: {res['limit'] / GiB:.1f} GiB.",
         "",
-        "| loss | method | rbatch | ms/step [IQR] | steps | x EDM | peak GiB (excess) | est. GiB | library ops "
-        "ms/step | share | status |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| loss | method | rbatch | ms/step [IQR] | steps | x EDM |" + (" CPU-time x EDM |" if cpu else "")
+        + " peak GiB (excess) | est. GiB | library ops ms/step | share | status |",
+        "|---|---|---:|---:|---:|---:|" + ("---:|" if cpu else "") + "---:|---:|---:|---:|---|",
     ]
     for r in res["rows"][:-1]:
         t = (f"{r['ms_per_step']:.1f} [{r['q25_ms']:.1f}-{r['q75_ms']:.1f}]" if r.get("ms_per_step") else "")
         mem = f"{_gib(r.get('peak_bytes'))} ({_gib(r.get('peak_extra_bytes'))})" if r.get("peak_bytes") else ""
         share = f"{100 * r['lib_share']:.1f}%" if r.get("lib_share") not in (None, "") else ""
         lines.append(f"| {r['loss']} | {r['method']} | {r['rbatch']} | {t} | {r.get('steps', '')} | "
-                     f"{_fmt(r.get('ratio_vs_edm'), '.3f')} | {mem} | {_gib(r.get('est_bytes'))} | "
-                     f"{_fmt(r.get('lib_ms_per_step'), '.2f')} | {share} | {r['status']} |")
+                     f"{_fmt(r.get('ratio_vs_edm'), '.3f')} |"
+                     + (f" {_fmt(r.get('cpu_ratio_vs_edm'), '.3f')} |" if cpu else "")
+                     + f" {mem} | {_gib(r.get('est_bytes'))} | {_fmt(r.get('lib_ms_per_step'), '.2f')} | {share} | "
+                     f"{r['status']} |")
     tr = res["rows"][-1]
-    lines += ["", f"**{tr['loss']}**: ratio {_fmt(tr['ratio_vs_edm'], '.3f') or '-'}: {tr['status']}", ""]
+    cpu_ratio = f" (CPU time: {_fmt(tr.get('cpu_ratio_vs_edm'), '.3f') or '-'})" if cpu else ""
+    lines += ["", f"**{tr['loss']}**: ratio {_fmt(tr['ratio_vs_edm'], '.3f') or '-'}{cpu_ratio}: {tr['status']}", ""]
     ooms = [r for r in res["rows"][:-1] if r["status"].startswith("OOM")]
     lines.append("Out of memory: " + ("; ".join(f"{r['loss']} {r['method']} rbatch {r['rbatch']}: {r['status']}"
                                                  for r in ooms) if ooms else "no row.") + "")
