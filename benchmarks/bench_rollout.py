@@ -260,7 +260,7 @@ def _sde(inp, backend):
 
 def _noise(inp, backend):
     shape = tuple(inp.x.shape)
-    name = backend if backend in sc.library_backends("randn", "cpu") else "auto"
+    name = backend if backend in cdm_kernels.available_backends("randn", "cpu") else "auto"
     return lambda: cdm_kernels.randn(shape, SEED, OFFSET, backend=name)
 
 
@@ -355,7 +355,7 @@ def run(cfg: Config, methods: list[Method] | None = None, progress: bool = True)
     """Checks every method, then times the ones that passed; returns rows and the environment."""
     default_threads = torch.get_num_threads()
     thread_counts = list(dict.fromkeys(t or default_threads for t in cfg.threads))
-    backend = cdm_kernels.resolve_rollout_backend("cpu", cfg.backend)
+    backend = cdm_kernels.resolve_backend("rollout_step", "cpu", cfg.backend)
     methods = [m for m in all_methods() if m.name in cfg.methods] if methods is None else methods
     env = sc.environment("cpu")
     load_start = sc.load_average()

@@ -1,8 +1,8 @@
 """One training step of the EDM, STF, CDM and STF+CDM losses, this library's ops against the authors'
-formulas, at CIFAR-10 shape (issue "Rollouts and training on the GPU").
+formulas, at CIFAR-10 shape.
 
     python -m benchmarks.bench_train_step --quick                 # tiny net: checks the script, well under a minute
-    python -m benchmarks.bench_train_step --device cuda           # the issue's configuration, on a GPU
+    python -m benchmarks.bench_train_step --device cuda           # the target's configuration, on a GPU
     python benchmarks/bench_train_step.py --device cpu --batch 4 --threads 1   # works as a script too
 
 Setting: images 3 x 32 x 32 drawn from a synthetic data set of 50,000 images (CIFAR-10's training set
@@ -65,7 +65,7 @@ the start) is recorded "OOM (needs X GiB)" without running; an out-of-memory err
 anyway is caught and recorded "OOM (at run: ...)".
 
 Outputs in --out (default out/bench_train_step/, git-ignored): train_step.csv (one row per loss and
-method, plus the target row STF(50000)/EDM <= 1.10, a verdict only on a GPU at the issue's sizes),
+method, plus the target row STF(50000)/EDM <= 1.10, a verdict only on a GPU at the target's sizes),
 train_step.md (tables, checks, network), train_step.png (ms/step per loss and method).
 """
 
@@ -96,7 +96,7 @@ GiB = float(1 << 30)
 FLOAT32, FLOAT64 = 4, 8
 K = 2  # CDM trajectories per sample (CDMLoss uses two)
 EDM_DDPMPP_PARAMS_PAPER = 55.73e6  # EDM (Karras et al. 2022), Table 7: DDPM++ on CIFAR-10, "56M"
-TARGET_RATIO = 1.10  # issue: STF with 50,000 references adds at most 10% to an EDM step (on the H200)
+TARGET_RATIO = 1.10  # target: STF with 50,000 references adds at most 10% to an EDM step (on the H200)
 LOSS_ORDER = ("edm", "stf", "cdm", "stf+cdm")
 
 
@@ -800,19 +800,19 @@ def retime_edm(bench: Bench, step: Callable[[], None], prog: Progress, env: dict
 
 
 def target_row(cfg: Config, rows: list[dict], env: dict, limit: float) -> dict:
-    """STF with the large reference batch (library) over EDM, with a verdict only where the issue's
+    """STF with the large reference batch (library) over EDM, with a verdict only where the target's
     target applies: on a GPU, at batch 64, 50,000 references, the DDPM++-like network."""
     large = cfg.rbatches[1]
     stf = next((r for r in rows if r["loss"] == "stf" and r["method"] == "library" and r["rbatch"] == large), None)
     ratio = stf.get("ratio_vs_edm") if stf is not None else None  # absent when the row did not run
     cpu_ratio = stf.get("cpu_ratio_vs_edm", "") if stf is not None else ""
-    issue_sizes = cfg.batch == 64 and large == 50_000 and cfg.net == DDPMPP and cfg.image == (3, 32, 32)
+    target_sizes = cfg.batch == 64 and large == 50_000 and cfg.net == DDPMPP and cfg.image == (3, 32, 32)
     if ratio is None:
         verdict = "no verdict: " + (stf["status"] if stf is not None else "the STF rows were not run")
     elif torch.device(cfg.device).type != "cuda":
         verdict = "no verdict (CPU: the target is for the GPU)"
-    elif not issue_sizes:
-        verdict = "no verdict (not the issue's sizes)"
+    elif not target_sizes:
+        verdict = "no verdict (not the target's sizes)"
     else:
         verdict = "PASS" if ratio <= TARGET_RATIO else "FAIL"
     return {**env, "quick": cfg.quick, "batch": cfg.batch, "image": "x".join(map(str, cfg.image)),

@@ -46,21 +46,6 @@ FLOAT32 = 4  # bytes per element: every benchmark here runs in float32
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def library_backends(op: str, device: str = "cpu") -> list[str]:
-    """The backends of the cdm_kernels op family `op` ("stf_target" or "randn") for tensors on `device`.
-    The registry of later versions answers for every family, named first; version 0.1 had a
-    function per family."""
-    import inspect
-
-    if next(iter(inspect.signature(cdm_kernels.available_backends).parameters)) == "op":
-        return cdm_kernels.available_backends(op, device)
-    if op == "randn":
-        from cdm_kernels.random import randn_backends
-
-        return randn_backends(device)
-    return cdm_kernels.available_backends(device)
-
-
 def default_out(name: str) -> str:
     """Where a benchmark writes when --out is not given: out/benchmarks/<name> in the checkout, which
     git ignores. benchmarks/results/ holds the committed results: it is written only when --out
@@ -132,8 +117,9 @@ def _matmul_traffic(B: int, n: int, D: int, backward: bool) -> float:
 
 
 def _library_method(backend: str) -> Method:
+    # The library takes no norms: its kernels compute the centred references' norms in the pass.
     def fn(x, sigma, ref, ref_sqnorm, prep):
-        return cdm_kernels.stf_target(x, sigma, ref, backend=backend, ref_sqnorm=ref_sqnorm)
+        return cdm_kernels.stf_target(x, sigma, ref, backend=backend)
 
     def extra(B, n, D, backward):
         # The (B, chunk) logit tiles, the (B, D) accumulators and the outputs (the reference backend
@@ -269,7 +255,7 @@ def all_methods(device: str = "cpu") -> list[Method]:
     interpreted = torch.device(device).type == "cpu"
     methods = [
         _library_method(b)
-        for b in library_backends("stf_target", device)
+        for b in cdm_kernels.available_backends("stf_target", device)
         if not (interpreted and b == "triton")
     ]
     methods += [

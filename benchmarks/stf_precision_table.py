@@ -1,15 +1,20 @@
-"""Error of each precision mode of the Triton stable target against float64, over sigma in [0.002, 80].
+"""Error of each precision mode of the stable target against float64, over sigma in [0.002, 80].
 
-Runs the Triton kernels for real under the interpreter on the CPU (the kernels round every product's
-operands to TF32 / bfloat16 themselves, so the interpreter reproduces the GPU's input rounding; only
-the float32 accumulation order differs). Prints markdown tables (one per quantity: rows are noise
-levels, columns the modes, plus the float32 PyTorch reference `stf_reference` as a peer).
+Each mode (`ieee`, `tf32x3`, `tf32`, `bf16`) as the GPU backends compute it: by default through its
+exact CPU emulation, `stf_reference` in that mode (the operands shifted by the centre and rounded as
+the kernels round them, products of the rounded values in float32; only the order of the float32
+sums differs from a GPU's), or with `--backend triton` through the Triton kernels themselves under
+the interpreter (slow). The peer is the eager PyTorch composition in float32 (the matmul form with
+the norms precomputed, autograd for the gradients), what a user would write instead. Prints markdown
+tables (one per quantity: rows are noise levels, columns the modes and the peer).
 
 Data with spread weights at every sigma: C smooth "images" in [-1, 1]^D and, for each, copies
 perturbed at log-spaced scales eps from 1e-5 to 3; x_i = centre + sigma_i z. A copy at scale eps
 moves d_ij by about eps^2 D, so at every sigma some copies carry weight (the n_eff column shows it).
+`--offset K` moves every image by K per coordinate (data away from the origin: the matmul form
+loses its digits there, the shifted operands do not).
 
-    python benchmarks/stf_precision_table.py [--dim 3072] [--copies 32] [--centres 8]   # or: python -m benchmarks.stf_precision_table
+    python benchmarks/stf_precision_table.py [--dim 3072] [--copies 32] [--centres 8] [--offset 0]
     python benchmarks/stf_precision_table.py --quick     # D = 64, a few rows: checks the script in seconds
 
 It prints the tables and writes no file.
@@ -29,11 +34,10 @@ if __package__ in (None, ""):  # run as `python benchmarks/stf_precision_table.p
 
 import torch  # noqa: E402
 
-from cdm_kernels import stf_reference  # noqa: E402
-from cdm_kernels.triton import stf as triton_stf  # noqa: E402
+from cdm_kernels import registry, stf_reference  # noqa: E402
 
 SIGMAS = (0.002, 0.005, 0.02, 0.1, 0.3, 1.0, 3.0, 10.0, 80.0)
-MODES = ("ieee", "tf32", "bf16")
+MODES = registry.PRECISIONS
 
 
 @dataclass
@@ -42,6 +46,7 @@ class Config:
     centres: int = 8
     copies: int = 32
     chunk_size: int = 128
+    offset: float = 0.0
     seed: int = 0
 
 
@@ -64,7 +69,7 @@ def make_data(cfg: Config):
     x = centres.repeat(len(SIGMAS), 1) + sigma[:, None] * torch.randn(len(sigma), D, generator=g, dtype=torch.float64)
     grad_mu = torch.randn(x.shape, generator=g, dtype=torch.float64)
     grad_lse = torch.randn(len(sigma), generator=g, dtype=torch.float64)
-    return x, sigma, ref, grad_mu, grad_lse
+    return x + cfg.offset, sigma, ref + cfg.offset, grad_mu, grad_lse
 
 
 def judge(x, sigma, ref, grad_mu, grad_lse):
@@ -83,25 +88,29 @@ def judge(x, sigma, ref, grad_mu, grad_lse):
     return torch.stack(mus), torch.stack(lses), torch.stack(gxs), torch.stack(gss), torch.stack(neffs)
 
 
-def run_triton(mode, x, sigma, ref, grad_mu, grad_lse, chunk_size):
+def run_mode(backend, mode, x, sigma, ref, grad_mu, grad_lse, chunk_size):
+    """mu, lse, dL/dx, dL/dsigma of one precision mode: `stf_reference` (the modes' exact emulation) or
+    the launchers of a registered backend for CPU tensors (the Triton interpreter)."""
     f = torch.float32
     x, sigma, ref, grad_mu, grad_lse = (t.to(f).contiguous() for t in (x, sigma, ref, grad_mu, grad_lse))
-    rn = (ref * ref).sum(1)
-    blocks = {"block_b": 64, "block_n": 64, "block_d": 256, "block_d_acc": 256}  # fewer interpreter steps
-    mu, lse, aux = triton_stf.stf_forward(x, sigma, ref, rn, chunk_size, mode, blocks=blocks)
-    gx, gs, _ = triton_stf.stf_backward(
-        grad_mu, grad_lse, x, sigma, ref, rn, mu, aux, chunk_size, mode, False, blocks=blocks
-    )
+    fns = stf_reference if backend == "reference" else registry.launchers("stf_target", backend, "cpu")
+    centre = stf_reference.centre_of(ref)
+    mu, lse, aux = fns.stf_forward(x, sigma, ref, centre, chunk_size, mode)
+    gx, gs, _ = fns.stf_backward(grad_mu, grad_lse, x, sigma, ref, centre, mu, aux, chunk_size, mode, False)
     return mu, lse, gx, gs
 
 
-def run_torch_fp32(x, sigma, ref, grad_mu, grad_lse, chunk_size):
+def run_eager_fp32(x, sigma, ref, grad_mu, grad_lse):
+    """The eager composition in float32 (norms precomputed), gradients by autograd."""
     f = torch.float32
-    x, sigma, ref, grad_mu, grad_lse = (t.to(f) for t in (x, sigma, ref, grad_mu, grad_lse))
-    rn = (ref * ref).sum(1)
-    mu, lse, aux = stf_reference.stf_forward(x, sigma, ref, rn, chunk_size)
-    gx, gs, _ = stf_reference.stf_backward(grad_mu, grad_lse, x, sigma, ref, rn, mu, aux, chunk_size, False)
-    return mu, lse, gx, gs
+    x, sigma = (t.to(f).clone().requires_grad_() for t in (x, sigma))
+    ref, grad_mu, grad_lse = (t.to(f) for t in (ref, grad_mu, grad_lse))
+    logit = (x @ ref.T - 0.5 * (ref * ref).sum(1)) / sigma[:, None] ** 2 - 0.5 * (x * x).sum(1, keepdim=True) / (
+        sigma[:, None] ** 2)
+    mu = torch.softmax(logit, 1) @ ref
+    lse = torch.logsumexp(logit, 1)
+    gx, gs = torch.autograd.grad((mu * grad_mu).sum() + (lse * grad_lse).sum(), (x, sigma))
+    return mu.detach(), lse.detach(), gx, gs
 
 
 def group_errors(out, exact, C):
@@ -128,26 +137,31 @@ def main(argv=None):
     ap.add_argument("--centres", type=int, default=Config.centres)
     ap.add_argument("--copies", type=int, default=Config.copies)
     ap.add_argument("--chunk-size", type=int, default=Config.chunk_size)
+    ap.add_argument("--offset", type=float, default=Config.offset, help="added to every coordinate of the data")
+    ap.add_argument("--backend", default="reference", choices=("reference", "triton"),
+                    help="reference: each mode's exact emulation; triton: the Triton kernels under the interpreter")
     ap.add_argument("--quick", action="store_true", help="D = 64, 2 centres of 4 copies: checks the script")
     args = ap.parse_args(argv)
-    cfg = Config(dim=args.dim, centres=args.centres, copies=args.copies, chunk_size=args.chunk_size)
+    cfg = Config(dim=args.dim, centres=args.centres, copies=args.copies, chunk_size=args.chunk_size,
+                 offset=args.offset)
     if args.quick:
-        cfg = Config(dim=64, centres=2, copies=4, chunk_size=16)
+        cfg = Config(dim=64, centres=2, copies=4, chunk_size=16, offset=args.offset)
     x, sigma, ref, grad_mu, grad_lse = make_data(cfg)
     *exact, neff = judge(x, sigma, ref, grad_mu, grad_lse)
     C = cfg.centres
-    results = {"torch fp32": group_errors(run_torch_fp32(x, sigma, ref, grad_mu, grad_lse, cfg.chunk_size), exact, C)}
+    results = {"eager fp32": group_errors(run_eager_fp32(x, sigma, ref, grad_mu, grad_lse), exact, C)}
     for mode in MODES:
-        out = run_triton(mode, x, sigma, ref, grad_mu, grad_lse, cfg.chunk_size)
-        results[f"triton {mode}"] = group_errors(out, exact, C)
+        out = run_mode(args.backend, mode, x, sigma, ref, grad_mu, grad_lse, cfg.chunk_size)
+        results[mode] = group_errors(out, exact, C)
     names = list(results)
+    how = "stf_reference's emulation of each mode" if args.backend == "reference" else "the Triton interpreter"
     print(
         f"Stable target vs float64: B = {x.shape[0]} ({C} per sigma), n = {ref.shape[0]}, D = {cfg.dim}, "
-        f"chunk = {cfg.chunk_size}; torch {torch.__version__}, python {platform.python_version()}, "
-        f"Triton interpreter on {platform.machine()}\n"
+        f"data offset {cfg.offset:g}, chunk = {cfg.chunk_size}; modes by {how}; torch {torch.__version__}, "
+        f"python {platform.python_version()}, {platform.machine()}\n"
     )
     titles = (
-        "max |mu - mu64| (data in [-1, 1])",
+        "max |mu - mu64| (images in [-1, 1] before the offset)",
         "max |lse - lse64| / |lse64|",
         "||grad_x - grad_x64|| / ||grad_x64||",
         "||grad_sigma - grad_sigma64|| / ||grad_sigma64||",

@@ -4,7 +4,7 @@ Public API:
     stf_target, stf_score, STFStats               the stable target (docs/math.md)
     resolve_backend, available_backends           which backend an op family runs on, per device
     extension_status                              whether the compiled kernels are loaded
-    EDMLoss, STFLoss, CDMLoss, STFCDMLoss         training losses (math.md sections 2 and 3)
+    EDMLoss, STFLoss, CDMLoss, STFCDMLoss         training losses (docs/math.md sections 2 and 3)
     ReferenceBank                                 references (and cached norms) for the STF losses
     stf_target_sharded                            the stable target over references split across processes
 """
@@ -28,7 +28,7 @@ __all__ = [
     "stf_target",
 ]
 
-# Consistency rollouts, EDM sampler steps, Philox noise and the martingale loss (math.md 2-3).
+# Consistency rollouts, EDM sampler steps, Philox noise and the martingale loss (docs/math.md sections 2 and 3).
 from .random import randn
 from .rollout import (
     available_rollout_backends,

@@ -1,5 +1,5 @@
 """Training losses: EDM denoising score matching, the stable target (STF), the consistency
-(martingale) loss (CDM) and both together (math.md sections 2 and 3).
+(martingale) loss (CDM) and both together (docs/math.md sections 2 and 3).
 
 Each loss is a callable in the style of EDM's training/loss.py:
 
@@ -28,7 +28,7 @@ from .stf import stf_target
 
 __all__ = ["CDMLoss", "EDMLoss", "ReferenceBank", "STFCDMLoss", "STFLoss"]
 
-# EDM's smallest noise level; CDM's rollouts stop no lower than this (math.md section 3, step 2).
+# EDM's smallest noise level; CDM's rollouts stop no lower than this (docs/math.md section 3 step 2).
 SIGMA_MIN_FLOOR = 0.002
 
 
@@ -58,7 +58,7 @@ def _rollout_seed(generator: torch.Generator | None) -> int:
 
 
 class EDMLoss:
-    """EDM's denoising score matching loss (Karras et al. 2022, math.md section 2), per element.
+    """EDM's denoising score matching loss (Karras et al. 2022, docs/math.md section 2), per element.
 
         ln sigma ~ N(P_mean, P_std^2),  n ~ N(0, sigma^2 I),  (y, augment_labels) = augment_pipe(images)
         lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2
@@ -213,7 +213,7 @@ class STFLoss(EDMLoss, _StableTargetMixin):
     """EDM's loss with the stable target (Xu et al., ICLR 2023) in place of the clean image.
 
         loss = lambda(sigma) (D(y + n; sigma) - mu(y + n; sigma))^2,
-        mu_i = sum_j softmax_j(-||x_i - r_j||^2 / (2 sigma_i^2)) r_j   (math.md section 1)
+        mu_i = sum_j softmax_j(-||x_i - r_j||^2 / (2 sigma_i^2)) r_j   (docs/math.md section 1)
 
     over a reference batch r of `rbatch` rows whose first B rows are the minibatch's own clean
     (augmented) images y. The rest comes from `ref=` (a (rbatch, *S) tensor whose first B rows are
@@ -250,7 +250,7 @@ class STFLoss(EDMLoss, _StableTargetMixin):
 
 
 class CDMLoss(EDMLoss):
-    """EDM's loss plus the consistency (martingale) loss of Daras et al. 2023 (math.md section 3).
+    """EDM's loss plus the consistency (martingale) loss of Daras et al. 2023 (docs/math.md section 3).
 
     Per sample: ln sigma ~ N(P_mean, P_std^2); x_t = y + sigma z (one noise draw);
     D0 = D(x_t; sigma) with gradient; eps ~ U[eps_min, eps_max]; sigma_min = max(sigma - eps, 0.002);
@@ -262,7 +262,7 @@ class CDMLoss(EDMLoss):
         loss = lambda(sigma) (D0 - target)^2 + lambda_m (D1a - D0)(D1b - D0)
 
     with target = y here (the stable target in STFCDMLoss). The second term is an unbiased
-    estimate of (E[D1 | x_t] - D0)^2. One departure from math.md: sigma_min is also capped at sigma,
+    estimate of (E[D1 | x_t] - D0)^2. One departure from docs/math.md: sigma_min is also capped at sigma,
     so the rare sample drawn with sigma < 0.002 (probability about 1.5e-5 with the default P_mean,
     P_std) gets a zero-length rollout (D1 = D0, no consistency term) instead of a schedule running
     upward, which the EDM schedule does not define.

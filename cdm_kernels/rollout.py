@@ -1,4 +1,4 @@
-"""Consistency rollouts (Daras et al. 2023; math.md section 3) and EDM's sampler steps as fused ops.
+"""Consistency rollouts (Daras et al. 2023; docs/math.md section 3) and EDM's sampler steps as fused ops.
 
 Layers, as for every op of the package:
   kernel    csrc/cpu/rollout.cpp, csrc/cuda/rollout.cu (arithmetic in csrc/rollout_math.h,
@@ -285,7 +285,7 @@ def rollout_step(
 
     With h = t_next - t_cur per sample, d = (x - D) / t_cur:
 
-      kind="sde":   x' = x + 2 h d + sqrt(2 |h| t_cur) z         (math.md section 3 step 4)
+      kind="sde":   x' = x + 2 h d + sqrt(2 |h| t_cur) z         (docs/math.md section 3 step 4)
       kind="euler": x' = x + h d                                  (EDM Euler step)
       kind="heun":  x' = x + h/2 (d + (x_euler - denoised_euler) / t_next)
                     (EDM's 2nd-order correction: `x` and `denoised` = D(x; t_cur) are the state and
@@ -452,7 +452,7 @@ def consistency_rollout(
     generator: torch.Generator | None = None,
     backend: str = "auto",
 ):
-    """K independent reverse-SDE trajectories from the same x_t (math.md section 3 steps 3-4).
+    """K independent reverse-SDE trajectories from the same x_t (docs/math.md section 3 step 3 and step 4).
 
     Per sample, the EDM schedule t_0 = sigma .. t_{N-1} = sigma_min (`edm_schedule`, rho); the K
     trajectories run as one batch of K*B under torch.no_grad(), each step
@@ -508,7 +508,7 @@ def consistency_rollout(
 def martingale_loss(
     D0: Tensor, D1a: Tensor, D1b: Tensor, y: Tensor, weight, lambda_m: float = 2.0, *, backend: str = "auto"
 ) -> Tensor:
-    """The consistency objective per element (math.md section 3 steps 1 and 6):
+    """The consistency objective per element (docs/math.md section 3 step 1 and step 6):
 
         loss = weight (D0 - y)^2 + lambda_m (D1a - D0)(D1b - D0)
 

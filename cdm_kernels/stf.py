@@ -116,7 +116,7 @@ _stf_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 class STFStats(NamedTuple):
-    """Weight diagnostics of each query row (math.md): all of shape (B,), in the compute dtype."""
+    """Weight diagnostics of each query row (docs/math.md section 1): all of shape (B,), in the compute dtype."""
 
     n_eff: Tensor  # effective number of references 1 / sum_j w_ij^2, in [1, n]
     w_max: Tensor  # the largest weight max_j w_ij, in [1/n, 1]

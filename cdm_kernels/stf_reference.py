@@ -55,8 +55,14 @@ CENTRE_REFS = 64
 
 
 def centre_of(ref: Tensor) -> Tensor:
-    """The default centre c (D,): the mean of the first CENTRE_REFS references."""
-    return ref[:CENTRE_REFS].mean(0)
+    """The default centre c (D,): the mean of the first CENTRE_REFS references, or 0 when that mean is
+    within their spread of the origin (||mean||^2 <= the mean of ||r_j - mean||^2): the products'
+    rounding scale ||r'||^2 would shrink by at most half there, and with a zero centre the CPU kernel
+    reads the references as they are instead of writing a shifted copy. No host synchronisation."""
+    head = ref[:CENTRE_REFS]
+    mean = head.mean(0)
+    spread = (head - mean).pow(2).sum(1).mean()
+    return torch.where(mean.pow(2).sum() <= spread, torch.zeros_like(mean), mean)
 
 
 def half_inv_sq(sigma: Tensor) -> Tensor:
@@ -98,12 +104,13 @@ def operands(t: Tensor, precision: str) -> tuple[Tensor, ...]:
 
 
 def product(a: tuple[Tensor, ...], b: tuple[Tensor, ...]) -> Tensor:
-    """sum_k a[i, k] b[k, j] of operands from `operands`: one product, or for a (hi, lo) split the
-    three products hi hi + hi lo + lo hi (the 3xTF32 scheme; lo lo is below float32's rounding)."""
+    """sum_k a[i, k] b[k, j] of operands from `operands`: one product, or for (hi, lo) splits the
+    three products hi hi + hi lo + lo hi (the 3xTF32 scheme; lo lo is below float32's rounding) summed
+    in one float32 accumulation, as the kernels do (one product over the concatenated K axis)."""
     if len(a) == 1:
         return a[0] @ b[0]
     (ah, al), (bh, bl) = a, b
-    return ah @ bh + (ah @ bl + al @ bh)
+    return torch.cat([ah, ah, al], dim=1) @ torch.cat([bh, bl, bh], dim=0)
 
 
 def _sqnorms(t: Tensor, ops: tuple[Tensor, ...], precision: str) -> Tensor:

@@ -582,14 +582,10 @@ def _load_data(c: TrainConfig) -> ImageDataset:
 
 def _check_backend(device: torch.device, backend: str) -> None:
     """Raises ValueError naming --backend when the stable target has no such backend on `device`."""
-    import inspect
-
     from . import resolve_backend
 
-    # The registry of later versions names the op family first: resolve_backend("stf_target", device, ...).
-    op_first = next(iter(inspect.signature(resolve_backend).parameters)) == "op"
     try:
-        resolve_backend(*(("stf_target",) if op_first else ()), device, backend)
+        resolve_backend("stf_target", device, backend)
     except ValueError as exc:
         raise ValueError(f"--backend {backend}: {exc}") from None
 

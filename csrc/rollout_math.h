@@ -77,14 +77,14 @@ CDM_HD T churn_element(T x, T z, const StepCoef<T>& c) {
   return x + c.s * z;
 }
 
-// loss = w (D0 - y)^2 + lambda_m (D1a - D0)(D1b - D0)    (math.md 3.1 and 3.6)
+// loss = w (D0 - y)^2 + lambda_m (D1a - D0)(D1b - D0)    (docs/math.md section 3 step 1 and step 6)
 template <typename T>
 CDM_HD T martingale_loss(T D0, T D1a, T D1b, T y, T w, T lambda_m) {
   const T r = D0 - y;
   return w * r * r + lambda_m * (D1a - D0) * (D1b - D0);
 }
 
-// The fused backward: dL/dD0, dL/dD1a, dL/dD1b times the incoming gradient g (math.md 3).
+// The fused backward: dL/dD0, dL/dD1a, dL/dD1b times the incoming gradient g (docs/math.md section 3).
 template <typename T>
 CDM_HD void martingale_grads(T g, T D0, T D1a, T D1b, T y, T w, T lambda_m, T* g0, T* ga, T* gb) {
   const T ea = D1a - D0, eb = D1b - D0;

@@ -7,9 +7,12 @@ pytest parameters (the CUDA ones marked `gpu`). Test vehicles that run GPU kerne
 slow, so `case.heavy_ok` says whether a case should take the large problems.
 
 Tolerance (FlashAttention's rule, made robust): a quantity's normwise error against the float64
-judge is at most FACTOR times the largest error of three float32 computations of the same math
+judge is at most FACTOR times the largest error of REALISATIONS float32 computations of the same math
 (`stf_reference` in the same precision mode: the test's chunking, and one chunk with the features
-in two permuted orders, equally valid summation orders), plus FLOOR for what float32 gets exactly.
+in permuted orders, equally valid summation orders), plus FLOOR for what float32 gets exactly. One
+realisation of rounding noise is not a budget: at sigma ~ 0.005 on data with near-duplicate
+references the weights resolve distance differences of ~ sigma^2, below float32's resolution of the
+distances, and the errors of equally valid summation orders vary 30-fold.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from cdm_kernels.contract import AUX_DBAR, AUX_NEFF, AUX_WMAX
 
 FACTOR = 2
 FLOOR = 16 * torch.finfo(torch.float32).eps
+REALISATIONS = 6
 
 
 @dataclass(frozen=True)
@@ -113,10 +117,10 @@ def reference_float32(x, sigma, ref, *, precision="ieee", chunk, grad_mu=None, g
 
 
 def float32_budget(exact: dict, x, sigma, ref, *, precision="ieee", chunk, grad_mu=None, grad_lse=None) -> dict:
-    """Per quantity, the largest error against `exact` of three float32 computations of the same math."""
+    """Per quantity, the largest error against `exact` of REALISATIONS float32 computations of the math."""
     g = torch.Generator().manual_seed(123)
     outs = [reference_float32(x, sigma, ref, precision=precision, chunk=chunk, grad_mu=grad_mu, grad_lse=grad_lse)]
-    for _ in range(2):
+    for _ in range(REALISATIONS - 1):
         perm = torch.randperm(x.shape[1], generator=g)
         outs.append(reference_float32(x, sigma, ref, precision=precision, chunk=ref.shape[0], grad_mu=grad_mu,
                                       grad_lse=grad_lse, perm=perm))
@@ -130,5 +134,5 @@ def assert_within_budget(got: dict, exact: dict, budget: dict, what: str, factor
         worst = (value.double() - exact[name].double().cpu()).abs().argmax().item()
         assert err <= tol, (
             f"{name} ({what}): relative error {err:.3e} against float64 exceeds {factor} x {budget[name]:.3e} "
-            f"(the same math in float32, worst of 3 computations) + {FLOOR:.1e}; worst element at {worst}"
+            f"(the same math in float32, worst of {REALISATIONS} computations) + {FLOOR:.1e}; worst element at {worst}"
         )

@@ -289,7 +289,7 @@ def test_consistency_rollout_matches_closed_form_moments(case):
 
 
 def test_consistency_rollout_equals_its_steps_exactly():
-    # The rollout is the loop of math.md 3.4 with Philox noise at offsets offset + k K numel.
+    # The rollout is the loop of docs/math.md section 3 step 4 with Philox noise at offsets offset + k K numel.
     B, K, N = 3, 2, 4
     x_t = torch.randn(B, 2, 5, dtype=torch.float64)
     sigma, smin = torch.tensor([3.0, 1.0, 0.5], dtype=torch.float64), torch.tensor([2.9, 0.99, 0.45], dtype=torch.float64)
@@ -354,7 +354,7 @@ def test_martingale_loss_and_grads(case, dtype, wshape):
     loss = cdm_kernels.martingale_loss(*leaves, y.to(case.device), wd, lambda_m=1.7, backend=case.backend).cpu()
     w = weight if isinstance(weight, float) else weight.double()
     d0, da, db, yy = (v.double() for v in (D0, D1a, D1b, y))
-    expected = w * (d0 - yy) ** 2 + 1.7 * (da - d0) * (db - d0)  # math.md 3.1 + 3.6
+    expected = w * (d0 - yy) ** 2 + 1.7 * (da - d0) * (db - d0)  # docs/math.md section 3 step 1 and step 6
     bound = abs(w if isinstance(w, float) else w) * (d0 - yy) ** 2 + 1.7 * ((da - d0) * (db - d0)).abs() + 1
     assert loss.dtype == dtype
     assert ((loss.double() - expected).abs() <= 16 * EPS[dtype] * bound * 4).all()
@@ -383,7 +383,7 @@ def test_martingale_loss_gradcheck_all_inputs(case):
 
 
 def test_martingale_term_is_unbiased_for_the_squared_bias():
-    # E[(D1a - D0)(D1b - D0)] = ||E D1 - D0||^2 for independent D1a, D1b (math.md 3.6).
+    # E[(D1a - D0)(D1b - D0)] = ||E D1 - D0||^2 for independent D1a, D1b (docs/math.md section 3 step 6).
     n = 200_000
     D0 = torch.zeros(n, 1, dtype=torch.float64)
     mu = 0.7

@@ -55,7 +55,7 @@ def _rollout_step_kernel(
             z = tl.load(z_ptr + idx, mask=mask)
         else:
             z = tl.randn(seed, offset + idx).to(x.dtype)
-    if KIND == 0:  # math.md 3.4: x + 2h/t (x - D) + sqrt(2|h| t) z
+    if KIND == 0:  # docs/math.md section 3 step 4: x + 2h/t (x - D) + sqrt(2|h| t) z
         g = 2.0 * h / t
         s = tl.sqrt(2.0 * tl.abs(h) * t)
         D = tl.load(d_ptr + idx, mask=mask)
@@ -97,7 +97,7 @@ def _martingale_kernel(
     r = D0 - y
     ea = Da - D0
     eb = Db - D0
-    if BACKWARD:  # math.md 3: the three elementwise gradients times the incoming one
+    if BACKWARD:  # docs/math.md section 3: the three elementwise gradients times the incoming one
         g = tl.load(g_ptr + idx, mask=mask)
         tl.store(out_ptr + idx, g * (2.0 * w * r - lambda_m * (ea + eb)), mask=mask)
         tl.store(ga_ptr + idx, g * lambda_m * eb, mask=mask)

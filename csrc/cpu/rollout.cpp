@@ -1,4 +1,4 @@
-// Rollout steps, Philox noise and the martingale loss on the CPU (math.md sections 2 and 3).
+// Rollout steps, Philox noise and the martingale loss on the CPU (docs/math.md sections 2 and 3).
 //
 // Each step reads x and D(x) once (Heun also x_euler and D_euler), draws its noise in the kernel
 // (csrc/philox.h, keyed by seed and offset + flat index) and writes x' once. Work is split over
