@@ -50,11 +50,25 @@ def _finite(value, name: str) -> float:
 
 
 def _rollout_seed(generator: torch.Generator | None) -> int:
-    # consistency_rollout draws its Philox seed from a CPU generator; a device generator gives one
-    # here instead (a one-int host read, once per step).
+    # consistency_rollout draws its Philox seed from a CPU generator. A CUDA generator's state is
+    # kept on the host (its seed and Philox offset), so the seed is derived from them and the offset
+    # advanced: reproducible from the generator's state, and no read of the device.
     if generator is None or generator.device.type == "cpu":
         return seed_from_generator(generator)
-    return int(torch.randint(0, 1 << 62, (1,), generator=generator, device=generator.device).item())
+    try:
+        offset = generator.get_offset()
+        generator.set_offset(offset + 4)  # CUDA Philox offsets move in steps of 4
+    except (AttributeError, RuntimeError):  # a generator without a host-side offset: read one draw back
+        return int(torch.randint(0, 1 << 62, (1,), generator=generator, device=generator.device).item())
+    return _splitmix64(_splitmix64(generator.initial_seed()) ^ offset) >> 2
+
+
+def _splitmix64(v: int) -> int:
+    """SplitMix64's finaliser: a bijection of 64-bit integers that mixes every bit into every other."""
+    v = (v + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    v = ((v ^ (v >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    v = ((v ^ (v >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return v ^ (v >> 31)
 
 
 class EDMLoss:

@@ -30,8 +30,9 @@ from . import registry
 from . import rollout_reference as ref
 from ._ext import module as _ext_module
 from .contract import KINDS
+from .level_status import CONSISTENCY_ROLLOUT, KERNEL_CHECKED, status_of
 from .random import check_seed_offset, seed_from_generator
-from .schedule import edm_schedule
+from .schedule import edm_schedule, schedule_endpoints, schedule_levels
 from .checks import check_float, compute_dtype
 
 __all__ = [
@@ -213,8 +214,18 @@ def _noise_level(t, name: str, B: int, x: Tensor, dtype: torch.dtype) -> Tensor:
     return t.reshape(B).to(dtype)
 
 
+def _levels_to_check(t_cur, tc: Tensor, t_next, tn: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """The levels to check: levels all given as numbers as one-element CPU tensors (nothing to read
+    back from a device), else the (B,) tensors."""
+    if isinstance(t_cur, Tensor) or isinstance(t_next, Tensor):
+        return tc, tn
+    return (torch.tensor([float(t_cur)], dtype=tc.dtype),
+            None if t_next is None else torch.tensor([float(t_next)], dtype=tc.dtype))
+
+
 def _check_levels(kind: str, t_cur: Tensor, t_next: Tensor | None) -> None:
-    # One host sync, on purpose: a reversed or non-positive level gives silently wrong samples.
+    # On the host: one sync for levels on a device (the GPU kernels check tensor levels themselves,
+    # cdm_kernels/level_status.py): a reversed or non-positive level gives silently wrong samples.
     if torch.compiler.is_compiling() or t_cur.numel() == 0:
         return
     # The common case, every level valid, is one pass in C++ on the CPU (1 us; torch reductions
@@ -300,6 +311,9 @@ def rollout_step(
         x: state, (B, *S), any float dtype. denoised: D(x; t_cur), same shape/dtype/device.
         t_cur, t_next: per-sample levels, floats or tensors (B,) or (B, 1, ..., 1);
             t_cur > 0 and finite, 0 <= t_next <= t_cur (t_next > 0 for "heun"). Not differentiated.
+            Checked before the launch, except tensors on the GPU kernels ("cuda", "triton"): there
+            the kernel checks them, without a synchronisation, and a bad sample's row is NaN with
+            the ValueError at a later call (cdm_kernels/level_status.py).
         noise: z of x's shape, or None to draw it in the kernel from Philox with `seed` and counters
             offset .. offset + x.numel() - 1 (element (b, j) of the flattened (B, M) state uses
             offset + b M + j; `cdm_kernels.randn(x.shape, seed, offset)` reproduces it).
@@ -316,20 +330,28 @@ def rollout_step(
     if x.dim() < 1:
         raise ValueError("x must have shape (B, *S) with at least one dimension, got a 0-d tensor")
     B, dtype = x.shape[0], compute_dtype(x.dtype)
+    name = registry.resolve_backend("rollout_step", x.device, backend)
+    # Tensor levels on a GPU kernel are checked in the kernel (cdm_kernels/level_status.py), and
+    # here only what an earlier call recorded is reported; levels given as numbers are checked here.
+    on_host = name not in KERNEL_CHECKED or not (isinstance(t_cur, Tensor) or isinstance(t_next, Tensor))
+    if not on_host and not torch.compiler.is_compiling():
+        status_of(x.device).raise_pending()
     tc = _constant_level(t_cur, "t_cur", B, x, dtype)
     if kind == "churn":
         S_noise = _real(S_noise, "S_noise", "a finite number >= 0", lambda v: 0 <= v < math.inf)
         tn = _churn_t_hat(tc, denoised, t_next, num_steps, S_churn, S_min, S_max)
+        if on_host:
+            _check_levels(kind, _levels_to_check(t_cur, tc, None, None)[0], None)
         denoised = x
     else:
         _check_like(denoised, "denoised", x)
         if t_next is None:
             raise ValueError(f"kind={kind!r} needs t_next")
         tn = _constant_level(t_next, "t_next", B, x, dtype)
-        _check_levels(kind, tc, tn)
+        if on_host:
+            _check_levels(kind, *_levels_to_check(t_cur, tc, t_next, tn))
     _check_heun_inputs(kind, x, x_euler, denoised_euler)
     seed_v, offset_v = _noise_counters(kind, x, noise, seed, offset, generator)
-    name = registry.resolve_backend("rollout_step", x.device, backend)
     out = _launch_step(x, denoised, tc, tn, x_euler, denoised_euler, noise, seed_v, offset_v, kind, S_noise, name)
     return (out, tn.to(x.dtype) if x.dtype != dtype else tn) if kind == "churn" else out
 
@@ -357,7 +379,6 @@ def _churn_t_hat(tc: Tensor, denoised, t_next, num_steps, S_churn, S_min, S_max)
     S_churn = _real(S_churn, "S_churn", "a number >= 0 (not NaN)", lambda v: v >= 0)
     S_min = _real(S_min, "S_min", "a number (not NaN; +-inf allowed)", lambda v: not math.isnan(v))
     S_max = _real(S_max, "S_max", "a number (not NaN; +-inf allowed)", lambda v: not math.isnan(v))
-    _check_levels("churn", tc, None)
     return ref.churn_t_hat(tc, num_steps, S_churn, S_min, S_max)
 
 
@@ -480,10 +501,8 @@ def consistency_rollout(
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
         raise ValueError(f"num_steps must be an int >= 2 (the schedule includes both endpoints), got {num_steps!r}")
     B, K = x_t.shape[0], num_trajectories
-    dtype = compute_dtype(x_t.dtype)
-    hi = _noise_level(sigma, "sigma", B, x_t, torch.float64)
-    lo = _noise_level(sigma_min, "sigma_min", B, x_t, torch.float64)
-    t = edm_schedule(hi, lo, num_steps, rho).to(dtype)  # (B, N)
+    name = registry.resolve_backend("rollout_step", x_t.device, backend)
+    t = _rollout_schedule(x_t, sigma, sigma_min, num_steps, rho, name)  # (B, N)
     if labels is not None:
         if not isinstance(labels, Tensor) or labels.dim() < 1 or labels.shape[0] != B:
             got = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
@@ -498,11 +517,37 @@ def consistency_rollout(
         for k in range(num_steps - 1):
             t_cur, t_next = t[:, k].repeat(K), t[:, k + 1].repeat(K)
             D = net(x, t_cur.to(x.dtype).reshape(bshape), labels)
-            x = rollout_step(
-                x, D.to(x.dtype), t_cur, t_next, kind="sde", seed=seed,
-                offset=offset + k * K * x_t.numel(), backend=backend,
-            )
+            if not isinstance(D, Tensor) or D.shape != x.shape or D.device != x.device:
+                got = f"{tuple(D.shape)} on {D.device}" if isinstance(D, Tensor) else type(D).__name__
+                raise ValueError(f"net(x, sigma, labels) must return a tensor of x's shape {tuple(x.shape)} on "
+                                 f"{x.device}, got {got}")
+            # The levels were checked with the schedule: the step is launched without checks of its own.
+            x = _launch_step(x, D.to(x.dtype), t_cur, t_next, None, None, None, seed,
+                             offset + k * K * x_t.numel(), "sde", 1.0, name)
     return x.reshape(K, *x_t.shape), t[:, -1]
+
+
+def _rollout_schedule(x_t: Tensor, sigma, sigma_min, num_steps: int, rho: float, name: str) -> Tensor:
+    """The (B, N) schedules of `consistency_rollout` in x_t's compute dtype for backend `name`, the
+    endpoints checked on the host (numbers; tensors on the CPU backends) or on the device (tensors on
+    a GPU kernel: cdm_kernels/level_status.py, a bad sample's schedule NaN)."""
+    B, dtype = x_t.shape[0], compute_dtype(x_t.dtype)
+    numbers = not isinstance(sigma, Tensor) and not isinstance(sigma_min, Tensor)
+    if numbers:  # checked here; made on the device (a copy from the host would synchronise)
+        hi_v = _real(sigma, "sigma", "positive and finite", lambda v: 0 < v < math.inf)
+        lo_v = _real(sigma_min, "sigma_min", "positive and finite", lambda v: 0 < v < math.inf)
+        if lo_v > hi_v:
+            raise ValueError(f"consistency_rollout needs sigma_min <= sigma, got sigma = {hi_v}, sigma_min = {lo_v}")
+    hi = _noise_level(sigma, "sigma", B, x_t, torch.float64)
+    lo = _noise_level(sigma_min, "sigma_min", B, x_t, torch.float64)
+    if not numbers and name not in KERNEL_CHECKED:
+        return edm_schedule(hi, lo, num_steps, rho).to(dtype)
+    hi64, lo64, _ = schedule_endpoints(hi, lo, num_steps, rho)
+    if not numbers and not torch.compiler.is_compiling():
+        status = status_of(x_t.device)
+        status.raise_pending()
+        hi64 = status.check(CONSISTENCY_ROLLOUT, hi64, lo64)  # NaN where not valid: NaN schedules
+    return schedule_levels(hi64, lo64, num_steps, rho).to(dtype)
 
 
 def martingale_loss(

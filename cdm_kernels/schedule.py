@@ -45,6 +45,23 @@ def edm_schedule(sigma_max, sigma_min, num_steps: int, rho: float = 7.0) -> Tens
         when both are floats. Computed in float64 and rounded once; t_0 and t_{N-1} are the
         endpoints exactly. The device is that of the tensor endpoint(s).
     """
+    hi64, lo64, out_dtype = schedule_endpoints(sigma_max, sigma_min, num_steps, rho)
+    # One host sync, on purpose: a reversed or non-positive schedule gives silently wrong rollouts.
+    if not torch.compiler.is_compiling() and hi64.numel() > 0:
+        bad = ~(torch.isfinite(hi64) & torch.isfinite(lo64) & (lo64 > 0) & (hi64 >= lo64))
+        if bool(bad.any()):
+            i = int(bad.reshape(-1).nonzero()[0, 0])
+            h, l = hi64.reshape(-1)[i].item(), lo64.reshape(-1)[i].item()
+            raise ValueError(
+                "edm_schedule needs finite 0 < sigma_min <= sigma_max for every sample; "
+                f"sample {i} has sigma_max = {h}, sigma_min = {l}"
+            )
+    return schedule_levels(hi64, lo64, num_steps, rho).to(out_dtype)
+
+
+def schedule_endpoints(sigma_max, sigma_min, num_steps: int, rho: float) -> tuple[Tensor, Tensor, torch.dtype]:
+    """`edm_schedule`'s checks of everything but the endpoints' values; the endpoints broadcast to
+    one shape in float64 on their device, and the schedule's dtype."""
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
         raise ValueError(f"num_steps must be an int >= 2 (the schedule includes both endpoints), got {num_steps!r}")
     if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not (math.isfinite(rho) and rho > 0):
@@ -64,17 +81,12 @@ def edm_schedule(sigma_max, sigma_min, num_steps: int, rho: float = 7.0) -> Tens
         raise ValueError(
             f"sigma_max and sigma_min must have one batch size B, got shapes {tuple(hi.shape)} and {tuple(lo.shape)}"
         ) from None
-    # One host sync, on purpose: a reversed or non-positive schedule gives silently wrong rollouts.
-    if not torch.compiler.is_compiling() and hi64.numel() > 0:
-        bad = ~(torch.isfinite(hi64) & torch.isfinite(lo64) & (lo64 > 0) & (hi64 >= lo64))
-        if bool(bad.any()):
-            i = int(bad.reshape(-1).nonzero()[0, 0])
-            h, l = hi64.reshape(-1)[i].item(), lo64.reshape(-1)[i].item()
-            raise ValueError(
-                "edm_schedule needs finite 0 < sigma_min <= sigma_max for every sample; "
-                f"sample {i} has sigma_max = {h}, sigma_min = {l}"
-            )
-    k = torch.arange(num_steps, dtype=torch.float64, device=device) / (num_steps - 1)
+    return hi64, lo64, out_dtype
+
+
+def schedule_levels(hi64: Tensor, lo64: Tensor, num_steps: int, rho: float) -> Tensor:
+    """The float64 levels (hi64.shape + (N,)) between endpoints already checked (or NaN)."""
+    k = torch.arange(num_steps, dtype=torch.float64, device=hi64.device) / (num_steps - 1)
     a, b = hi64.unsqueeze(-1) ** (1.0 / rho), lo64.unsqueeze(-1) ** (1.0 / rho)
     t = (a + k * (b - a)) ** rho
     # Pin the endpoints and keep every level inside them: pow(pow(s, 1/rho), rho) is s only to
@@ -83,4 +95,4 @@ def edm_schedule(sigma_max, sigma_min, num_steps: int, rho: float = 7.0) -> Tens
     t = torch.minimum(torch.maximum(t, lo_), hi_)
     t[..., 0] = hi64
     t[..., -1] = lo64
-    return t.to(out_dtype)
+    return t

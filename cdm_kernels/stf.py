@@ -21,6 +21,7 @@ from torch import Tensor
 from . import registry, stf_reference
 from .checks import check_float, compute_dtype
 from .contract import AUX_COLS, AUX_DBAR, AUX_NEFF, AUX_WMAX
+from .level_status import KERNEL_CHECKED, STF_TARGET, status_of
 from .registry import PRECISIONS
 
 __all__ = [
@@ -139,9 +140,11 @@ def ref_sqnorm(ref: Tensor) -> Tensor:
     return (r * r).sum(1)
 
 
-def check_sigma(sigma, B: int, x: Tensor, dtype: torch.dtype) -> Tensor:
+def check_sigma(sigma, B: int, x: Tensor, dtype: torch.dtype, on_device: bool = False) -> Tensor:
     """sigma as a contiguous (B,) tensor of `dtype` on x's device, from a float, (B,) or (B, 1, ..., 1);
-    raises a ValueError naming the first sample whose noise level is not positive and finite."""
+    raises a ValueError naming the first sample whose noise level is not positive and finite. With
+    `on_device` (a GPU kernel will run), a tensor's values are checked on the device instead
+    (cdm_kernels/level_status.py: NaN for a bad sample, the error at a later call, no sync)."""
     if isinstance(sigma, (int, float)) and not isinstance(sigma, bool):
         if not (math.isfinite(sigma) and sigma > 0):
             raise ValueError(f"sigma must be positive and finite, got {sigma}")
@@ -157,14 +160,18 @@ def check_sigma(sigma, B: int, x: Tensor, dtype: torch.dtype) -> Tensor:
             f"got shape {tuple(sigma.shape)}"
         )
     sigma = sigma.reshape(B).to(dtype).contiguous()
+    if torch.compiler.is_compiling() or B == 0:
+        return sigma
+    if on_device:
+        status = status_of(x.device)
+        status.raise_pending()
+        checked = status.check(STF_TARGET, sigma.detach())
+        return sigma + (checked - sigma).detach() if sigma.requires_grad else checked  # + 0 or NaN
     # One host sync, on purpose: a non-positive or non-finite noise level gives silently wrong targets.
-    if not torch.compiler.is_compiling() and B > 0:
-        bad = ~(torch.isfinite(sigma) & (sigma > 0))
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"sigma must be positive and finite for every sample; sigma[{i}] = {sigma[i].item()}"
-            )
+    bad = ~(torch.isfinite(sigma) & (sigma > 0))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"sigma must be positive and finite for every sample; sigma[{i}] = {sigma[i].item()}")
     return sigma
 
 
@@ -255,9 +262,9 @@ def stf_target(
     if n == 0:
         raise ValueError("ref is empty: the stable target needs at least one reference (n >= 1)")
     dtype = compute_dtype(x.dtype)
-    sig = check_sigma(sigma, B, x, dtype)
     chunk_size = check_chunk_and_precision(chunk_size, precision, dtype, B, n, D)
     name = registry.resolve_backend("stf_target", x.device, backend, precision)
+    sig = check_sigma(sigma, B, x, dtype, on_device=name in KERNEL_CHECKED)
     _deprecated_norms(ref_sqnorm, n)
     x2 = x.reshape(B, D).to(dtype).contiguous()
     r2 = ref.reshape(n, D).to(dtype).contiguous()

@@ -4,6 +4,9 @@
 #include <torch/extension.h>
 
 #include "cpu/rollout_cpu.h"
+#ifdef CDM_WITH_CUDA
+#include "cuda/level_status.h"
+#endif
 
 #ifndef CDM_CUDA_ARCHS
 #define CDM_CUDA_ARCHS ""
@@ -21,4 +24,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cuda_archs", []() { return std::string(CDM_CUDA_ARCHS); });
   m.def("rollout_levels_valid", &cdm::rollout::levels_valid, "rollout_step's check of t_cur, t_next on the CPU",
         pybind11::arg("t_cur"), pybind11::arg("t_next"), pybind11::arg("next_positive"));
+#ifdef CDM_WITH_CUDA
+  m.def("rollout_set_level_status", &cdm::rollout::cuda::set_level_status,
+        "where the CUDA rollout kernels of dev's device record invalid noise levels (cdm_kernels/level_status.py)",
+        pybind11::arg("dev"), pybind11::arg("host"));
+#endif
 }

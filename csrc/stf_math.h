@@ -62,11 +62,12 @@ CDM_HD T nan_min(T a, T b) {
 }
 
 // k = 1 / (2 sigma^2), clamped to the largest finite number: 0 * k stays 0 (a distance equal to the
-// row's minimum keeps weight 1) where an overflowed k would give NaN.
+// row's minimum keeps weight 1) where an overflowed k would give NaN. A NaN sigma stays NaN (the
+// comparison is false): the GPU paths mark a bad noise level by NaN (cdm_kernels/level_status.py).
 template <typename T>
 CDM_HD T half_inv_sq(T sigma) {
   const T k = T(0.5) / (sigma * sigma);
-  return k < max_finite(k) ? k : max_finite(k);
+  return k > max_finite(k) ? max_finite(k) : k;
 }
 
 // delta_ij = ||r'_j||^2 - 2 x'_i . r'_j from the shifted operands: xn = ||x'_i||^2, rn = ||r'_j||^2,

@@ -486,7 +486,7 @@ def _xD():
         (lambda x, D: cdm_kernels.consistency_rollout(gaussian_denoiser, x, 1.0, 0.5, num_steps=1), ValueError,
          "num_steps must be an int >= 2"),
         (lambda x, D: cdm_kernels.consistency_rollout(gaussian_denoiser, x, 1.0, 2.0), ValueError,
-         "sigma_min <= sigma_max for every sample; sample 0 has sigma_max = 1.0, sigma_min = 2.0"),
+         "consistency_rollout needs sigma_min <= sigma, got sigma = 1.0, sigma_min = 2.0"),
         (lambda x, D: cdm_kernels.consistency_rollout(gaussian_denoiser, x, 1.0, 0.5, num_trajectories=0), ValueError,
          "num_trajectories must be a positive int, got 0"),
         (lambda x, D: cdm_kernels.martingale_loss(x, D, D[:1], x, 1.0), ValueError,

@@ -108,6 +108,10 @@ def rollout_variants(quick: bool = False) -> list[Variant]:
     blk = {"BLOCK": rollout.BLOCK}
     out = [Variant("_philox_randn_kernel", "float32",
                    {"out_ptr": "*fp32", "n": "i64", "seed": "i64", "offset": "i64"}, blk, "rollout")]
+    for ty, source, has_b in (("fp32", 3, False), ("fp64", 2, True)):  # stf_target's sigma, a schedule's ends
+        out.append(Variant("_check_levels_kernel", f"{'two levels' if has_b else 'one level'}, {ty}",
+                           {**_ptr(["a_ptr", "b_ptr", "out_ptr"], ty), "status_ptr": "*i64", "B": "i32"},
+                           {"SOURCE": source, "HAS_B": has_b, **blk}, "rollout"))
     for ty in ("fp32",) if quick else ("fp32", "fp64"):
         label = "float32" if ty == "fp32" else "float64"
         for kind, code in rollout._KINDS.items():
@@ -115,7 +119,7 @@ def rollout_variants(quick: bool = False) -> list[Variant]:
                 out.append(Variant(
                     "_rollout_step_kernel", f"{kind}{', noise passed' if has_noise else ''}, {label}",
                     {**_ptr(["x_ptr", "d_ptr", "xe_ptr", "de_ptr", "z_ptr", "tc_ptr", "tn_ptr", "out_ptr"], ty),
-                     "M": "i32", "seed": "i64", "offset": "i64", "s_noise": "fp32"},
+                     "status_ptr": "*i64", "M": "i32", "seed": "i64", "offset": "i64", "s_noise": "fp32"},
                     {"KIND": code, "HAS_NOISE": has_noise, **blk}, "rollout",
                 ))
         for backward in (False, True):

@@ -3,7 +3,8 @@
 
 The same arithmetic as csrc/rollout_math.h, block by block: per row (one sample), the step's
 coefficients from t_cur, t_next (NaN for a sample whose levels are not valid, as rollout_math.h's
-step_coef: its row of x' is NaN, never a plausible value); per element, a few multiply-adds. Noise
+step_coef: its row of x' is NaN, never a plausible value, and its levels are recorded for the
+deferred error of cdm_kernels/level_status.py); per element, a few multiply-adds. Noise
 is `tl.randn(seed, offset + flat index)`, the construction csrc/philox.h reproduces, so every backend
 draws the same numbers. The launchers (contract: cdm_kernels/contract.py) take (B, M) contiguous
 tensors of one float dtype; a grid of (B, cdiv(M, BLOCK)) programs, each reading x and D once and
@@ -15,6 +16,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from ..level_status import status_of
 
 BLOCK = 1024
 KIND_SDE, KIND_EULER, KIND_HEUN, KIND_CHURN = 0, 1, 2, 3
@@ -30,7 +33,7 @@ def _philox_randn_kernel(out_ptr, n, seed, offset, BLOCK: tl.constexpr):
 
 @triton.jit
 def _rollout_step_kernel(
-    x_ptr, d_ptr, xe_ptr, de_ptr, z_ptr, tc_ptr, tn_ptr, out_ptr, M, seed, offset, s_noise,
+    x_ptr, d_ptr, xe_ptr, de_ptr, z_ptr, tc_ptr, tn_ptr, out_ptr, status_ptr, M, seed, offset, s_noise,
     KIND: tl.constexpr, HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -47,6 +50,12 @@ def _rollout_step_kernel(
         ok = ok & (tn > 0) & (tn <= t)
     else:
         ok = ok & (tn >= 0) & (tn <= t)
+    if (tl.program_id(1) == 0) & (~ok):  # cdm_kernels/level_status.py: the first invalid sample's record
+        row64 = row.to(tl.int64)
+        if tl.atomic_cas(status_ptr, row64 * 0, row64 * 0 + 1) == 0:
+            tl.store(status_ptr + 1, row64)
+            tl.store(status_ptr + 2, t.to(tl.float64).to(tl.int64, bitcast=True))
+            tl.store(status_ptr + 3, tn.to(tl.float64).to(tl.int64, bitcast=True))
     t = tl.where(ok, t, float("nan"))
     h = tn - t
     x = tl.load(x_ptr + idx, mask=mask)
@@ -106,6 +115,42 @@ def _martingale_kernel(
         tl.store(out_ptr + idx, w * r * r + lambda_m * ea * eb, mask=mask)
 
 
+@triton.jit
+def _check_levels_kernel(a_ptr, b_ptr, out_ptr, status_ptr, B, SOURCE: tl.constexpr, HAS_B: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    # cdm_kernels/level_status.py: a's values are valid when positive and finite (with b: both finite
+    # and 0 < b <= a). out = a with NaN where not valid; the block's first bad sample is recorded
+    # (the first block to record wins).
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < B
+    a = tl.load(a_ptr + offs, mask=m, other=1.0)
+    ok = (a > 0) & (a - a == 0)
+    if HAS_B:
+        b = tl.load(b_ptr + offs, mask=m, other=1.0)
+        ok = ok & (b > 0) & (b - b == 0) & (b <= a)
+    tl.store(out_ptr + offs, tl.where(ok, a, float("nan")), mask=m)
+    first = tl.min(tl.where(m & ~ok, offs, B), axis=0)
+    if first < B:
+        first64 = first.to(tl.int64)
+        if tl.atomic_cas(status_ptr, first64 * 0, first64 * 0 + SOURCE) == 0:
+            tl.store(status_ptr + 1, first64)
+            tl.store(status_ptr + 2, tl.load(a_ptr + first).to(tl.float64).to(tl.int64, bitcast=True))
+            if HAS_B:
+                tl.store(status_ptr + 3, tl.load(b_ptr + first).to(tl.float64).to(tl.int64, bitcast=True))
+
+
+def check_levels(a: torch.Tensor, b: torch.Tensor | None, status: torch.Tensor, source: int) -> torch.Tensor:
+    """a with NaN where a sample's levels are not valid, the first such sample recorded in `status`
+    (cdm_kernels/level_status.py); a and b are (B,) contiguous tensors of one float dtype."""
+    out = torch.empty_like(a)
+    B = a.numel()
+    if B:
+        blk = _block(B)
+        _check_levels_kernel[(triton.cdiv(B, blk),)](a, a if b is None else b, out, status, B, SOURCE=source,
+                                                    HAS_B=b is not None, BLOCK=blk)
+    return out
+
+
 def philox_randn(anchor: torch.Tensor, shape, seed: int, offset: int) -> torch.Tensor:
     """Launcher of `cdm_kernels::philox_randn`: float32 tensor of `shape` on anchor's device,
     tl.randn(seed, offset + flat index)."""
@@ -121,18 +166,22 @@ def _block(M: int) -> int:
 
 
 def rollout_step(x, denoised, t_cur, t_next, x_euler, denoised_euler, noise, seed, offset, kind, s_noise):
-    """Launcher of `cdm_kernels::rollout_step` (arguments: cdm_kernels/contract.py)."""
+    """Launcher of `cdm_kernels::rollout_step` (arguments: cdm_kernels/contract.py). A sample with
+    levels that are not valid gets a NaN row and a record in x's device's status word
+    (cdm_kernels/level_status.py), copied to the host after the kernel."""
     B, M = x.shape
     out = torch.empty_like(x)
     blk = _block(M)
+    status = status_of(x.device)
     _rollout_step_kernel[(B, triton.cdiv(M, blk))](
         x, denoised,
         x if x_euler is None else x_euler,
         x if denoised_euler is None else denoised_euler,
         x if noise is None else noise,
-        t_cur, t_next, out, M, seed, offset, float(s_noise),
+        t_cur, t_next, out, status.dev, M, seed, offset, float(s_noise),
         KIND=_KINDS[kind], HAS_NOISE=noise is not None, BLOCK=blk,
     )
+    status.publish()
     return out
 
 

@@ -35,14 +35,29 @@ __global__ void philox_randn_kernel(float* __restrict__ out, int64_t n, uint64_t
   }
 }
 
+// The first sample with levels that are not valid, into the status word [flag, sample, t_cur bits,
+// t_next bits] (cdm_kernels/level_status.py): whoever sets the flag writes the rest.
+template <typename T>
+__device__ void record_bad_levels(int64_t* status, int64_t row, T t_cur, T t_next) {
+  if (atomicCAS(reinterpret_cast<unsigned long long*>(status), 0ull, 1ull) == 0ull) {
+    status[1] = row;
+    status[2] = __double_as_longlong(static_cast<double>(t_cur));
+    status[3] = __double_as_longlong(static_cast<double>(t_next));
+  }
+}
+
 template <typename T>
 __global__ void rollout_step_kernel(const T* __restrict__ x, const T* __restrict__ D, const T* __restrict__ xe,
                                     const T* __restrict__ De, const T* __restrict__ noise,
                                     const T* __restrict__ t_cur, const T* __restrict__ t_next, T s_noise,
                                     uint64_t seed, uint64_t offset, int64_t B, int64_t M, int kind,
-                                    T* __restrict__ out) {
+                                    T* __restrict__ out, int64_t* status) {
   for (int64_t row = blockIdx.y; row < B; row += gridDim.y) {
-    const StepCoef<T> c = step_coef<T>(kind, t_cur[row], t_next[row], s_noise);
+    const T tc = t_cur[row], tn = t_next[row];
+    if (status != nullptr && blockIdx.x == 0 && threadIdx.x == 0 && !levels_ok<T>(kind, tc, tn)) {
+      record_bad_levels<T>(status, row, tc, tn);
+    }
+    const StepCoef<T> c = step_coef<T>(kind, tc, tn, s_noise);
     const int64_t col0 = static_cast<int64_t>(blockIdx.x) * kTileCols + threadIdx.x;
 #pragma unroll
     for (int k = 0; k < kItems; ++k) {
@@ -101,11 +116,16 @@ const char* launch_philox_randn(float* out, int64_t n, uint64_t seed, uint64_t o
 template <typename T>
 const char* launch_rollout_step(const T* x, const T* D, const T* xe, const T* De, const T* noise, const T* t_cur,
                                 const T* t_next, T s_noise, uint64_t seed, uint64_t offset, int64_t B, int64_t M,
-                                int kind, T* out, void* stream) {
+                                int kind, T* out, int64_t* status, int64_t* status_host, void* stream) {
   if (B == 0 || M == 0) return nullptr;
   rollout_step_kernel<T><<<grid_for(B, M), kThreads, 0, as_stream(stream)>>>(x, D, xe, De, noise, t_cur, t_next, s_noise, seed,
-                                                                   offset, B, M, kind, out);
-  return launch_status();
+                                                                   offset, B, M, kind, out, status);
+  if (const char* error = launch_status()) return error;
+  if (status == nullptr || status_host == nullptr) return nullptr;
+  // Queued behind the kernel: the host sees the word once the step has run, without waiting for it.
+  const cudaError_t e = cudaMemcpyAsync(status_host, status, kStatusWords * sizeof(int64_t), cudaMemcpyDeviceToHost,
+                                        as_stream(stream));
+  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }
 
 template <typename T>
@@ -120,10 +140,10 @@ const char* launch_martingale(const T* grad, const T* D0, const T* D1a, const T*
 
 template const char* launch_rollout_step<float>(const float*, const float*, const float*, const float*, const float*,
                                                 const float*, const float*, float, uint64_t, uint64_t, int64_t,
-                                                int64_t, int, float*, void*);
+                                                int64_t, int, float*, int64_t*, int64_t*, void*);
 template const char* launch_rollout_step<double>(const double*, const double*, const double*, const double*,
                                                  const double*, const double*, const double*, double, uint64_t,
-                                                 uint64_t, int64_t, int64_t, int, double*, void*);
+                                                 uint64_t, int64_t, int64_t, int, double*, int64_t*, int64_t*, void*);
 template const char* launch_martingale<float>(const float*, const float*, const float*, const float*, const float*,
                                               const float*, bool, float, int64_t, int64_t, float*, float*, float*,
                                               void*);

@@ -8,12 +8,22 @@
 
 #include "contract.h"
 #include "cuda/glue.h"
+#include "cuda/level_status.h"
 #include "cuda/rollout_cuda.h"
 
 namespace cdm {
 namespace rollout {
 namespace cuda {
 namespace {
+
+// Per device index: the level status word the rollout kernels record into and its pinned host copy
+// (cdm_kernels/level_status.py keeps both tensors alive for the process). Null until set.
+constexpr int kMaxDevices = 64;
+struct StatusWords {
+  int64_t* dev = nullptr;
+  int64_t* host = nullptr;
+};
+StatusWords g_status[kMaxDevices];
 
 using cdm::cuda::check_cuda;
 using cdm::cuda::check_launch;
@@ -40,6 +50,8 @@ at::Tensor rollout_step_cuda(const at::Tensor& x, const at::Tensor& denoised, co
   check_cuda(x, op);
   const c10::DeviceGuard guard(x.device());
   at::Tensor out = at::empty_like(x);
+  const int index = x.device().index();
+  const StatusWords status = index >= 0 && index < kMaxDevices ? g_status[index] : StatusWords{};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rollout_step_cuda", [&] {
     const scalar_t* xe = kind == KIND_HEUN ? x_euler->data_ptr<scalar_t>() : nullptr;
     const scalar_t* De = kind == KIND_HEUN ? denoised_euler->data_ptr<scalar_t>() : nullptr;
@@ -48,7 +60,7 @@ at::Tensor rollout_step_cuda(const at::Tensor& x, const at::Tensor& denoised, co
                      x.data_ptr<scalar_t>(), denoised.data_ptr<scalar_t>(), xe, De, z, t_cur.data_ptr<scalar_t>(),
                      t_next.data_ptr<scalar_t>(), static_cast<scalar_t>(s_noise), static_cast<uint64_t>(seed),
                      static_cast<uint64_t>(offset), x.size(0), x.size(1), kind, out.data_ptr<scalar_t>(),
-                     current_stream(x.device())),
+                     status.dev, status.host, current_stream(x.device())),
                  op);
   });
   return out;
@@ -93,6 +105,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> martingale_loss_backward_cuda(
 }
 
 }  // namespace
+
+void set_level_status(const at::Tensor& dev, const at::Tensor& host) {
+  TORCH_CHECK(dev.is_cuda() && dev.scalar_type() == at::kLong && dev.numel() == kStatusWords && dev.is_contiguous(),
+              "rollout_set_level_status: dev must be a contiguous int64 CUDA tensor of ", kStatusWords,
+              " elements, got ", dev.scalar_type(), " ", dev.sizes(), " on ", dev.device());
+  TORCH_CHECK(host.device().is_cpu() && host.is_pinned() && host.scalar_type() == at::kLong &&
+                  host.numel() == kStatusWords && host.is_contiguous(),
+              "rollout_set_level_status: host must be a contiguous pinned int64 CPU tensor of ", kStatusWords,
+              " elements");
+  const int index = dev.device().index();
+  TORCH_CHECK(index >= 0 && index < kMaxDevices, "rollout_set_level_status: device index ", index, " out of range");
+  g_status[index] = StatusWords{dev.data_ptr<int64_t>(), host.data_ptr<int64_t>()};
+}
+
 }  // namespace cuda
 }  // namespace rollout
 }  // namespace cdm

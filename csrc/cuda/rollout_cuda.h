@@ -10,10 +10,15 @@ namespace cuda {
 
 const char* launch_philox_randn(float* out, int64_t n, uint64_t seed, uint64_t offset, void* stream);
 
+// Words of the level status (cdm_kernels/level_status.py): flag, sample, t_cur bits, t_next bits.
+constexpr int64_t kStatusWords = 4;
+
+// status (device, may be null): the first sample with invalid levels is recorded there; status_host
+// (pinned, may be null): the word is copied there after the kernel, on the same stream.
 template <typename T>
 const char* launch_rollout_step(const T* x, const T* D, const T* xe, const T* De, const T* noise, const T* t_cur,
                                 const T* t_next, T s_noise, uint64_t seed, uint64_t offset, int64_t B, int64_t M,
-                                int kind, T* out, void* stream);
+                                int kind, T* out, int64_t* status, int64_t* status_host, void* stream);
 
 // grad null: the loss into out; else the three gradients into out, ga, gb.
 template <typename T>
