@@ -689,3 +689,31 @@ def test_progress_in_a_log_file_is_a_line_every_few_steps(tmp_path, capsys):
     bar.close()
     got = [line.split(",")[0] for line in f.getvalue().splitlines()]
     assert got == [f"sweep: {k}/45 cases ({100 * k // 45}%)" for k in (5, 10, 15, 20, 25, 30, 35, 40, 45)]
+
+
+@pytest.mark.gpu
+def test_device_cuda_runs_every_op_of_a_step_on_a_gpu_backend(tmp_path, monkeypatch):
+    # `--device cuda` with the default backends: one stf+cdm step asks the registry for the stable
+    # target, the rollout step and the martingale loss on the GPU, and gets a GPU backend for each.
+    from cdm_kernels import registry
+    from cdm_kernels.train import set_up, train_step
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    resolved, resolve = [], registry.resolve_backend
+
+    def recording(op, device="cpu", *args, **kwargs):
+        name = resolve(op, device, *args, **kwargs)
+        resolved.append((op, torch.device(device).type, name))
+        return name
+
+    monkeypatch.setattr(registry, "resolve_backend", recording)
+    run = set_up(parse_args(["--data", "digits", "--loss", "stf+cdm", "--device", "cuda", "--batch", "8",
+                             "--rbatch", "32", "--cdm-steps", "3", "--channels", "8", "--channel-mult", "1,2", "--steps", "1",
+                             "--attn", "4", "--outdir", str(tmp_path / "run"), "--grid", "0"]))
+    record = train_step(run)
+    assert math.isfinite(record["loss"])
+    ops = {op for op, _, _ in resolved}
+    assert {"stf_target", "rollout_step", "martingale_loss"} <= ops, resolved
+    assert all(dev == "cuda" and name in ("cuda", "triton") for _, dev, name in resolved), resolved
+    assert {name for op, _, name in resolved if op == "stf_target"} == {registry.resolve_backend("stf_target", "cuda")}
