@@ -79,21 +79,25 @@ class LevelStatus:
 
     def check(self, source: int, a: Tensor, b: Tensor | None = None) -> Tensor:
         """a (B,) with NaN where a sample's levels are not valid (a positive and finite; with b, both
-        finite and 0 < b <= a), the first such sample recorded for `source`: one kernel, no sync."""
+        finite and 0 < b <= a), the first such sample recorded for `source`: one kernel, no sync.
+        What an earlier call recorded is raised first."""
         from .triton.rollout import check_levels
 
+        self.raise_pending()
         out = check_levels(a.contiguous(), None if b is None else b.to(a.dtype).contiguous(), self.dev, source)
         self.publish()
         return out
 
-    def raise_pending(self) -> None:
+    def raise_pending(self, wait: bool = False) -> None:
         """Raises the ValueError of the first bad sample recorded since the last report, if the
-        record has reached the host; clears it."""
-        if self._view[0] == 0:
+        record has reached the host (with `wait`, after synchronising the device); clears it."""
+        if self._view[0] == 0 and not wait:
             return
         if self.device.type == "cuda":  # the error path may wait: read the word whole, after its copy
             torch.cuda.synchronize(self.device)
         self.host.copy_(self.dev)
+        if self._view[0] == 0:
+            return
         source, sample, a_bits, b_bits = (int(v) for v in self._view)
         self.dev.zero_()
         self.host.zero_()
@@ -118,9 +122,4 @@ def status_of(device: torch.device) -> LevelStatus:
 def check_pending(device: torch.device | str | Tensor = "cuda") -> None:
     """Raises now, after synchronising `device` (a device or a tensor on it), the ValueError of a
     noise level that an earlier call checked on the device, if any."""
-    dev = device.device if isinstance(device, Tensor) else torch.device(device)
-    status = status_of(dev)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    status.host.copy_(status.dev)
-    status.raise_pending()
+    status_of(device.device if isinstance(device, Tensor) else torch.device(device)).raise_pending(wait=True)

@@ -215,9 +215,9 @@ def _noise_level(t, name: str, B: int, x: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _levels_to_check(t_cur, tc: Tensor, t_next, tn: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """The levels to check: levels all given as numbers as one-element CPU tensors (nothing to read
-    back from a device), else the (B,) tensors."""
-    if isinstance(t_cur, Tensor) or isinstance(t_next, Tensor):
+    """The levels to check: levels all given as numbers, on a device, as one-element CPU tensors
+    (nothing to read back), else the (B,) tensors."""
+    if isinstance(t_cur, Tensor) or isinstance(t_next, Tensor) or tc.device.type == "cpu":
         return tc, tn
     return (torch.tensor([float(t_cur)], dtype=tc.dtype),
             None if t_next is None else torch.tensor([float(t_next)], dtype=tc.dtype))
@@ -341,7 +341,7 @@ def rollout_step(
         S_noise = _real(S_noise, "S_noise", "a finite number >= 0", lambda v: 0 <= v < math.inf)
         tn = _churn_t_hat(tc, denoised, t_next, num_steps, S_churn, S_min, S_max)
         if on_host:
-            _check_levels(kind, _levels_to_check(t_cur, tc, None, None)[0], None)
+            _check_levels(kind, *_levels_to_check(t_cur, tc, None, None))
         denoised = x
     else:
         _check_like(denoised, "denoised", x)
@@ -544,9 +544,7 @@ def _rollout_schedule(x_t: Tensor, sigma, sigma_min, num_steps: int, rho: float,
         return edm_schedule(hi, lo, num_steps, rho).to(dtype)
     hi64, lo64, _ = schedule_endpoints(hi, lo, num_steps, rho)
     if not numbers and not torch.compiler.is_compiling():
-        status = status_of(x_t.device)
-        status.raise_pending()
-        hi64 = status.check(CONSISTENCY_ROLLOUT, hi64, lo64)  # NaN where not valid: NaN schedules
+        hi64 = status_of(x_t.device).check(CONSISTENCY_ROLLOUT, hi64, lo64)  # NaN where not valid: NaN schedules
     return schedule_levels(hi64, lo64, num_steps, rho).to(dtype)
 
 

@@ -163,9 +163,7 @@ def check_sigma(sigma, B: int, x: Tensor, dtype: torch.dtype, on_device: bool = 
     if torch.compiler.is_compiling() or B == 0:
         return sigma
     if on_device:
-        status = status_of(x.device)
-        status.raise_pending()
-        checked = status.check(STF_TARGET, sigma.detach())
+        checked = status_of(x.device).check(STF_TARGET, sigma.detach())
         return sigma + (checked - sigma).detach() if sigma.requires_grad else checked  # + 0 or NaN
     # One host sync, on purpose: a non-positive or non-finite noise level gives silently wrong targets.
     bad = ~(torch.isfinite(sigma) & (sigma > 0))

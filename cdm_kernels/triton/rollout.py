@@ -32,6 +32,16 @@ def _philox_randn_kernel(out_ptr, n, seed, offset, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _record_bad_levels(status_ptr, source, sample, a, b):
+    # cdm_kernels/level_status.py's word [source, sample, a bits, b bits]: whoever sets the source
+    # writes the rest (sample: int64).
+    if tl.atomic_cas(status_ptr, sample * 0, sample * 0 + source) == 0:
+        tl.store(status_ptr + 1, sample)
+        tl.store(status_ptr + 2, a.to(tl.float64).to(tl.int64, bitcast=True))
+        tl.store(status_ptr + 3, b.to(tl.float64).to(tl.int64, bitcast=True))
+
+
+@triton.jit
 def _rollout_step_kernel(
     x_ptr, d_ptr, xe_ptr, de_ptr, z_ptr, tc_ptr, tn_ptr, out_ptr, status_ptr, M, seed, offset, s_noise,
     KIND: tl.constexpr, HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr,
@@ -50,12 +60,8 @@ def _rollout_step_kernel(
         ok = ok & (tn > 0) & (tn <= t)
     else:
         ok = ok & (tn >= 0) & (tn <= t)
-    if (tl.program_id(1) == 0) & (~ok):  # cdm_kernels/level_status.py: the first invalid sample's record
-        row64 = row.to(tl.int64)
-        if tl.atomic_cas(status_ptr, row64 * 0, row64 * 0 + 1) == 0:
-            tl.store(status_ptr + 1, row64)
-            tl.store(status_ptr + 2, t.to(tl.float64).to(tl.int64, bitcast=True))
-            tl.store(status_ptr + 3, tn.to(tl.float64).to(tl.int64, bitcast=True))
+    if (tl.program_id(1) == 0) & (~ok):  # the first invalid sample's record, source 1 (rollout_step)
+        _record_bad_levels(status_ptr, 1, row.to(tl.int64), t, tn)
     t = tl.where(ok, t, float("nan"))
     h = tn - t
     x = tl.load(x_ptr + idx, mask=mask)
@@ -131,12 +137,7 @@ def _check_levels_kernel(a_ptr, b_ptr, out_ptr, status_ptr, B, SOURCE: tl.conste
     tl.store(out_ptr + offs, tl.where(ok, a, float("nan")), mask=m)
     first = tl.min(tl.where(m & ~ok, offs, B), axis=0)
     if first < B:
-        first64 = first.to(tl.int64)
-        if tl.atomic_cas(status_ptr, first64 * 0, first64 * 0 + SOURCE) == 0:
-            tl.store(status_ptr + 1, first64)
-            tl.store(status_ptr + 2, tl.load(a_ptr + first).to(tl.float64).to(tl.int64, bitcast=True))
-            if HAS_B:
-                tl.store(status_ptr + 3, tl.load(b_ptr + first).to(tl.float64).to(tl.int64, bitcast=True))
+        _record_bad_levels(status_ptr, SOURCE, first.to(tl.int64), tl.load(a_ptr + first), tl.load(b_ptr + first))
 
 
 def check_levels(a: torch.Tensor, b: torch.Tensor | None, status: torch.Tensor, source: int) -> torch.Tensor:
