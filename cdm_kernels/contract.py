@@ -62,8 +62,12 @@ def _tensors(where: str, anchor: Tensor, named: tuple[tuple[str, Tensor | None, 
         if not isinstance(t, Tensor) or t.dtype != dtype or t.device != device or not t.is_contiguous():
             got = f"{t.dtype} on {t.device}, contiguous={t.is_contiguous()}" if isinstance(t, Tensor) else repr(t)
             raise ContractError(f"{where}: {name} must be a contiguous {dtype} tensor on {device}; got {got}")
-        if t.dim() != len(shape) or any(want not in (-1, got) for want, got in zip(shape, t.shape)):
-            raise ContractError(f"{where}: {name} must have shape {shape}, got {tuple(t.shape)}")
+        got = t.shape
+        if len(got) != len(shape):
+            raise ContractError(f"{where}: {name} must have shape {shape}, got {tuple(got)}")
+        for want, size in zip(shape, got):  # a loop, not any(<generator>): this runs on every launch
+            if want != -1 and want != size:
+                raise ContractError(f"{where}: {name} must have shape {shape}, got {tuple(got)}")
     return device
 
 
