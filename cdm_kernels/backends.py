@@ -9,7 +9,8 @@
 
 A backend implements an op family by defining its launchers under the family's launcher names
 (`registry.OPS`); a compiled op of cdm_kernels_C has the launcher's name and schema, with one
-implementation per dispatch key, so the "cpu" and "cuda" backends share one namespace of launchers.
+implementation per dispatch key, so the "cpu" and "cuda" backends share one namespace of launchers;
+they check the launcher contract in C++ (csrc/contract.h), so the registry does not wrap them.
 The Triton kernels run on CPU tensors only when TRITON_INTERPRET=1 was set before triton was first
 imported: a test vehicle, which "auto" never picks.
 """
@@ -51,9 +52,10 @@ register(
      "randn": random},
 )
 if has_cpu_kernels():
-    register("cpu", ("cpu",), dict.fromkeys(_FAMILIES, _COMPILED))
+    register("cpu", ("cpu",), dict.fromkeys(_FAMILIES, _COMPILED), checks_contract=True)
 if has_cuda_kernels():
-    register("cuda", ("cuda",), dict.fromkeys(_FAMILIES, _COMPILED), precisions={"stf_target": PRECISIONS})
+    register("cuda", ("cuda",), dict.fromkeys(_FAMILIES, _COMPILED), precisions={"stf_target": PRECISIONS},
+             checks_contract=True)
 if importlib.util.find_spec("triton") is not None:
     register(
         "triton",

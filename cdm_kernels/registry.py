@@ -21,6 +21,11 @@ place. The registry wraps each launcher once, at registration, with what every b
     CUDA runtime launch on the current device, which need not be the tensors' own on a multi-GPU
     machine).
 
+A backend whose launchers do both themselves is registered with `checks_contract=True` and its
+launchers are used as they are: the compiled ops check the same contract in C++ (csrc/contract.h,
+a ValueError) and take a c10::DeviceGuard, since they can also be called directly, and checking it
+twice cost about 4 us a call, a fifth of a CIFAR-size rollout step's host time.
+
 User-facing errors (which argument is wrong and what was expected) stay in the public functions.
 
 "auto" takes the first backend of the device type's preference order (AUTO_ORDER) that implements
@@ -82,6 +87,7 @@ OPS: dict[str, OpSpec] = {
 class _Entry:
     impl: object  # a module or a mapping of launchers, or the dotted name of a module (lazy)
     precisions: tuple[str, ...]
+    checks_contract: bool = False
     wrapped: types.SimpleNamespace | None = None
 
 
@@ -102,12 +108,15 @@ def register(
     device_types: tuple[str, ...],
     impls: Mapping[str, object],
     precisions: Mapping[str, tuple[str, ...]] | None = None,
+    checks_contract: bool = False,
 ) -> None:
     """Registers `backend` for `device_types` with one implementation per op family.
 
     impls maps an op family to a module (or a mapping name -> function, or the dotted name of a
     module, imported when first used) that defines every launcher of the family. precisions maps a
     family with precision modes to the modes this backend supports (default: ("ieee",)).
+    checks_contract: the launchers check the launcher contract (raising a ValueError) and make
+    their tensors' device the current one themselves, so the registry does not wrap them.
     """
     if backend not in BACKEND_NAMES:
         raise ValueError(f"backend name must be one of {BACKEND_NAMES}, got {backend!r}")
@@ -119,7 +128,7 @@ def register(
         if bad:
             raise ValueError(f"precisions of {op!r} must be among {PRECISIONS}, got {bad}")
         for dt in device_types:
-            _REGISTRY[(op, backend, dt)] = _Entry(impl, modes)
+            _REGISTRY[(op, backend, dt)] = _Entry(impl, modes, checks_contract)
     if precisions:
         raise ValueError(f"precisions given for op families without an implementation: {sorted(precisions)}")
     _RESOLVED.clear()
@@ -241,7 +250,8 @@ def _entry(op: str, backend: str, dt: str) -> _Entry:
 
 
 def launchers(op: str, backend: str, device_type: str) -> types.SimpleNamespace:
-    """The wrapped launchers of `backend` for op family `op` on `device_type`, by launcher name."""
+    """The launchers of `backend` for op family `op` on `device_type`, by launcher name, behind the
+    contract check and device guard (unless the backend does both itself)."""
     entry = _entry(op, backend, device_type)
     if entry.wrapped is None:
         impl = entry.impl
@@ -253,7 +263,7 @@ def launchers(op: str, backend: str, device_type: str) -> types.SimpleNamespace:
             fn = get(name, None)
             if fn is None:
                 raise RuntimeError(f"backend {backend!r} registered {op!r} without the launcher {name!r}")
-            fns[name] = _wrap(fn, getattr(contract, name))
+            fns[name] = fn if entry.checks_contract else _wrap(fn, getattr(contract, name))
         entry.wrapped = types.SimpleNamespace(**fns)
     return entry.wrapped
 
@@ -272,6 +282,34 @@ def _wrap(fn: Callable, check: Callable) -> Callable:
 
     launcher.unwrapped = fn
     return launcher
+
+
+def plain_call(args) -> bool:
+    """True when calling one of the package's ops (`register_device_kernels`) on `args` would do
+    nothing but call the backend's launcher with them.
+
+    That is plain eager mode: no torch.compile, functorch transform, tracer, profiler or torch
+    function or dispatch mode is active, every tensor is a plain Tensor, and none needs a gradient
+    (the op's autograd kernel would redispatch straight to the device kernel, which calls the
+    launcher). The public functions then call the launcher themselves: an op's Python dispatch
+    costs 7-12 us a call (2 cores), half a CIFAR-size rollout step, and rollouts, samplers and the
+    training targets run under no_grad. In every other case they go through the op (so a profile
+    names it, autograd records it, a compiler sees it).
+    """
+    if (
+        torch.autograd.profiler._is_profiler_enabled
+        or torch.compiler.is_compiling()
+        or torch._C._are_functorch_transforms_active()
+        or torch._C._len_torch_dispatch_stack()
+        or torch._C._is_torch_function_mode_enabled()
+        or torch._C._get_tracing_state() is not None
+    ):
+        return False
+    grad = torch.is_grad_enabled()
+    for a in args:  # a loop, not any(<generator>): this runs on every call
+        if isinstance(a, torch.Tensor) and (type(a) is not torch.Tensor or (grad and a.requires_grad)):
+            return False
+    return True
 
 
 def register_device_kernels(custom_op, op: str, launcher: str) -> None:
