@@ -11,7 +11,7 @@ Layers, as for every op of the package:
   public    `rollout_step`, `consistency_rollout`, `martingale_loss` below: checks, shapes, dtypes.
             In plain eager mode with no gradient to record (rollouts and samplers run under
             no_grad), `rollout_step` calls the launcher the op would call, without the op's
-            Python dispatch; see `_dispatch_is_a_plain_call`.
+            Python dispatch; see `cdm_kernels.registry.plain_call`.
 
 A fused step reads x and D(x) once, draws its noise in the kernel from Philox keyed by
 (seed, offset + flat element index), and writes x' once. `cdm_kernels.randn(x.shape, seed, offset)`
@@ -409,7 +409,7 @@ def _noise_counters(kind: str, x: Tensor, noise, seed, offset, generator) -> tup
 
 def _launch_step(x, denoised, tc, tn, x_euler, denoised_euler, noise, seed, offset, kind, s_noise, name) -> Tensor:
     """The step on (B, M) views in the compute dtype, through the op or, in plain eager mode with no
-    gradient to record, through its launcher (`_dispatch_is_a_plain_call`); x' in x's shape and dtype."""
+    gradient to record, through its launcher (`registry.plain_call`); x' in x's shape and dtype."""
     B, N = x.shape[0], x.numel()
     M = N // B if B else 0
     dtype = tc.dtype
@@ -425,37 +425,12 @@ def _launch_step(x, denoised, tc, tn, x_euler, denoised_euler, noise, seed, offs
     else:
         args = (flat(x), flat(denoised), tc.contiguous(), tn.contiguous(), flat(x_euler), flat(denoised_euler),
                 flat(noise), seed, offset, kind, float(s_noise))
-        if _dispatch_is_a_plain_call(args):
+        if registry.plain_call(args):
             out = registry.launchers("rollout_step", name, x.device.type).rollout_step(*args)
         else:
             out = _rollout_step_op(*args, name)
     out = out.reshape(x.shape)
     return out if out.dtype == x.dtype else out.to(x.dtype)
-
-
-def _dispatch_is_a_plain_call(args) -> bool:
-    """True when calling `cdm_kernels::rollout_step` would do nothing but call the backend's launcher.
-
-    That is plain eager mode: no torch.compile, functorch transform, tracer, profiler or torch
-    function or dispatch mode is active, every tensor is a plain Tensor, and no input needs a
-    gradient (the op's autograd kernel would redispatch straight to the device kernel, which calls
-    the launcher). rollout_step then calls the launcher itself: the op's Python dispatch cost
-    7.5 us per call, 15% of a (256, 3, 32, 32) Euler step on 2 cores, and rollouts and samplers
-    run under no_grad. In every other case the step goes through the op (so a profile names it).
-    """
-    if (
-        torch.autograd.profiler._is_profiler_enabled
-        or torch.compiler.is_compiling()
-        or torch._C._are_functorch_transforms_active()
-        or torch._C._len_torch_dispatch_stack()
-        or torch._C._is_torch_function_mode_enabled()
-        or torch._C._get_tracing_state() is not None
-    ):
-        return False
-    tensors = [a for a in args if isinstance(a, Tensor)]
-    if any(type(t) is not Tensor for t in tensors):
-        return False
-    return not (torch.is_grad_enabled() and torch._C._any_requires_grad(*tensors))
 
 
 def consistency_rollout(

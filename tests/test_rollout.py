@@ -559,7 +559,7 @@ def test_cpu_levels_check_agrees_with_the_reductions(dtype):
 def test_eager_no_grad_launch_equals_the_op(case, kind):
     # Without autograd or any mode, rollout_step calls the launcher itself instead of going through
     # cdm_kernels::rollout_step (whose dispatch would only call that launcher): same bits.
-    from cdm_kernels.rollout import _dispatch_is_a_plain_call
+    from cdm_kernels.registry import plain_call
 
     shape = (3, 2, 5, 7)
     x, D, xe, De, z = _inputs(shape, torch.float32, kind)
@@ -573,14 +573,14 @@ def test_eager_no_grad_launch_equals_the_op(case, kind):
         args = (flat(x), flat(D), t, tn, flat(xe), flat(De), None, 7 if kind == "sde" else 0,
                 5 if kind == "sde" else 0, kind, 1.0)
     args = case.to(*args)
-    assert _dispatch_is_a_plain_call(args)
+    assert plain_call(args)
     assert torch.equal(out, _rollout_step_op(*args, case.backend).reshape(shape).cpu())
 
 
 def test_rollout_step_goes_through_the_op_when_dispatch_matters():
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from cdm_kernels.rollout import _dispatch_is_a_plain_call
+    from cdm_kernels.registry import plain_call
 
     class Record(TorchDispatchMode):
         def __init__(self):
@@ -594,22 +594,22 @@ def test_rollout_step_goes_through_the_op_when_dispatch_matters():
     x, D = torch.randn(2, 3), torch.randn(2, 3)
     t, tn = torch.tensor([1.0, 2.0]), torch.tensor([0.5, 1.0])
     args = (x, D, t, tn, None, None, None, 0, 0, "euler", 1.0)
-    assert _dispatch_is_a_plain_call(args)
+    assert plain_call(args)
     xg = x.clone().requires_grad_()
-    assert not _dispatch_is_a_plain_call((xg,) + args[1:])  # autograd needs the op's formula
+    assert not plain_call((xg,) + args[1:])  # autograd needs the op's formula
     with torch.no_grad():
-        assert _dispatch_is_a_plain_call((xg,) + args[1:])
+        assert plain_call((xg,) + args[1:])
     with Record() as mode:
-        assert not _dispatch_is_a_plain_call(args)
+        assert not plain_call(args)
         cdm_kernels.rollout_step(x, D, t, tn, kind="euler")
     assert "cdm_kernels.rollout_step.default" in mode.ops
     with torch.profiler.profile() as prof:
-        assert not _dispatch_is_a_plain_call(args)
+        assert not plain_call(args)
         cdm_kernels.rollout_step(x, D, t, tn, kind="euler", backend="reference")
     assert "cdm_kernels::rollout_step" in {e.name for e in prof.events()}
     with torch._subclasses.fake_tensor.FakeTensorMode() as fake:
         fx, fD = fake.from_tensor(x), fake.from_tensor(D)
-        assert not _dispatch_is_a_plain_call((fx, fD) + args[2:])
+        assert not plain_call((fx, fD) + args[2:])
     # The gradient still flows through the op's autograd formula.
     out = cdm_kernels.rollout_step(xg, D, t, tn, kind="euler")
     out.sum().backward()
