@@ -8,9 +8,11 @@ one ("cuda" or "triton") and the levels come as tensors, the check runs on the d
   * `rollout_step`: inside the kernel (csrc/rollout_math.h, `levels_ok`: 0 < t_cur < inf and
     0 <= t_next <= t_cur, t_next > 0 for Heun, t_hat >= t_cur for churn). The sample's row of x'
     is NaN, never a plausible value.
-  * `consistency_rollout`: sigma and sigma_min (finite, 0 < sigma_min <= sigma) by a few tensor
-    operations where its schedule is made; the sample's trajectories are NaN.
-  * `stf_target`: sigma (positive and finite) by a few tensor operations; the sample's target is NaN.
+  * `consistency_rollout`: sigma and sigma_min (finite, 0 < sigma_min <= sigma) by one check kernel
+    where its schedule is made; the sample's trajectories are NaN.
+  * `stf_target`: sigma (positive and finite) by one check kernel; the sample's target is NaN.
+  The check kernel is the CUDA extension's where it is built (launched, with the word's copy, from
+  C++), else a Triton one.
 
 Each records the first bad sample since the last report in the device's status word [source,
 sample, value, value] (int64; the values as float64 bits), which is copied asynchronously to pinned
@@ -18,8 +20,8 @@ host memory after the work that wrote it. The next call of one of these ops on t
 copy has landed, which is at the latest after the caller's next synchronisation (`.item()`, a copy
 to the CPU, ...), raises the ValueError the host check would have raised, naming the op, the sample
 and its values, and clears the word. `check_pending(device)` raises it now (it synchronises).
-Under CUDA graph capture the checks record as usual and the copy waits for the next call outside
-a capture (the "cuda" rollout kernel's copy is part of the graph).
+Under CUDA graph capture the checks record as usual; the CUDA extension's copies are part of the
+graph, the Triton check's copy waits for the next call outside a capture.
 
 Levels given as Python numbers, and every level on the CPU backends and the reference, are checked
 on the host before any launch, and the error is raised at once.
@@ -67,8 +69,11 @@ class LevelStatus:
         self.host = torch.zeros(WORDS, dtype=torch.int64, pin_memory=device.type == "cuda")
         self._view = self.host.numpy()  # reading it costs no torch dispatch
         ext = _ext_module()
+        # With the CUDA extension, its rollout kernel and its check write these and queue their copy.
+        self._compiled_check = None
         if device.type == "cuda" and ext is not None and hasattr(ext, "rollout_set_level_status"):
-            ext.rollout_set_level_status(self.dev, self.host)  # the "cuda" rollout kernel writes and copies these
+            ext.rollout_set_level_status(self.dev, self.host)
+            self._compiled_check = ext.check_levels
 
     def publish(self) -> None:
         """Queues the copy of the device word to the host, behind the work queued so far."""
@@ -79,12 +84,16 @@ class LevelStatus:
 
     def check(self, source: int, a: Tensor, b: Tensor | None = None) -> Tensor:
         """a (B,) with NaN where a sample's levels are not valid (a positive and finite; with b, both
-        finite and 0 < b <= a), the first such sample recorded for `source`: one kernel, no sync.
+        finite and 0 < b <= a), the first such sample recorded for `source`: one kernel, no sync
+        (the CUDA extension's, launched with the word's copy from C++, else Triton's).
         What an earlier call recorded is raised first."""
+        self.raise_pending()
+        a, b = a.contiguous(), None if b is None else b.to(a.dtype).contiguous()
+        if self._compiled_check is not None:
+            return self._compiled_check(a, b, source)
         from .triton.rollout import check_levels
 
-        self.raise_pending()
-        out = check_levels(a.contiguous(), None if b is None else b.to(a.dtype).contiguous(), self.dev, source)
+        out = check_levels(a, b, self.dev, source)
         self.publish()
         return out
 

@@ -28,5 +28,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rollout_set_level_status", &cdm::rollout::cuda::set_level_status,
         "where the CUDA rollout kernels of dev's device record invalid noise levels (cdm_kernels/level_status.py)",
         pybind11::arg("dev"), pybind11::arg("host"));
+  m.def("check_levels", &cdm::rollout::cuda::check_levels,
+        "LevelStatus.check on a CUDA device: one launch and the status copy (cdm_kernels/level_status.py)",
+        pybind11::arg("a"), pybind11::arg("b"), pybind11::arg("source"));
 #endif
 }

@@ -153,6 +153,42 @@ class _SmallNet(torch.nn.Module):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not cdm_kernels.has_cuda_kernels(), reason="the CUDA extension is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_compiled_check_agrees_with_the_triton_check(dtype):
+    # LevelStatus.check takes the CUDA extension's kernel where it is built: the same NaN, the same
+    # record (the lowest bad sample, with its two values) as the Triton check it replaces.
+    from cdm_kernels._ext import module
+    from cdm_kernels.level_status import STF_TARGET, CONSISTENCY_ROLLOUT, status_of
+    from cdm_kernels.triton.rollout import check_levels
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    status = status_of(dev)
+    check_pending(dev)  # nothing left over from an earlier test
+    B = 1000
+    a = torch.rand(B, dtype=dtype, device=dev) + 1.0
+    b = a * 0.5
+    a[[700, 900]] = torch.tensor([-1.0, float("inf")], dtype=dtype, device=dev)
+    b[[400, 950]] = torch.tensor([float("nan"), 3.0], dtype=dtype, device=dev)
+    for source, other in ((STF_TARGET, None), (CONSISTENCY_ROLLOUT, b)):
+        words = []
+        for check in (lambda: module().check_levels(a, other, source),
+                      lambda: (check_levels(a, other, status.dev, source), status.publish())[0]):
+            out = check()
+            torch.cuda.synchronize(dev)
+            words.append(status.host.tolist())
+            status.dev.zero_()
+            status.host.zero_()
+            bad = torch.isnan(out)
+            expected = (~((a > 0) & torch.isfinite(a))) if other is None else (
+                ~((a > 0) & torch.isfinite(a) & (b > 0) & torch.isfinite(b) & (b <= a)))
+            assert torch.equal(bad, expected)
+            assert torch.equal(out[~bad], a[~bad])
+        first = 700 if other is None else 400
+        assert words[0] == words[1] and words[0][:2] == [source, first], words
+
+
+@pytest.mark.gpu
 def test_no_op_or_loss_synchronises_with_the_host_on_a_gpu():
     from cdm_kernels.losses import CDMLoss, EDMLoss, STFLoss
 

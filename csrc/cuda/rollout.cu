@@ -35,15 +35,53 @@ __global__ void philox_randn_kernel(float* __restrict__ out, int64_t n, uint64_t
   }
 }
 
-// The first sample with levels that are not valid, into the status word [flag, sample, t_cur bits,
-// t_next bits] (cdm_kernels/level_status.py): whoever sets the flag writes the rest.
+// The first sample with levels that are not valid, into the status word [source, sample, a bits,
+// b bits] (cdm_kernels/level_status.py): whoever sets the source writes the rest.
 template <typename T>
-__device__ void record_bad_levels(int64_t* status, int64_t row, T t_cur, T t_next) {
-  if (atomicCAS(reinterpret_cast<unsigned long long*>(status), 0ull, 1ull) == 0ull) {
+__device__ void record_bad_levels(int64_t* status, int64_t source, int64_t row, T a, T b) {
+  if (atomicCAS(reinterpret_cast<unsigned long long*>(status), 0ull, static_cast<unsigned long long>(source)) ==
+      0ull) {
     status[1] = row;
-    status[2] = __double_as_longlong(static_cast<double>(t_cur));
-    status[3] = __double_as_longlong(static_cast<double>(t_next));
+    status[2] = __double_as_longlong(static_cast<double>(a));
+    status[3] = __double_as_longlong(static_cast<double>(b));
   }
+}
+
+// LevelStatus.check of cdm_kernels/level_status.py: out = a, NaN where a sample's levels are not
+// valid (a positive and finite; with b, both finite and 0 < b <= a), and the lowest such sample
+// recorded for `source` (the Triton check's rule). One block: a batch of noise levels is small,
+// and one launch from C++ is what this replaces a Triton launch and a copy from Python with.
+template <typename T>
+__global__ void check_levels_kernel(const T* __restrict__ a, const T* __restrict__ b, int64_t B, int64_t source,
+                                    T* __restrict__ out, int64_t* status) {
+  __shared__ unsigned long long first;
+  if (threadIdx.x == 0) first = ~0ull;
+  __syncthreads();
+  const T nan = static_cast<T>(__longlong_as_double(0x7ff8000000000000ll));
+  for (int64_t i = threadIdx.x; i < B; i += blockDim.x) {
+    const T ai = a[i];
+    bool ok = ai > T(0) && ai - ai == T(0);  // false for NaN and inf
+    if (b != nullptr) {
+      const T bi = b[i];
+      ok = ok && bi > T(0) && bi - bi == T(0) && bi <= ai;
+    }
+    out[i] = ok ? ai : nan;
+    if (!ok) atomicMin(&first, static_cast<unsigned long long>(i));
+  }
+  __syncthreads();
+  if (threadIdx.x == 0 && first != ~0ull) {
+    const int64_t i = static_cast<int64_t>(first);
+    record_bad_levels<T>(status, source, i, a[i], b != nullptr ? b[i] : a[i]);
+  }
+}
+
+// Queued behind the kernel that wrote the status word: the host sees it once that work has run,
+// without waiting for it.
+const char* copy_status(int64_t* status, int64_t* status_host, void* stream) {
+  if (status == nullptr || status_host == nullptr) return nullptr;
+  const cudaError_t e = cudaMemcpyAsync(status_host, status, kStatusWords * sizeof(int64_t), cudaMemcpyDeviceToHost,
+                                        as_stream(stream));
+  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }
 
 template <typename T>
@@ -55,7 +93,7 @@ __global__ void rollout_step_kernel(const T* __restrict__ x, const T* __restrict
   for (int64_t row = blockIdx.y; row < B; row += gridDim.y) {
     const T tc = t_cur[row], tn = t_next[row];
     if (status != nullptr && blockIdx.x == 0 && threadIdx.x == 0 && !levels_ok<T>(kind, tc, tn)) {
-      record_bad_levels<T>(status, row, tc, tn);
+      record_bad_levels<T>(status, kSourceRolloutStep, row, tc, tn);
     }
     const StepCoef<T> c = step_coef<T>(kind, tc, tn, s_noise);
     const int64_t col0 = static_cast<int64_t>(blockIdx.x) * kTileCols + threadIdx.x;
@@ -121,11 +159,16 @@ const char* launch_rollout_step(const T* x, const T* D, const T* xe, const T* De
   rollout_step_kernel<T><<<grid_for(B, M), kThreads, 0, as_stream(stream)>>>(x, D, xe, De, noise, t_cur, t_next, s_noise, seed,
                                                                    offset, B, M, kind, out, status);
   if (const char* error = launch_status()) return error;
-  if (status == nullptr || status_host == nullptr) return nullptr;
-  // Queued behind the kernel: the host sees the word once the step has run, without waiting for it.
-  const cudaError_t e = cudaMemcpyAsync(status_host, status, kStatusWords * sizeof(int64_t), cudaMemcpyDeviceToHost,
-                                        as_stream(stream));
-  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+  return copy_status(status, status_host, stream);
+}
+
+template <typename T>
+const char* launch_check_levels(const T* a, const T* b, int64_t B, int64_t source, T* out, int64_t* status,
+                                int64_t* status_host, void* stream) {
+  if (B == 0) return nullptr;
+  check_levels_kernel<T><<<1, kThreads, 0, as_stream(stream)>>>(a, b, B, source, out, status);
+  if (const char* error = launch_status()) return error;
+  return copy_status(status, status_host, stream);
 }
 
 template <typename T>
@@ -144,6 +187,10 @@ template const char* launch_rollout_step<float>(const float*, const float*, cons
 template const char* launch_rollout_step<double>(const double*, const double*, const double*, const double*,
                                                  const double*, const double*, const double*, double, uint64_t,
                                                  uint64_t, int64_t, int64_t, int, double*, int64_t*, int64_t*, void*);
+template const char* launch_check_levels<float>(const float*, const float*, int64_t, int64_t, float*, int64_t*,
+                                                int64_t*, void*);
+template const char* launch_check_levels<double>(const double*, const double*, int64_t, int64_t, double*, int64_t*,
+                                                 int64_t*, void*);
 template const char* launch_martingale<float>(const float*, const float*, const float*, const float*, const float*,
                                               const float*, bool, float, int64_t, int64_t, float*, float*, float*,
                                               void*);

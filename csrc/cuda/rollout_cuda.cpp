@@ -106,6 +106,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> martingale_loss_backward_cuda(
 
 }  // namespace
 
+at::Tensor check_levels(const at::Tensor& a, const c10::optional<at::Tensor>& b, int64_t source) {
+  const char* op = "check_levels (cuda)";
+  TORCH_CHECK_VALUE(a.is_cuda() && a.dim() == 1 && a.is_contiguous() &&
+                        (a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble),
+                    op, ": a must be a contiguous 1-D float32 or float64 CUDA tensor, got ", a.scalar_type(), " ",
+                    a.sizes(), " on ", a.device());
+  if (b.has_value()) contract::same_placement(op, a, {{"b", &b.value()}});
+  TORCH_CHECK_VALUE(!b.has_value() || b->sizes() == a.sizes(), op, ": b must have a's shape ", a.sizes());
+  TORCH_CHECK_VALUE(source > kSourceRolloutStep, op, ": source ", source, " is not one of the checks' sources");
+  const c10::DeviceGuard guard(a.device());
+  const int index = a.device().index();
+  const StatusWords status = index >= 0 && index < kMaxDevices ? g_status[index] : StatusWords{};
+  TORCH_CHECK(status.dev != nullptr, op, ": no level status word for ", a.device(),
+              " (cdm_kernels.level_status.status_of makes it)");
+  at::Tensor out = at::empty_like(a);
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "check_levels_cuda", [&] {
+    const scalar_t* bp = b.has_value() ? b->data_ptr<scalar_t>() : nullptr;
+    check_launch(launch_check_levels<scalar_t>(a.data_ptr<scalar_t>(), bp, a.numel(), source, out.data_ptr<scalar_t>(),
+                                               status.dev, status.host, current_stream(a.device())),
+                 op);
+  });
+  return out;
+}
+
 void set_level_status(const at::Tensor& dev, const at::Tensor& host) {
   TORCH_CHECK(dev.is_cuda() && dev.scalar_type() == at::kLong && dev.numel() == kStatusWords && dev.is_contiguous(),
               "rollout_set_level_status: dev must be a contiguous int64 CUDA tensor of ", kStatusWords,

@@ -10,8 +10,10 @@ namespace cuda {
 
 const char* launch_philox_randn(float* out, int64_t n, uint64_t seed, uint64_t offset, void* stream);
 
-// Words of the level status (cdm_kernels/level_status.py): flag, sample, t_cur bits, t_next bits.
+// Words of the level status (cdm_kernels/level_status.py): source, sample, two levels' bits; the
+// source the rollout step records (level_status.py, ROLLOUT_STEP).
 constexpr int64_t kStatusWords = 4;
+constexpr int64_t kSourceRolloutStep = 1;
 
 // status (device, may be null): the first sample with invalid levels is recorded there; status_host
 // (pinned, may be null): the word is copied there after the kernel, on the same stream.
@@ -19,6 +21,12 @@ template <typename T>
 const char* launch_rollout_step(const T* x, const T* D, const T* xe, const T* De, const T* noise, const T* t_cur,
                                 const T* t_next, T s_noise, uint64_t seed, uint64_t offset, int64_t B, int64_t M,
                                 int kind, T* out, int64_t* status, int64_t* status_host, void* stream);
+
+// a, b (B,), b may be null: out = a with NaN where a sample's levels are not valid, the lowest such
+// sample recorded in status for `source`; the word is then copied to status_host (see above).
+template <typename T>
+const char* launch_check_levels(const T* a, const T* b, int64_t B, int64_t source, T* out, int64_t* status,
+                                int64_t* status_host, void* stream);
 
 // grad null: the loss into out; else the three gradients into out, ga, gb.
 template <typename T>
