@@ -28,6 +28,10 @@ Accuracy first: every method's mu (and gradients) is compared with the float64 j
 with spread weights at every sigma (benchmarks.stf_common's judge), and the errors are reported with
 the times; a library method with a NaN or an error over 10x its peer's (and over 1e-3) is "wrong" and not timed.
 
+Also, without a target, the host time of a call of `stf_target` and `rollout_step` on tiny problems,
+through the public function and through the backend's launcher alone (docs/gpu_design.md, "The
+host's share of a call"): what decides the small sizes.
+
 Outputs in --out (default out/benchmarks/gpu_targets in the checkout, ignored by git): gpu_targets.csv
 (one row per method, size and pass, with the device and versions in every row), gpu_targets.md and
 gpu_targets.png (time against the size, per method). The verdict table is printed last.
@@ -40,7 +44,9 @@ import contextlib
 import csv
 import math
 import os
+import statistics
 import sys
+import time
 from dataclasses import dataclass
 
 if __package__ in (None, ""):  # run as `python benchmarks/gpu_targets.py`: the checkout's packages, as -m
@@ -50,6 +56,8 @@ import torch  # noqa: E402
 
 import cdm_kernels  # noqa: E402
 from benchmarks import stf_common as sc  # noqa: E402
+from cdm_kernels import registry, stf_reference  # noqa: E402
+from cdm_kernels.stf import default_chunk_size  # noqa: E402
 
 SIZES = ((64, 4096, 3072), (512, 4096, 3072), (512, 50000, 3072), (256, 262144, 3072), (64, 16384, 12288))
 QUICK_SIZES = ((8, 256, 64), (16, 512, 64))
@@ -309,6 +317,64 @@ def rollout_criteria(rows: list[dict], quick: bool) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Host time of a call
+# ----------------------------------------------------------------------------------------------
+
+
+def _host_us(call, device: str, repeats: int = 25) -> float:
+    """Host time of one call in us: calls back to back, timed without waiting for the device (on a
+    GPU 32 of them, which its launch queue holds), then one synchronisation outside the timing;
+    median of `repeats`. On the CPU, where the work runs in the call, the work is included."""
+    cuda = torch.device(device).type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    calls = 32 if cuda else 200
+    for _ in range(calls):
+        call()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            call()
+        times.append((time.perf_counter() - t0) / calls)
+        sync()
+    return statistics.median(times) * 1e6
+
+
+def host_rows(device: str) -> list[dict]:
+    """The host's share of a call (docs/gpu_design.md): tiny problems through the public function and
+    through the backend's launcher alone, with the arguments the public function would pass made
+    beforehand. Their difference is the public function's own host time (checks, shapes, the
+    centre, the level check); the launcher's is its launches. A diagnostic, no target."""
+    g = torch.Generator().manual_seed(0)
+    x, ref = torch.randn(8, 64, generator=g).to(device), torch.randn(64, 64, generator=g).to(device)
+    sigma = (torch.rand(8, generator=g) + 0.5).to(device)
+    xs, D = (torch.randn(8, 3, 8, 8, generator=g).to(device) for _ in range(2))
+    t = (torch.rand(8, generator=g) + 1.0).to(device)
+    tn = t * 0.5
+    dt = torch.device(device).type
+    stf_backend = cdm_kernels.resolve_backend("stf_target", device)
+    roll_backend = cdm_kernels.resolve_backend("rollout_step", device)
+    stf_forward = registry.launchers("stf_target", stf_backend, dt).stf_forward
+    step = registry.launchers("rollout_step", roll_backend, dt).rollout_step
+    centre, chunk = stf_reference.centre_of(ref), default_chunk_size(8, 64, 64)
+    flat = xs.reshape(8, -1), D.reshape(8, -1)
+    calls = [
+        ("stf_target", stf_backend, lambda: cdm_kernels.stf_target(x, sigma, ref),
+         lambda: stf_forward(x, sigma, ref, centre, chunk, "ieee")),
+        ("rollout_step (euler)", roll_backend, lambda: cdm_kernels.rollout_step(xs, D, t, tn, kind="euler"),
+         lambda: step(*flat, t, tn, None, None, None, 0, 0, "euler", 1.0)),
+    ]
+    rows = []
+    with torch.no_grad():
+        for op, backend, public, launcher in calls:
+            pub, lau = _host_us(public, device), _host_us(launcher, device)
+            rows.append({"op": op, "backend": backend, "public_us": pub, "launcher_us": lau,
+                         "python_us": pub - lau})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
 # Ceilings, outputs, main
 # ----------------------------------------------------------------------------------------------
 
@@ -330,7 +396,7 @@ def ceilings(cfg: Config) -> dict:
     return out
 
 
-def write_outputs(out: str, env: dict, ceil: dict, stf_rows, errs, roll_rows, crit) -> tuple[str, str]:
+def write_outputs(out: str, env: dict, ceil: dict, stf_rows, errs, roll_rows, crit, host=()) -> tuple[str, str]:
     os.makedirs(out, exist_ok=True)
     csv_path, md_path = os.path.join(out, "gpu_targets.csv"), os.path.join(out, "gpu_targets.md")
     keys = ["device_name", "torch", "triton", "cdm_kernels", "method", "precision", "B", "n", "D", "pass", "status",
@@ -361,6 +427,12 @@ def write_outputs(out: str, env: dict, ceil: dict, stf_rows, errs, roll_rows, cr
     for r in roll_rows:
         cf = f"{r['copy_fraction']:.2f}" if r["copy_fraction"] else ""
         lines.append(f"| {r['shape']} | {r['method']} | {r['us']:.1f} | {cf} |")
+    if host:
+        lines += ["", "## Host time of a call (tiny problems: the host's share, no target)", "",
+                  "| op | backend | public function us | launcher alone us | the public function's own us |",
+                  "|---|---|---:|---:|---:|"]
+        lines += [f"| {r['op']} | {r['backend']} | {r['public_us']:.1f} | {r['launcher_us']:.1f} | "
+                  f"{r['python_us']:.1f} |" for r in host]
     lines += ["", "## Verdicts", "", verdict_table(crit)]
     with open(md_path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -401,7 +473,7 @@ def verdict_table(crit: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(cfg: Config, log=print) -> tuple[dict, dict, list, dict, list, list]:
+def run(cfg: Config, log=print) -> tuple[dict, dict, list, dict, list, list, list]:
     env = sc.environment(cfg.device)
     ceil = ceilings(cfg)
     log("ceilings: " + ", ".join(f"{k} {v:.3g}" for k, v in ceil.items()))
@@ -415,7 +487,11 @@ def run(cfg: Config, log=print) -> tuple[dict, dict, list, dict, list, list]:
     crit = stf_criteria(rows, errs[cfg.sizes[0][2]], ceil, cfg.quick)
     roll = rollout_rows(cfg, ceil["copy"])
     crit += rollout_criteria(roll, cfg.quick)
-    return env, ceil, rows, errs, roll, crit
+    host = host_rows(cfg.device)
+    for r in host:
+        log(f"host time of {r['op']} ({r['backend']}): {r['public_us']:.1f} us a call, "
+            f"{r['launcher_us']:.1f} us of it the launcher's")
+    return env, ceil, rows, errs, roll, crit, host
 
 
 def main(argv=None) -> int:
@@ -431,9 +507,9 @@ def main(argv=None) -> int:
     cfg = Config(repeats=3 if args.quick else args.repeats, quick=args.quick, device="cuda" if has_gpu else "cpu",
                  sizes=QUICK_SIZES if args.quick else SIZES,
                  rollout_shapes=QUICK_ROLLOUT_SHAPES if args.quick else ROLLOUT_SHAPES)
-    env, ceil, rows, errs, roll, crit = run(cfg)
+    env, ceil, rows, errs, roll, crit, host = run(cfg)
     out = args.out or sc.default_out("gpu_targets")
-    csv_path, md_path = write_outputs(out, env, ceil, rows, errs, roll, crit)
+    csv_path, md_path = write_outputs(out, env, ceil, rows, errs, roll, crit, host)
     print(f"results in {csv_path}, {md_path}")
     print(verdict_table(crit))
     failed = any(c["verdict"].startswith("FAIL") for c in crit)

@@ -102,6 +102,12 @@ def test_every_benchmark_runs_both_ways_and_leaves_the_clone_clean(clone, quick_
     written = sorted(os.listdir(clone / "out" / "benchmarks"))
     assert "stf_cpu_targets" in written
     assert os.path.getsize(clone / "out" / "benchmarks" / "stf_cpu_targets" / "stf_cpu_targets.md") > 0
+    # gpu_targets' diagnostic of the host's share: both ops, the public call above its launcher alone.
+    md = (clone / "out" / "benchmarks" / "gpu_targets" / "gpu_targets.md").read_text()
+    host = md.split("## Host time of a call")[1].split("## Verdicts")[0]
+    for op in ("stf_target", "rollout_step (euler)"):
+        public, launcher, own = (float(v) for v in host.split(f"| {op} | cpu | ")[1].split(" |\n")[0].split(" | "))
+        assert 0 < launcher < public and own == pytest.approx(public - launcher, abs=0.11), (op, host)
 
 
 def test_quick_sweep_writes_every_output(quick_run):
