@@ -28,11 +28,11 @@ needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (PATH, $CUD
 
 # Every kernel stf.cu instantiates: each per-thread functor of stf_kernels.h, float and double (the
 # products are cuBLAS's).
-FUNCTORS = ("ShiftRows", "DotRows", "HalfInvSq", "ChunkMin", "ChunkUpdate", "RowMerge", "ScaleRows", "NearestParts",
+FUNCTORS = ("ShiftRows", "DotRows", "QueryRows", "ChunkMin", "ChunkUpdate", "RowMerge", "ScaleRows", "NearestParts",
             "FinalizeRows", "FinalizeMu", "BackwardTerms", "ColumnSums", "RefGradFinish", "BackwardFinishX",
             "BackwardFinishSigma")
 EXPECTED = {f"void thread_kernel<{f}<{t}> >" for f in FUNCTORS for t in ("float", "double")} | {
-    f"void thread_kernel<{f}>" for f in ("StateEmpty", "RowSums", "RowsReset")
+    f"void thread_kernel<{f}>" for f in ("RowSums", "RowsReset")
 }
 
 

@@ -35,7 +35,7 @@ const char* launch(const F& f, void* stream) {
 #define CDM_STF_LAUNCH_T(T)                \
   CDM_STF_LAUNCH(ShiftRows<T>)             \
   CDM_STF_LAUNCH(DotRows<T>)               \
-  CDM_STF_LAUNCH(HalfInvSq<T>)             \
+  CDM_STF_LAUNCH(QueryRows<T>)             \
   CDM_STF_LAUNCH(ChunkMin<T>)              \
   CDM_STF_LAUNCH(ChunkUpdate<T>)           \
   CDM_STF_LAUNCH(RowMerge<T>)              \
@@ -56,7 +56,6 @@ CDM_STF_LAUNCH_T(double)
 CDM_STF_LAUNCH(LaneSumF)
 CDM_STF_LAUNCH(LaneSumD)
 CDM_STF_LAUNCH(LaneSumFA)
-CDM_STF_LAUNCH(StateEmpty)
 CDM_STF_LAUNCH(RowSums)
 CDM_STF_LAUNCH(RowsReset)
 #undef CDM_STF_LAUNCH_T

@@ -11,7 +11,8 @@
 // thread on the host and multiplies with plain loops (tests/cuda_emulator.cpp). The arithmetic is
 // the shared code of csrc/stf_math.h, which the CPU backend also executes.
 //
-// Per chunk of c references the forward pass does
+// The forward pass prepares the queries (ShiftRows, then QueryRows: norms, k, empty row states), and
+// per chunk of c references does
 //   1. ShiftRows + LaneSum: r'_j = round(r_j - c), ||r'_j||^2          c x LANES threads, then c
 //   2. S (B, c) = X' R'^T                                                cuBLAS
 //   3. ChunkMin: reduced distances delta_ij into S, (row, part) minima  B x PARTS threads
@@ -19,8 +20,9 @@
 //   5. RowMerge: rebase the row state to m_new, add the parts           B threads
 //   6. ScaleRows: acc_i *= alpha_i (not for the first chunk)            B x D threads
 //   7. acc (B, D) += E R'                                               cuBLAS
-// and finishes with the exact d_min of each row's nearest reference (NearestParts, LaneSum), lse,
-// aux and mu = acc / l + c. Row work is split into PARTS threads per row: thread
+// and finishes with the exact d_min of each row's nearest reference (NearestParts), lse and aux
+// (FinalizeRows), and mu = acc / l + c (FinalizeMu): 2 + 7 + 3 = 12 launches for one chunk, 8 more
+// for each further one (docs/gpu_design.md, "The host's share of a call"). Row work is split into PARTS threads per row: thread
 // t = i PARTS + p takes the columns j = p, p + PARTS, ... of row i, so the threads of a row read
 // consecutive words (coalesced) and a chunk has B x PARTS threads even when B is small. Row sums and
 // states are kept in double (as the CPU backend does): they are O(B c) work next to O(B c D).
@@ -135,15 +137,6 @@ struct LaneSum {
   }
 };
 
-// Thread i: k_i = 1 / (2 sigma_i^2), clamped (stf_math.h, half_inv_sq).
-template <typename T>
-struct HalfInvSq {
-  int64_t threads;  // B
-  const T* sigma;
-  T* k;
-  CDM_HD void operator()(int64_t i) const { k[i] = half_inv_sq(sigma[i]); }
-};
-
 // ------------------------------------------------------------------------------------------------
 // Forward: the online softmax in distance space
 // ------------------------------------------------------------------------------------------------
@@ -165,13 +158,27 @@ struct StatePlanes {
   }
 };
 
-// Thread i: the state of an empty row (before the first chunk).
-struct StateEmpty {
+// Thread i, the per-row preparation of the queries in one launch: ||x'_i||^2 from the lane parts
+// of ShiftRows (added in lane order, as LaneSum does), k_i = 1 / (2 sigma_i^2) clamped (stf_math.h,
+// half_inv_sq), and with reset_state the state of an empty row (before the first chunk).
+template <typename T>
+struct QueryRows {
   int64_t threads;  // B
-  StatePlanes state;
+  const Acc* part;  // (B, LANES)
+  T* xn;
+  const T* sigma;
+  T* k;
+  bool reset_state;
+  StatePlanes state;  // written only with reset_state
   CDM_HD void operator()(int64_t i) const {
-    state.set(i, state_empty<Acc>());
-    state.arg[i] = -1;
+    Acc s = Acc(0);
+    for (int64_t l = 0; l < LANES; ++l) s += part[i * LANES + l];
+    xn[i] = T(s);
+    k[i] = half_inv_sq(sigma[i]);
+    if (reset_state) {
+      state.set(i, state_empty<Acc>());
+      state.arg[i] = -1;
+    }
   }
 };
 
@@ -321,13 +328,16 @@ struct FinalizeRows {
   int64_t threads;  // B
   StatePlanes state;
   const T* k;
-  const T* dmin;
+  const Acc* part;  // (B, LANES): NearestParts' lane parts of d_min, added here in lane order
   T* lse;
   T* aux;    // (B, AUX_COLS)
   T* inv_l;  // (B,)
   CDM_HD void operator()(int64_t i) const {
+    Acc dm = Acc(0);
+    for (int64_t l = 0; l < LANES; ++l) dm += part[i * LANES + l];
+    const T dmin = T(dm);
     const RowState<Acc> s = state.get(i);
-    const RowResult<Acc> r = state_finalize(s, Acc(k[i]), Acc(dmin[i]));
+    const RowResult<Acc> r = state_finalize(s, Acc(k[i]), Acc(dmin));
     lse[i] = T(r.lse);
     T* a = aux + i * AUX_COLS;
     a[AUX_M] = T(s.m);
@@ -335,7 +345,7 @@ struct FinalizeRows {
     a[AUX_DBAR] = T(r.dbar);
     a[AUX_NEFF] = T(r.neff);
     a[AUX_WMAX] = T(r.wmax);
-    a[AUX_DMIN] = dmin[i];
+    a[AUX_DMIN] = dmin;
     inv_l[i] = T(r.inv_l);
   }
 };
@@ -598,7 +608,6 @@ struct ForwardWorkspace {
   int64_t* partarg;  // (B, PARTS)
   T* alpha;          // (B,)
   T* inv_l;          // (B,)
-  T* dmin;           // (B,)
   StatePlanes state;
 
   static ForwardWorkspace carve(Carver& cv, const Problem<T>& p) {
@@ -608,7 +617,6 @@ struct ForwardWorkspace {
     w.partarg = cv.take<int64_t>(p.B * PARTS);
     w.alpha = cv.take<T>(p.B);
     w.inv_l = cv.take<T>(p.B);
-    w.dmin = cv.take<T>(p.B);
     w.state = StatePlanes{cv.take<Acc>(p.B), cv.take<Acc>(p.B), cv.take<Acc>(p.B), cv.take<Acc>(p.B),
                           cv.take<int64_t>(p.B)};
     return w;
@@ -620,13 +628,13 @@ struct ForwardWorkspace {
   }
 };
 
-// Shared steps of both passes: the queries' operands and norms (rows 0..B-1 of xop), k, and per
-// chunk the references' operands and norms.
+// Shared steps of both passes: the queries' operands and norms (rows 0..B-1 of xop), k (and with
+// `reset`, the empty row states of the forward pass), and per chunk the references' operands and norms.
 template <typename T, class Exec>
-void prepare_queries(Exec& ex, const Problem<T>& p, const Common<T>& cm) {
+void prepare_queries(Exec& ex, const Problem<T>& p, const Common<T>& cm, const StatePlanes* reset = nullptr) {
   ex.run(ShiftRows<T>{p.B * LANES, p.D, p.prec, false, p.x, p.centre, cm.xop, cm.lanes});
-  ex.run(LaneSum<T, T>{p.B, cm.lanes, cm.xn});
-  ex.run(HalfInvSq<T>{p.B, p.sigma, cm.k});
+  const bool empty = reset != nullptr;
+  ex.run(QueryRows<T>{p.B, cm.lanes, cm.xn, p.sigma, cm.k, empty, empty ? *reset : StatePlanes{}});
 }
 
 template <typename T, class Exec>
@@ -655,8 +663,7 @@ template <typename T, class Exec>
 void forward_run(Exec& ex, const Problem<T>& p, const ForwardWorkspace<T>& ws, T* mu, T* lse, T* aux) {
   const Common<T>& cm = ws.cm;
   const int64_t W = operand_width(p.D, p.prec);
-  prepare_queries(ex, p, cm);
-  ex.run(StateEmpty{p.B, ws.state});
+  prepare_queries(ex, p, cm, &ws.state);
   for (int64_t start = 0; start < p.n; start += p.chunk) {
     const int64_t c = p.chunk < p.n - start ? p.chunk : p.n - start;
     prepare_chunk(ex, p, cm, start, c);
@@ -668,8 +675,7 @@ void forward_run(Exec& ex, const Problem<T>& p, const ForwardWorkspace<T>& ws, T
     accumulate_product(ex, p, p.B, c, cm.S, cm.S_lo, cm.rop, mu, start > 0);
   }
   ex.run(NearestParts<T>{p.B * LANES, p.D, p.x, p.ref, ws.state.arg, cm.lanes});
-  ex.run(LaneSum<T, T>{p.B, cm.lanes, ws.dmin});
-  ex.run(FinalizeRows<T>{p.B, ws.state, cm.k, ws.dmin, lse, aux, ws.inv_l});
+  ex.run(FinalizeRows<T>{p.B, ws.state, cm.k, cm.lanes, lse, aux, ws.inv_l});
   ex.run(FinalizeMu<T>{p.B * p.D, p.D, ws.inv_l, p.centre, mu});
 }
 
