@@ -43,8 +43,8 @@ def default_chunk_size(batch: int, n: int, dim: int) -> int:
     """References per chunk: large enough for efficient matrix products, small enough that the
     (B, chunk) distance tile and the (chunk, D) slice stay a small fraction of the inputs' memory.
     Up to twice that when it makes the whole set one chunk: a chunk costs about eight launches on a
-    GPU, as long as the products of a small batch (about 30 us at B = 64, 2048 x 3072 in float32
-    on an H200)."""
+    GPU, about as much host time as its products take at a small batch (about 30 us at B = 64,
+    c = 2048, D = 3072 in float32 on an H200)."""
     budget = 1 << 22  # elements of the (B, chunk) tile
     chunk = max(256, min(2048, budget // max(batch, 1)))
     if n <= 2 * chunk and batch * n <= budget:

@@ -591,3 +591,43 @@ def test_aux_has_its_documented_columns():
     torch.testing.assert_close(aux[:, 2], j["d_bar"])
     torch.testing.assert_close(aux[:, 3], j["n_eff"])
     torch.testing.assert_close(aux[:, 4], j["w_max"])
+
+
+@pytest.mark.parametrize("backend", cdm_kernels.available_backends("stf_target", "cpu"))
+def test_without_a_gradient_to_record_the_launcher_gives_the_ops_result(backend):
+    # stf_target skips the op's Python dispatch when nothing needs a gradient (registry.plain_call):
+    # the same bits as through the op, which a dispatch mode or a gradient to record still goes through.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(5)
+    x, ref = torch.randn(5, 3, 4, 4, generator=g), torch.randn(40, 3, 4, 4, generator=g) + 3.0
+    sigma = torch.rand(5, generator=g) + 0.3
+    with torch.no_grad():
+        plain = stf_target(x, sigma, ref, return_lse=True, backend=backend)
+    with Record() as mode:
+        via_op = stf_target(x, sigma, ref, return_lse=True, backend=backend)
+    assert "cdm_kernels.stf_forward.default" in mode.ops
+    assert torch.equal(plain[0], via_op[0]) and torch.equal(plain[1], via_op[1])
+    xg = x.clone().requires_grad_()
+    mu = stf_target(xg, sigma, ref, backend=backend)
+    assert mu.grad_fn is not None and torch.equal(mu.detach(), plain[0])
+
+
+def test_the_default_centre():
+    # The mean of the first 64 references; on the CPU 0 where that mean is within their spread of the
+    # origin (the CPU kernel then reads them without a shifted copy); on a GPU always the mean.
+    g = torch.Generator().manual_seed(6)
+    near, far = torch.randn(100, 12, generator=g), torch.randn(100, 12, generator=g) + 10.0
+    assert torch.equal(stf_reference.centre_of(near), torch.zeros(12))
+    torch.testing.assert_close(stf_reference.centre_of(far), far[:64].mean(0), rtol=0, atol=0)
+    if torch.cuda.is_available():
+        torch.testing.assert_close(stf_reference.centre_of(near.cuda()).cpu(), near[:64].mean(0))
