@@ -124,16 +124,21 @@ struct DotRows {
   }
 };
 
-// Thread i: out_i = sum_l part[i LANES + l], added in lane order (deterministic).
+// sum_l part[i LANES + l] of row i, added in lane order (deterministic): every row reduction's end.
+CDM_HD Acc lane_sum(const Acc* part, int64_t i) {
+  Acc s = Acc(0);
+  for (int64_t l = 0; l < LANES; ++l) s += part[i * LANES + l];
+  return s;
+}
+
+// Thread i: out_i = lane_sum(part, i).
 template <typename T, typename O>
 struct LaneSum {
   int64_t threads;  // rows
   const Acc* part;
   O* out;
   CDM_HD void operator()(int64_t i) const {
-    Acc s = Acc(0);
-    for (int64_t l = 0; l < LANES; ++l) s += part[i * LANES + l];
-    out[i] = O(s);
+    out[i] = O(lane_sum(part, i));
   }
 };
 
@@ -171,9 +176,7 @@ struct QueryRows {
   bool reset_state;
   StatePlanes state;  // written only with reset_state
   CDM_HD void operator()(int64_t i) const {
-    Acc s = Acc(0);
-    for (int64_t l = 0; l < LANES; ++l) s += part[i * LANES + l];
-    xn[i] = T(s);
+    xn[i] = T(lane_sum(part, i));
     k[i] = half_inv_sq(sigma[i]);
     if (reset_state) {
       state.set(i, state_empty<Acc>());
@@ -333,9 +336,7 @@ struct FinalizeRows {
   T* aux;    // (B, AUX_COLS)
   T* inv_l;  // (B,)
   CDM_HD void operator()(int64_t i) const {
-    Acc dm = Acc(0);
-    for (int64_t l = 0; l < LANES; ++l) dm += part[i * LANES + l];
-    const T dmin = T(dm);
+    const T dmin = T(lane_sum(part, i));
     const RowState<Acc> s = state.get(i);
     const RowResult<Acc> r = state_finalize(s, Acc(k[i]), Acc(dmin));
     lse[i] = T(r.lse);
