@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from cdm_kernels import registry, stf_reference, stf_target
 from cdm_kernels.contract import AUX_DBAR, AUX_NEFF, AUX_WMAX
@@ -136,3 +137,16 @@ def assert_within_budget(got: dict, exact: dict, budget: dict, what: str, factor
             f"{name} ({what}): relative error {err:.3e} against float64 exceeds {factor} x {budget[name]:.3e} "
             f"(the same math in float32, worst of {REALISATIONS} computations) + {FLOOR:.1e}; worst element at {worst}"
         )
+
+
+class RecordOps(TorchDispatchMode):
+    """A dispatch mode that runs every op a call dispatches and records its name in `ops` (whether a
+    public function went through its torch.library op)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))

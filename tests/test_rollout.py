@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import judges
-from matrix import cases
+from matrix import RecordOps, cases
 from problems import levels
 
 import cdm_kernels
@@ -578,18 +578,7 @@ def test_eager_no_grad_launch_equals_the_op(case, kind):
 
 
 def test_rollout_step_goes_through_the_op_when_dispatch_matters():
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from cdm_kernels.registry import plain_call
-
-    class Record(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
 
     x, D = torch.randn(2, 3), torch.randn(2, 3)
     t, tn = torch.tensor([1.0, 2.0]), torch.tensor([0.5, 1.0])
@@ -599,7 +588,7 @@ def test_rollout_step_goes_through_the_op_when_dispatch_matters():
     assert not plain_call((xg,) + args[1:])  # autograd needs the op's formula
     with torch.no_grad():
         assert plain_call((xg,) + args[1:])
-    with Record() as mode:
+    with RecordOps() as mode:
         assert not plain_call(args)
         cdm_kernels.rollout_step(x, D, t, tn, kind="euler")
     assert "cdm_kernels.rollout_step.default" in mode.ops

@@ -14,7 +14,7 @@ import warnings
 import judges
 import pytest
 import torch
-from matrix import Case, assert_within_budget, cases, float32_budget, mode_cases, rel, run_stf
+from matrix import Case, RecordOps, assert_within_budget, cases, float32_budget, mode_cases, rel, run_stf
 from problems import cluster_problem, peaked_case, spread_case
 
 import cdm_kernels
@@ -597,23 +597,12 @@ def test_aux_has_its_documented_columns():
 def test_without_a_gradient_to_record_the_launcher_gives_the_ops_result(backend):
     # stf_target skips the op's Python dispatch when nothing needs a gradient (registry.plain_call):
     # the same bits as through the op, which a dispatch mode or a gradient to record still goes through.
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Record(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     g = torch.Generator().manual_seed(5)
     x, ref = torch.randn(5, 3, 4, 4, generator=g), torch.randn(40, 3, 4, 4, generator=g) + 3.0
     sigma = torch.rand(5, generator=g) + 0.3
     with torch.no_grad():
         plain = stf_target(x, sigma, ref, return_lse=True, backend=backend)
-    with Record() as mode:
+    with RecordOps() as mode:
         via_op = stf_target(x, sigma, ref, return_lse=True, backend=backend)
     assert "cdm_kernels.stf_forward.default" in mode.ops
     assert torch.equal(plain[0], via_op[0]) and torch.equal(plain[1], via_op[1])
