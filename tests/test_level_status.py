@@ -255,3 +255,14 @@ def test_a_whole_consistency_rollout_replays_from_a_cuda_graph(backend):
     assert torch.isnan(captured[:, 1]).all() and torch.isfinite(captured[:, [0, 2, 3]]).all()
     with pytest.raises(ValueError, match="an earlier consistency_rollout.*sample 1"):
         check_pending(dev)
+
+
+@pytest.mark.skipif(not cdm_kernels.has_cuda_kernels(), reason="the CUDA extension is not built")
+def test_the_compiled_check_refuses_what_is_not_a_cuda_vector_of_levels():
+    from cdm_kernels._ext import module
+    from cdm_kernels.level_status import STF_TARGET
+
+    for a in (torch.ones(4), torch.ones(2, 2), torch.ones(4, dtype=torch.int64)):
+        with pytest.raises(ValueError, match=r"check_levels \(cuda\): a must be a contiguous 1-D float32 or "
+                                             r"float64 CUDA tensor, got"):
+            module().check_levels(a, None, STF_TARGET)

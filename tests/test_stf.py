@@ -620,3 +620,18 @@ def test_the_default_centre():
     torch.testing.assert_close(stf_reference.centre_of(far), far[:64].mean(0), rtol=0, atol=0)
     if torch.cuda.is_available():
         torch.testing.assert_close(stf_reference.centre_of(near.cuda()).cpu(), near[:64].mean(0))
+
+
+def test_default_chunk_size_takes_one_chunk_rather_than_two_short_ones():
+    from cdm_kernels.stf import default_chunk_size
+
+    # The cap: 2048 references, fewer for a large batch (a (B, chunk) tile of at most 2^22 elements).
+    assert default_chunk_size(512, 50000, 3072) == 2048
+    assert default_chunk_size(64, 16384, 12288) == 2048
+    assert default_chunk_size(4096, 50000, 3072) == 1024
+    # Up to twice the cap when that makes the whole set one chunk and the tile stays in budget.
+    assert default_chunk_size(64, 4096, 3072) == 4096
+    assert default_chunk_size(512, 4096, 3072) == 4096
+    assert default_chunk_size(64, 4097, 3072) == 2048
+    assert default_chunk_size(4096, 2048, 10) == 1024  # 4096 x 2048 is over the tile's budget
+    assert default_chunk_size(8, 100, 3) == 100
