@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
-import math
 import os
 import shlex
 import sys
@@ -310,7 +309,7 @@ def write_plots(out: str, rows: list[dict], methods: list[sc.Method], env: dict)
     passes = [p for p in sc.PASSES if any(k[0] == p for k in panels)]
     shapes = sorted({(D, B) for _, D, B in panels})
     paths = []
-    for what, field, ylabel in (("throughput", "samples_per_s", "samples / s"),
+    for what, column, ylabel in (("throughput", "samples_per_s", "samples / s"),
                                 ("memory", "peak_extra_bytes", "peak extra memory (bytes)")):
         width = max(4.2 * len(shapes), 8.0)  # room for the legend even with one panel per row
         fig, axes = plt.subplots(len(passes), len(shapes), figsize=(width, 3.6 * len(passes)), squeeze=False)
@@ -318,9 +317,9 @@ def write_plots(out: str, rows: list[dict], methods: list[sc.Method], env: dict)
             for j, (D, B) in enumerate(shapes):
                 ax = axes[i][j]
                 for k, m in enumerate(methods):
-                    pts = sorted((int(r["n"]), float(r[field])) for r in rows
+                    pts = sorted((int(r["n"]), float(r[column])) for r in rows
                                  if r["method"] == m.name and r["pass"] == p and int(r["D"]) == D
-                                 and int(r["B"]) == B and r.get(field) not in (None, "") and float(r[field]) > 0)
+                                 and int(r["B"]) == B and r.get(column) not in (None, "") and float(r[column]) > 0)
                     if pts:
                         ax.plot(*zip(*pts), marker="o", ms=3, label=m.name, color=f"C{k}")
                 ax.set_xscale("log", base=2)

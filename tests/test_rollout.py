@@ -4,7 +4,6 @@ autograd by gradcheck; opcheck and torch.compile of the registered ops; bad inpu
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
