@@ -34,7 +34,10 @@ host's share of a call"): what decides the small sizes.
 
 Outputs in --out (default out/benchmarks/gpu_targets in the checkout, ignored by git): gpu_targets.csv
 (one row per method, size and pass, with the device and versions in every row), gpu_targets.md and
-gpu_targets.png (time against the size, per method). The verdict table is printed last.
+gpu_targets.png (time against the size, per method). The verdict table is printed last. The short
+stages run first (ceilings, rollout steps, host time), then the stable target's; on SIGTERM (a
+`timeout` around the run) the outputs hold what was measured before it, say which stage was cut,
+and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -44,10 +47,11 @@ import contextlib
 import csv
 import math
 import os
+import signal
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 if __package__ in (None, ""):  # run as `python benchmarks/gpu_targets.py`: the checkout's packages, as -m
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -396,7 +400,8 @@ def ceilings(cfg: Config) -> dict:
     return out
 
 
-def write_outputs(out: str, env: dict, ceil: dict, stf_rows, errs, roll_rows, crit, host=()) -> tuple[str, str]:
+def write_outputs(out: str, res: Results, crit: list[dict]) -> tuple[str, str]:
+    env, ceil, stf_rows, errs, roll_rows, host = res.env, res.ceil, res.rows, res.errs, res.roll, res.host
     os.makedirs(out, exist_ok=True)
     csv_path, md_path = os.path.join(out, "gpu_targets.csv"), os.path.join(out, "gpu_targets.md")
     keys = ["device_name", "torch", "triton", "cdm_kernels", "method", "precision", "B", "n", "D", "pass", "status",
@@ -406,11 +411,14 @@ def write_outputs(out: str, env: dict, ceil: dict, stf_rows, errs, roll_rows, cr
         w.writeheader()
         for r in stf_rows:
             w.writerow({**{k: env.get(k, "") for k in keys[:4]}, **r})
-    lines = [f"# GPU targets: {env['device_name']}, torch {env['torch']}, triton {env['triton']}", "",
-             "Ceilings measured in the same run: " + ", ".join(
-                 f"{k} {v / 1e12:.1f} TFLOP/s" if k != "copy" else f"copy {v / 1e12:.2f} TB/s" for k, v in ceil.items()),
-             "", "## Errors against float64 (relative, normwise)", "", "| method | mu | dL/dx | dL/dsigma |",
-             "|---|---:|---:|---:|"]
+    lines = [f"# GPU targets: {env['device_name']}, torch {env['torch']}, triton {env['triton']}", ""]
+    if res.stopped:
+        lines += [f"**Stopped early** (SIGTERM) during: {res.stopped}. What follows is what was measured "
+                  "before it; the stages after it did not run.", ""]
+    lines += ["Ceilings measured in the same run: " + ", ".join(
+                  f"{k} {v / 1e12:.1f} TFLOP/s" if k != "copy" else f"copy {v / 1e12:.2f} TB/s" for k, v in ceil.items()),
+              "", "## Errors against float64 (relative, normwise)", "", "| method | mu | dL/dx | dL/dsigma |",
+              "|---|---:|---:|---:|"]
     for D, per in errs.items():
         for name, e in per.items():
             cells = " | ".join(f"{e[k]:.1e}" for k in ("mu", "gx", "gs")) if "error" not in e else e["error"]
@@ -458,7 +466,8 @@ def _plot(rows, path, env) -> None:
         ax.set_yscale("log")
         ax.set_ylabel("ms (median)")
         ax.set_title(f"{passes} (B, n, D)")
-    axes[1].legend(fontsize=7, ncol=2)
+    if axes[1].lines:  # none when the run was cut before the stable target
+        axes[1].legend(fontsize=7, ncol=2)
     fig.suptitle(f"stable target on {env['device_name']}, torch {env['torch']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -473,25 +482,59 @@ def verdict_table(crit: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(cfg: Config, log=print) -> tuple[dict, dict, list, dict, list, list, list]:
-    env = sc.environment(cfg.device)
-    ceil = ceilings(cfg)
-    log("ceilings: " + ", ".join(f"{k} {v:.3g}" for k, v in ceil.items()))
-    ms = methods(cfg.device)
-    errs = {D: check_accuracy(cfg.device, D, ms) for D in sorted({D for _, _, D in cfg.sizes})}
-    rows = []
-    for B, n, D in cfg.sizes:
-        for passes in sc.PASSES:
-            log(f"stable target {B}, {n}, {D} {passes}")
-            rows += time_size(cfg, B, n, D, passes, ms, errs[D])
-    crit = stf_criteria(rows, errs[cfg.sizes[0][2]], ceil, cfg.quick)
-    roll = rollout_rows(cfg, ceil["copy"])
-    crit += rollout_criteria(roll, cfg.quick)
-    host = host_rows(cfg.device)
-    for r in host:
-        log(f"host time of {r['op']} ({r['backend']}): {r['public_us']:.1f} us a call, "
-            f"{r['launcher_us']:.1f} us of it the launcher's")
-    return env, ceil, rows, errs, roll, crit, host
+class Stopped(Exception):
+    """SIGTERM (a `timeout` around the run, as scripts/gpu_check.sh's time budget sends): the results
+    measured so far are written, with the stage that was cut."""
+
+
+@dataclass
+class Results:
+    """What a run has measured so far; filled stage by stage, so that a run cut short still writes it."""
+
+    env: dict
+    ceil: dict = field(default_factory=dict)
+    rows: list = field(default_factory=list)
+    errs: dict = field(default_factory=dict)
+    roll: list = field(default_factory=list)
+    host: list = field(default_factory=list)
+    stopped: str = ""  # the stage a SIGTERM cut, if any
+
+    def criteria(self, cfg: Config) -> list[dict]:
+        crit = []
+        if self.rows:
+            crit += stf_criteria(self.rows, self.errs[cfg.sizes[0][2]], self.ceil, cfg.quick)
+        if self.roll:
+            crit += rollout_criteria(self.roll, cfg.quick)
+        return crit
+
+
+def run(cfg: Config, res: Results, log=print) -> Results:
+    """Fills `res`: the ceilings, the rollout steps and the host times (short), then the stable
+    target's errors and its sizes (long), so that a cut run keeps the short ones."""
+    stage = "ceilings"
+    try:
+        res.ceil = ceilings(cfg)
+        log("ceilings: " + ", ".join(f"{k} {v:.3g}" for k, v in res.ceil.items()))
+        stage = "rollout steps"
+        res.roll = rollout_rows(cfg, res.ceil["copy"])
+        stage = "host time"
+        res.host = host_rows(cfg.device)
+        for r in res.host:
+            log(f"host time of {r['op']} ({r['backend']}): {r['public_us']:.1f} us a call, "
+                f"{r['launcher_us']:.1f} us of it the launcher's")
+        ms = methods(cfg.device)
+        for D in sorted({D for _, _, D in cfg.sizes}):
+            stage = f"stable target accuracy, D = {D}"
+            res.errs[D] = check_accuracy(cfg.device, D, ms)
+        for B, n, D in cfg.sizes:
+            for passes in sc.PASSES:
+                stage = f"stable target {B}, {n}, {D} {passes}"
+                log(stage)
+                res.rows += time_size(cfg, B, n, D, passes, ms, res.errs[D])
+    except Stopped:
+        res.stopped = stage
+        log(f"stopped by SIGTERM during: {stage}; writing what was measured before it")
+    return res
 
 
 def main(argv=None) -> int:
@@ -507,11 +550,23 @@ def main(argv=None) -> int:
     cfg = Config(repeats=3 if args.quick else args.repeats, quick=args.quick, device="cuda" if has_gpu else "cpu",
                  sizes=QUICK_SIZES if args.quick else SIZES,
                  rollout_shapes=QUICK_ROLLOUT_SHAPES if args.quick else ROLLOUT_SHAPES)
-    env, ceil, rows, errs, roll, crit, host = run(cfg)
+    res = Results(sc.environment(cfg.device))
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process
+        raise Stopped
+
+    signal.signal(signal.SIGTERM, stop)
+    run(cfg, res)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    crit = res.criteria(cfg)
     out = args.out or sc.default_out("gpu_targets")
-    csv_path, md_path = write_outputs(out, env, ceil, rows, errs, roll, crit, host)
+    csv_path, md_path = write_outputs(out, res, crit)
     print(f"results in {csv_path}, {md_path}")
     print(verdict_table(crit))
+    if res.stopped:
+        print(f"stopped early, during: {res.stopped} (the stages after it did not run)")
+        return 1
     failed = any(c["verdict"].startswith("FAIL") for c in crit)
     return 1 if args.strict and failed else 0
 

@@ -110,6 +110,37 @@ def test_every_benchmark_runs_both_ways_and_leaves_the_clone_clean(clone, quick_
         assert 0 < launcher < public and own == pytest.approx(public - launcher, abs=0.11), (op, host)
 
 
+def test_gpu_targets_cut_by_sigterm_writes_what_it_measured(tmp_path, monkeypatch):
+    # scripts/gpu_check.sh bounds the run by `timeout`: a SIGTERM during the stable target's sizes
+    # keeps the short stages measured before it (rollout steps, host time), says which stage was
+    # cut, and exits 1.
+    import signal
+
+    from benchmarks import gpu_targets
+
+    run = gpu_targets.run
+
+    def cut(cfg, res, log=print):
+        def log_then_term(msg):
+            if msg.startswith("stable target 8, 256"):
+                signal.raise_signal(signal.SIGTERM)
+
+        return run(cfg, res, log_then_term)
+
+    monkeypatch.setattr(gpu_targets, "run", cut)
+    assert gpu_targets.main(["--quick", "--out", str(tmp_path)]) == 1
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    md = (tmp_path / "gpu_targets.md").read_text()
+    assert "**Stopped early** (SIGTERM) during: stable target 8, 256, 64 forward." in md
+    rollout = md.split("## Rollout steps: per-call time")[1].split("## Host time")[0]
+    assert "| (16, 3, 16, 16) | euler |" in rollout and "| (16, 3, 16, 16) | martingale fwd+bwd |" in rollout
+    assert "| stf_target | cpu |" in md.split("## Host time of a call")[1]
+    assert "euler per call at (8, 3, 8, 8)" in md.split("## Verdicts")[1]
+    with open(tmp_path / "gpu_targets.csv") as f:
+        assert list(csv.DictReader(f)) == []  # no size of the stable target was finished
+    assert (tmp_path / "gpu_targets.png").is_file()
+
+
 def test_quick_sweep_writes_every_output(quick_run):
     out = quick_run["out"]
     for name in ("stf_bench.csv", "stf_gate.csv", "stf_bench.md", "stf_throughput.png", "stf_memory.png",
