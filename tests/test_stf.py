@@ -404,6 +404,24 @@ def test_torch_compile_forward_and_backward(case):
     torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("B", [2, 15, 16, 17])
+def test_cpu_accumulator_layouts_either_side_of_their_switch(B):
+    # The CPU kernel keeps its per-row sums (D, B) from 16 rows on and (B, D) below (BLAS's narrow
+    # product is slow the other way): both layouts, with several chunks to rebase across and a
+    # centre to shift by, give the float64 reference's mu and gradients of x, sigma and ref.
+    x, ref = spread_case(B, 1000, 33, 0.7)
+    x, ref = x + 3.0, ref + 3.0  # a non-zero centre
+    sigma = torch.logspace(-1, 1, B, dtype=torch.float64)
+    grad = torch.randn(B, 33, dtype=torch.float64)
+    out = {}
+    for backend in ("cpu", "reference"):
+        leaves = [v.clone().requires_grad_() for v in (x, sigma, ref)]
+        mu = stf_target(*leaves, chunk_size=300, backend=backend)
+        out[backend] = (mu.detach(), *torch.autograd.grad((mu * grad).sum(), leaves))
+    for name, got, want in zip(("mu", "dx", "dsigma", "dref"), out["cpu"], out["reference"]):
+        assert rel(got, want) <= 1e-11, (name, rel(got, want))
+
+
 # ---- memory: never B x n, beyond one chunk ----
 
 

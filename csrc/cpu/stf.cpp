@@ -190,6 +190,60 @@ Queries<T> shifted_queries(const at::Tensor& x, const at::Tensor& sigma, const a
   return q;
 }
 
+// B rows of D sums over the chunks, sum_j t_ij r'_j, added by BLAS from a (c, B) tile: the forward's
+// accumulator a_i, the backward's px_i. From 16 rows on they are kept transposed, (D, B): R'^T E
+// (D x c by c x B) ran at 0.93 of the square-product rate against 0.71 for E^T R' into (B, D) at
+// B = 128, c = 2048, D = 3072 on 2 cores. Below that MKL's narrow (D x c) x (c x B) product is the
+// slow one: 30-32 ms against 2.5-4.8 ms for E^T R' at B = 2 to 8 (c = 2048, D = 3072, one thread),
+// which made a call at B = 4 four times slower than one at B = 16 (n = 4096).
+template <typename T>
+struct RowSums {
+  static constexpr int64_t kTransposedFrom = 16;
+  bool transposed;
+  at::Tensor t;    // (D, B) or (B, D)
+  int64_t si, sk;  // element (i, k) at data[i * si + k * sk]
+
+  RowSums(int64_t B, int64_t D, const at::TensorOptions& options)
+      : transposed(B >= kTransposedFrom),
+        t(transposed ? at::zeros({D, B}, options) : at::zeros({B, D}, options)),
+        si(transposed ? 1 : D),
+        sk(transposed ? B : 1) {}
+
+  // Row i += sum_j tile[j, i] r'_j, for the chunk's shifted references rs (c, D).
+  void add(const at::Tensor& rs, const at::Tensor& tile) {
+    if (transposed) {
+      t.addmm_(rs.t(), tile);
+    } else {
+      t.addmm_(tile.t(), rs);
+    }
+  }
+
+  // Row i *= alpha[i].
+  void scale(const T* alpha) {
+    T* p = t.data_ptr<T>();
+    const int64_t B = transposed ? t.size(1) : t.size(0), D = transposed ? t.size(0) : t.size(1);
+    if (transposed) {
+      at::parallel_for(0, D, row_grain(B), [&](int64_t k0, int64_t k1) {
+        const T* __restrict al = alpha;
+        for (int64_t kk = k0; kk < k1; ++kk) {
+          T* __restrict a = p + kk * B;
+          for (int64_t i = 0; i < B; ++i) a[i] *= al[i];
+        }
+      });
+    } else {
+      at::parallel_for(0, B, row_grain(D), [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          T* __restrict a = p + i * D;
+          const T al = alpha[i];
+          for (int64_t kk = 0; kk < D; ++kk) a[kk] *= al;
+        }
+      });
+    }
+  }
+
+  const T* data() const { return t.data_ptr<T>(); }
+};
+
 template <typename T>
 void forward_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Tensor& ref, const at::Tensor& centre,
                   int64_t chunk_size, at::Tensor& mu, at::Tensor& lse, at::Tensor& aux) {
@@ -201,14 +255,10 @@ void forward_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Tensor
 
   std::vector<RowState<double>> state(B, state_empty<double>());
   std::vector<int64_t> arg(B, -1);  // the reference at each row's minimum (stf_math.h: for d_min)
-  // The accumulator a_i = sum_j e_ij r'_j kept transposed, (D, B): BLAS runs R'^T E (D x c by c x B)
-  // at 0.93 of its square-product rate against 0.71 for E^T R' into (B, D) (B = 128, c = 2048,
-  // D = 3072, 2 cores).
-  at::Tensor accT = at::zeros({D, B}, x.options());
+  RowSums<T> acc(B, D, x.options());  // a_i = sum_j e_ij r'_j
   at::Tensor rs_buf = zero_centre ? at::Tensor() : at::empty({chunk, D}, x.options());
   at::Tensor tile_buf = at::empty({B * chunk}, x.options());
   std::vector<T> rn(chunk), m_tile(B), alpha(B);
-  T* accp = accT.data_ptr<T>();
 
   for (int64_t start = 0; start < n; start += chunk) {
     const int64_t c = std::min(chunk, n - start);
@@ -245,16 +295,8 @@ void forward_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Tensor
       }
       add_chunk_weights(tp, c, B, i0, i1, state, q.k.data());  // the tile now holds e_ij
     });
-    if (start > 0) {  // rebase the accumulator: column i of a^T by alpha_i
-      at::parallel_for(0, D, row_grain(B), [&](int64_t k0, int64_t k1) {
-        const T* __restrict al = alpha.data();
-        for (int64_t kk = k0; kk < k1; ++kk) {
-          T* __restrict a = accp + kk * B;
-          for (int64_t i = 0; i < B; ++i) a[i] *= al[i];
-        }
-      });
-    }
-    accT.addmm_(rs.t(), tile);  // a^T += R'^T E: a_i += sum_j e_ij r'_j
+    if (start > 0) acc.scale(alpha.data());  // rebase the accumulator: a_i by alpha_i
+    acc.add(rs, tile);                         // a_i += sum_j e_ij r'_j
   }
 
   T* mup = mu.data_ptr<T>();
@@ -262,6 +304,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Tensor
   T* auxp = aux.data_ptr<T>();
   const T* xp = x.data_ptr<T>();
   const T* rp = ref.data_ptr<T>();
+  const T* accp = acc.data();
   at::parallel_for(0, B, row_grain(D), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       // d_min = ||x_i - r_j*||^2, subtract first (stf_math.h: ||x'||^2 + m would cancel).
@@ -277,7 +320,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Tensor
       const RowResult<double> res = state_finalize(state[i], double(q.k[i]), double(T(dmin)));
       const T inv_l = T(res.inv_l);
       T* out = mup + i * D;
-      for (int64_t kk = 0; kk < D; ++kk) out[kk] = accp[kk * B + i] * inv_l + cp[kk];
+      for (int64_t kk = 0; kk < D; ++kk) out[kk] = accp[i * acc.si + kk * acc.sk] * inv_l + cp[kk];
       lsep[i] = T(res.lse);
       T* ai = auxp + i * AUX_COLS;
       ai[AUX_M] = T(state[i].m);
@@ -339,13 +382,12 @@ void backward_impl(const at::Tensor& grad_mu, const at::Tensor& grad_lse, const 
 
   // One product gives both x'_i . r'_j (columns 0..B-1) and g_i . r'_j (columns B..2B-1), into a
   // (c, 2B) tile: the forward's layout, which BLAS computes faster (R'_c on the long side), walked
-  // with j outer and i inner. px is kept transposed, (D, B), for the same reason as the forward's
-  // accumulator.
+  // with j outer and i inner. px is laid out as the forward's accumulator (RowSums).
   at::Tensor xg = at::cat({q.xs, grad_mu}, 0);
   at::Tensor rs_buf = zero_centre ? at::Tensor() : at::empty({chunk, D}, x.options());
   at::Tensor tile_buf = at::empty({2 * B * chunk}, x.options());
   at::Tensor coef_buf = ref_grad ? at::empty({B * chunk}, x.options()) : at::Tensor();
-  at::Tensor pxT = at::zeros({D, B}, x.options());
+  RowSums<T> px(B, D, x.options());
   std::vector<T> rn(chunk), inv_s2(B), dbar_t(B), mg_t(B);
   for (int64_t i = 0; i < B; ++i) {
     inv_s2[i] = T(1) / (sp[i] * sp[i]);
@@ -391,7 +433,7 @@ void backward_impl(const at::Tensor& grad_mu, const at::Tensor& grad_lse, const 
         }
       });
       if (!final) continue;
-      pxT.addmm_(rs.t(), tile.narrow(1, 0, B));  // px^T += R'^T XC
+      px.add(rs, tile.narrow(1, 0, B));  // px_i += sum_j xc_ij r'_j
       if (ref_grad) {
         at::Tensor w = tile.narrow(1, B, B);  // (c, B)
         at::Tensor a = coef_buf.narrow(0, 0, B * c).view({c, B});
@@ -414,7 +456,7 @@ void backward_impl(const at::Tensor& grad_mu, const at::Tensor& grad_lse, const 
   }
   sweep(true);
 
-  const T* pxp = pxT.data_ptr<T>();
+  const T* pxp = px.data();
   const T* xsp = q.xs.template data_ptr<T>();
   T* gxp = grad_x.data_ptr<T>();
   T* gsp = grad_sigma.data_ptr<T>();
@@ -423,7 +465,7 @@ void backward_impl(const at::Tensor& grad_mu, const at::Tensor& grad_lse, const 
       const double inv_s2 = 1.0 / (double(sp[i]) * double(sp[i]));
       for (int64_t kk = 0; kk < D; ++kk) {
         const int64_t ik = i * D + kk;
-        gxp[ik] = T(grad_x_corrected<double>(pxp[kk * B + i], rows.s[i], musp[ik], xsp[ik], glp[i], inv_s2));
+        gxp[ik] = T(grad_x_corrected<double>(pxp[i * px.si + kk * px.sk], rows.s[i], musp[ik], xsp[ik], glp[i], inv_s2));
       }
       const double dbar = auxp[i * AUX_COLS + AUX_DBAR];
       gsp[i] = T(stf::grad_sigma<double>(rows.cov[i], rows.s[i], rows.dev[i], dbar, glp[i], sp[i]));
