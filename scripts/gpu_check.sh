@@ -192,11 +192,11 @@ stage_targets() {
 }
 
 stage_train_step() {
-  # Under a budget the benchmark gets its own, a minute short of what is left: rows it has not
+  # Under a budget the benchmark gets its own, a minute (or a third) short of what is left: rows it has not
   # started by then are recorded "skipped: time budget", and the rows it ran are written.
   local t0 rc own=()
   t0=$(date +%s)
-  [ -n "$BUDGET" ] && own=(--budget $(( $(left) > 90 ? $(left) - 60 : 30 )))
+  [ -n "$BUDGET" ] && own=(--budget $(( $(left) > 90 ? $(left) - 60 : $(left) * 2 / 3 )))
   bounded "$(left)" "$PY" -m benchmarks.bench_train_step --device cuda --no-progress ${own[@]+"${own[@]}"} --out "$OUT_DIR" \
     > "$OUT_DIR/train_step.log" 2>&1
   rc=$?
