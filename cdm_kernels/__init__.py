@@ -5,7 +5,7 @@ Public API:
     resolve_backend, available_backends           which backend an op family runs on, per device
     extension_status                              whether the compiled kernels are loaded
     EDMLoss, STFLoss, CDMLoss, STFCDMLoss         training losses (docs/math.md sections 2 and 3)
-    ReferenceBank                                 references (and cached norms) for the STF losses
+    ReferenceBank                                 references for the STF losses
     stf_target_sharded                            the stable target over references split across processes
 """
 

@@ -145,8 +145,9 @@ class ReferenceBank:
     def __len__(self) -> int:
         return 0 if self.refs is None else self.refs.shape[0]
 
-    def sample(self, k: int, generator: torch.Generator | None = None) -> Tensor:
-        """k distinct references (k, *S), uniformly without replacement.
+    def sample(self, k: int, generator: torch.Generator | None = None, *, out: Tensor | None = None) -> Tensor:
+        """k distinct references (k, *S), uniformly without replacement; gathered into `out` when given
+        (a contiguous (k, *S) tensor of the pool's dtype and device, e.g. rows of a larger batch).
 
         One draw: torch.randperm(N) on the generator's device (or the pool's)."""
         if self.refs is None:
@@ -156,9 +157,18 @@ class ReferenceBank:
         N = self.refs.shape[0]
         if k > N:
             raise ValueError(f"cannot sample k = {k} distinct references from a bank of {N}; refresh it with more")
+        if out is not None:
+            want = (k, *self.refs.shape[1:])
+            if not isinstance(out, Tensor) or tuple(out.shape) != want or out.dtype != self.refs.dtype \
+                    or out.device != self.refs.device or not out.is_contiguous():
+                got = (f"{tuple(out.shape)} {out.dtype} on {out.device}"
+                       f"{'' if out.is_contiguous() else ', not contiguous'}") if isinstance(out, Tensor) \
+                    else type(out).__name__
+                raise ValueError(f"out must be a contiguous {want} {self.refs.dtype} tensor on {self.refs.device} "
+                                 f"(the pool's dtype and device), got {got}")
         device = generator.device if generator is not None else self.refs.device
         idx = torch.randperm(N, generator=generator, device=device)[:k].to(self.refs.device)
-        return self.refs[idx]
+        return self.refs[idx] if out is None else torch.index_select(self.refs, 0, idx, out=out)
 
 
 class _StableTargetMixin:
@@ -204,12 +214,22 @@ class _StableTargetMixin:
                 f"rbatch = {self.rbatch} is smaller than the minibatch B = {B}: the reference batch must hold "
                 f"the minibatch's own images first"
             )
-        rest = self.bank.sample(self.rbatch - B, generator)
-        if tuple(rest.shape[1:]) != tuple(y.shape[1:]):
+        if self.bank.refs is not None and tuple(self.bank.refs.shape[1:]) != tuple(y.shape[1:]):
             raise ValueError(
-                f"the bank holds references of shape {tuple(rest.shape[1:])} but the images have shape {tuple(y.shape[1:])}"
+                f"the bank holds references of shape {tuple(self.bank.refs.shape[1:])} but the images have shape "
+                f"{tuple(y.shape[1:])}"
             )
-        return torch.cat([y, rest.to(device=y.device, dtype=y.dtype)])
+        # One buffer, the bank's rows gathered straight into it: a gather and then a concatenation
+        # moved the whole reference batch twice (0.73 s against 0.40 s at 50000 CIFAR-sized images on
+        # one CPU core: as long as the stable target itself).
+        refs = torch.empty((self.rbatch, *y.shape[1:]), device=y.device, dtype=y.dtype)
+        refs[:B] = y
+        pool = self.bank.refs
+        if pool is not None and pool.device == y.device and pool.dtype == y.dtype:
+            self.bank.sample(self.rbatch - B, generator, out=refs[B:])
+        else:
+            refs[B:] = self.bank.sample(self.rbatch - B, generator)
+        return refs
 
     def stable_target(self, x: Tensor, sigma: Tensor, refs: Tensor) -> Tensor:
         """mu(x; sigma) over `refs` (or over the union of every process's refs when sharded)."""

@@ -11,6 +11,7 @@ documented counters (the numbers the rollout kernels draw; they match the numpy 
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -183,6 +184,36 @@ def test_reference_bank_samples_distinct_rows():
         bank.sample(-1)
     bank.refresh(pool[:3])
     assert len(bank) == 3 and torch.equal(bank.refs, pool[:3])
+
+
+def test_reference_bank_samples_into_out_what_it_returns_otherwise():
+    pool = _images(B=12, seed=23)
+    bank = ReferenceBank(pool)
+    batch = torch.full((9, *pool.shape[1:]), -7.0, dtype=pool.dtype)
+    got = bank.sample(7, torch.Generator().manual_seed(4), out=batch[2:])
+    assert got.data_ptr() == batch[2:].data_ptr()
+    assert torch.equal(batch[2:], bank.sample(7, torch.Generator().manual_seed(4)))
+    assert (batch[:2] == -7.0).all()  # the rows before out are not written
+    S = tuple(pool.shape[1:])
+    for out, got in ((torch.empty(6, *S, dtype=pool.dtype), f"got (6, {S[0]}, {S[1]}, {S[2]})"),
+                     (torch.empty(7, *S, dtype=torch.float32), "torch.float32 on cpu"),
+                     (torch.empty(*S[::-1], 7, dtype=pool.dtype).permute(3, 2, 1, 0), "not contiguous")):
+        with pytest.raises(ValueError, match=rf"out must be a contiguous \(7, {S[0]}, {S[1]}, {S[2]}\) "
+                                             rf"torch.float64 tensor on cpu.*{re.escape(got)}"):
+            bank.sample(7, out=out)
+
+
+def test_stf_loss_with_a_bank_of_another_dtype_matches_transcription():
+    # The bank's rows are gathered straight into the reference batch when they have the images' dtype
+    # and device, converted otherwise: the same reference batch either way.
+    images, net = _images(), TinyDenoiser()
+    pool = _images(B=20, seed=22).float()
+    loss = STFLoss(P_mean=-0.5, P_std=1.0, rbatch=9, bank=ReferenceBank(pool))(net, images, generator=_gen(9, "cpu"))
+    g = _gen(9, "cpu")
+    sigma, y, _, x = _replay_noise(g, images, -0.5, 1.0)
+    rest = pool[torch.randperm(20, generator=g)[:5]].double()
+    mu = _naive_target(x, sigma, torch.cat([y, rest]))
+    torch.testing.assert_close(loss, _weight(sigma) * (net(x, sigma) - mu) ** 2, rtol=1e-12, atol=1e-14)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -502,6 +533,9 @@ def test_call_errors_are_raised_before_the_net_runs():
         STFLoss(rbatch=3, bank=ReferenceBank(_images(B=10)))(net, images)
     with pytest.raises(ValueError, match="cannot sample k = 7 distinct references from a bank of 5"):
         STFLoss(rbatch=11, bank=ReferenceBank(_images(B=5)))(net, images)
+    with pytest.raises(ValueError, match=r"the bank holds references of shape \(2, 4, 2\) but the images have shape "
+                                         r"\(2, 4, 4\)"):
+        STFLoss(rbatch=6, bank=ReferenceBank(torch.zeros(10, 2, 4, 2, dtype=F64)))(net, images)
     with pytest.raises(TypeError, match="images must have a floating dtype, got torch.int64"):
         EDMLoss()(net, torch.zeros(4, 2, 4, 4, dtype=torch.long))
     with pytest.raises(TypeError, match="images must be a torch.Tensor of shape \\(B, \\*S\\), got list"):
