@@ -482,9 +482,10 @@ def verdict_table(crit: list[dict]) -> str:
     return "\n".join(lines)
 
 
-class Stopped(Exception):
+class Stopped(BaseException):
     """SIGTERM (a `timeout` around the run, as scripts/gpu_check.sh's time budget sends): the results
-    measured so far are written, with the stage that was cut."""
+    measured so far are written, with the stage that was cut. A BaseException, as KeyboardInterrupt,
+    so that no `except Exception` on the way catches it as a method's failure."""
 
 
 @dataclass
