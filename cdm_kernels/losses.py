@@ -214,9 +214,10 @@ class _StableTargetMixin:
                 f"rbatch = {self.rbatch} is smaller than the minibatch B = {B}: the reference batch must hold "
                 f"the minibatch's own images first"
             )
-        if self.bank.refs is not None and tuple(self.bank.refs.shape[1:]) != tuple(y.shape[1:]):
+        pool = self.bank.refs
+        if pool is not None and tuple(pool.shape[1:]) != tuple(y.shape[1:]):
             raise ValueError(
-                f"the bank holds references of shape {tuple(self.bank.refs.shape[1:])} but the images have shape "
+                f"the bank holds references of shape {tuple(pool.shape[1:])} but the images have shape "
                 f"{tuple(y.shape[1:])}"
             )
         # One buffer, the bank's rows gathered straight into it: a gather and then a concatenation
@@ -224,7 +225,6 @@ class _StableTargetMixin:
         # one CPU core: as long as the stable target itself).
         refs = torch.empty((self.rbatch, *y.shape[1:]), device=y.device, dtype=y.dtype)
         refs[:B] = y
-        pool = self.bank.refs
         if pool is not None and pool.device == y.device and pool.dtype == y.dtype:
             self.bank.sample(self.rbatch - B, generator, out=refs[B:])
         else:
