@@ -199,12 +199,15 @@ Queries<T> shifted_queries(const at::Tensor& x, const at::Tensor& sigma, const a
 template <typename T>
 struct RowSums {
   static constexpr int64_t kTransposedFrom = 16;
+  int64_t B, D;
   bool transposed;
   at::Tensor t;    // (D, B) or (B, D)
   int64_t si, sk;  // element (i, k) at data[i * si + k * sk]
 
-  RowSums(int64_t B, int64_t D, const at::TensorOptions& options)
-      : transposed(B >= kTransposedFrom),
+  RowSums(int64_t rows, int64_t cols, const at::TensorOptions& options)
+      : B(rows),
+        D(cols),
+        transposed(B >= kTransposedFrom),
         t(transposed ? at::zeros({D, B}, options) : at::zeros({B, D}, options)),
         si(transposed ? 1 : D),
         sk(transposed ? B : 1) {}
@@ -221,7 +224,6 @@ struct RowSums {
   // Row i *= alpha[i].
   void scale(const T* alpha) {
     T* p = t.data_ptr<T>();
-    const int64_t B = transposed ? t.size(1) : t.size(0), D = transposed ? t.size(0) : t.size(1);
     if (transposed) {
       at::parallel_for(0, D, row_grain(B), [&](int64_t k0, int64_t k1) {
         const T* __restrict al = alpha;
