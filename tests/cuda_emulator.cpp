@@ -9,6 +9,8 @@
 // checks the kernels' logic and arithmetic, and a float32 sum in plain sequence (worse than any
 // blocked GEMM's) would bury them in its own rounding. Built by tests/cuda_emulation.py with the system C++ compiler.
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -30,15 +32,25 @@ struct HostExec {
     }
   }
 
+  // Element i of an operand: T, or bfloat16 bits (A16, B16) widened exactly.
+  template <typename T>
+  static double element(const T* f, const Bf16* h, int64_t i) {
+    return h != nullptr ? double(bf16_value(h[i])) : double(f[i]);
+  }
+
   template <typename T>
   void gemm(const Gemm<T>& g) {
+    if ((g.A16 != nullptr) != (g.B16 != nullptr) || (g.A16 != nullptr && g.accumulate)) {
+      std::fprintf(stderr, "cuda_emulator: a bfloat16 product needs both operands bfloat16 and no accumulate\n");
+      std::abort();
+    }
     for (int64_t m = 0; m < g.M; ++m) {
       for (int64_t n = 0; n < g.N; ++n) {
         double s = 0.0;
         for (int64_t k = 0; k < g.K; ++k) {
-          const T a = g.a_trans ? g.A[k * g.lda + m] : g.A[m * g.lda + k];
-          const T b = g.b_trans ? g.B[n * g.ldb + k] : g.B[k * g.ldb + n];
-          s += double(a) * double(b);
+          const double a = element(g.A, g.A16, g.a_trans ? k * g.lda + m : m * g.lda + k);
+          const double b = element(g.B, g.B16, g.b_trans ? n * g.ldb + k : k * g.ldb + n);
+          s += a * b;
         }
         T* c = g.C + m * g.ldc + n;
         *c = g.accumulate ? T(double(*c) + s) : T(s);

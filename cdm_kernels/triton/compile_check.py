@@ -59,26 +59,30 @@ def variants(quick: bool = False) -> list[Variant]:
     out = []
     for ty, mode in cases:
         p = stf.PRECISIONS.index(mode)
+        od = "bf16" if mode == "bf16" else ty  # the operands' storage
         label = mode if ty == "fp32" else f"{mode}, float64"
         for ref_layout in (False, True):
             out.append(Variant(
                 "_shift_rows_kernel", f"{label}, {'references' if ref_layout else 'queries'}",
-                {**_ptr(["src_ptr", "centre_ptr", "op_ptr", "norm_ptr"], ty), **_ints(["rows", "D", "W"])},
+                {**_ptr(["src_ptr", "centre_ptr"], ty), "op_ptr": f"*{od}", "norm_ptr": f"*{ty}",
+                 **_ints(["rows", "D", "W"])},
                 {"PREC": p, "REF_LAYOUT": ref_layout, "HAS_CENTRE": True, "WITH_NORMS": True,
                  "BLOCK_R": bs["rows"], "BLOCK_D": bs["d"]},
             ))
         for first in ([False] if quick else [True, False]):
             out.append(Variant(
                 "_fwd_update_kernel", f"{label}{', first chunk' if first else ''}",
-                {**_ptr(["S_ptr", "S_lo_ptr", "xn_ptr", "rn_ptr", "k_ptr"], ty), "state_ptr": "*fp64",
+                {"S_ptr": f"*{ty}", "E_ptr": f"*{od}", **_ptr(["S_lo_ptr", "xn_ptr", "rn_ptr", "k_ptr"], ty),
+                 "state_ptr": "*fp64",
                  "arg_ptr": "*i64", "acc_ptr": f"*{ty}", **_ints(["B", "c", "D", "start"])},
                 {"IS_FIRST": first, "PREC": p, "BLOCK_B": bs["rows"], "BLOCK_C": bs["cols"], "BLOCK_D": bs["d"]},
             ))
         for final, ref_grad in ([(True, False)] if quick else [(True, False), (True, True), (False, True)]):
             out.append(Variant(
                 "_bwd_terms_kernel", f"{label}{', ref_grad' if ref_grad else ''}{'' if final else ', first sweep'}",
-                {**_ptr(["S_ptr", "C_ptr", "S_lo_ptr", "A_ptr", "xn_ptr", "rn_ptr", "k_ptr", "sigma_ptr", "aux_ptr"],
-                        ty), "mg_ptr": "*fp64", "glse_ptr": f"*{ty}", "rows_ptr": "*fp64", **_ints(["B", "c"])},
+                {"S_ptr": f"*{ty}", "E_ptr": f"*{od}",
+                 **_ptr(["C_ptr", "S_lo_ptr", "A_ptr", "xn_ptr", "rn_ptr", "k_ptr", "sigma_ptr", "aux_ptr"], ty),
+                 "mg_ptr": "*fp64", "glse_ptr": f"*{ty}", "rows_ptr": "*fp64", **_ints(["B", "c"])},
                 {"AUX": 6, "FINAL": final, "REF_GRAD": ref_grad, "PREC": p, "BLOCK_B": bs["rows"],
                  "BLOCK_C": bs["cols"]},
             ))

@@ -2,8 +2,9 @@
 
 The launchers `stf_forward` / `stf_backward` (contract: cdm_kernels/contract.py) stream over the
 references in chunks like `stf_reference`; the matrix products go to cuBLAS through torch (exact
-float32 for "ieee", TF32 tensor cores for the modes whose operands the kernels rounded to TF32 or
-bfloat16 values), and the work between them that no library fuses runs in Triton kernels:
+float32 for "ieee", TF32 tensor cores for the modes whose operands the kernels rounded to TF32
+values, bf16 tensor cores with float32 sums for "bf16", whose operands the kernels store as
+bfloat16), and the work between them that no library fuses runs in Triton kernels:
 
   `_shift_rows_kernel`   r'_j = round(r_j - c) in the mode's operand layout, and ||r'_j||^2
   `_fwd_update_kernel`   per chunk: reduced distances, the chunk's row minima, the weights
@@ -148,7 +149,8 @@ def _shift_rows_kernel(
 
 @triton.jit
 def _fwd_update_kernel(
-    S_ptr,  # (B, c): products in, the mode's weights out
+    S_ptr,  # (B, c): products in
+    E_ptr,  # (B, c): the mode's weights out (S itself, or bfloat16 for "bf16")
     S_lo_ptr,  # (B, c): weights' lo ("tf32x3")
     xn_ptr,  # (B,)
     rn_ptr,  # (c,)
@@ -209,7 +211,7 @@ def _fwd_update_kernel(
         l += tl.sum(e64, axis=1)
         l2 += tl.sum(e64 * e64, axis=1)
         t += tl.sum(e64 * dm.to(tl.float64), axis=1)
-        _store_operand(S_ptr, S_lo_ptr, offs, e, mask, PREC)
+        _store_operand(E_ptr, S_lo_ptr, offs, e, mask, PREC)
     # The running state rebased to m_new (stf_math.h, state_rebase), plus the chunk's sums.
     k64 = k.to(tl.float64)
     if IS_FIRST:
@@ -284,7 +286,8 @@ def _fwd_finish_kernel(
 
 @triton.jit
 def _bwd_terms_kernel(
-    S_ptr,  # (B, c): x' . r' in, the mode's x coefficients w (c - mg) out
+    S_ptr,  # (B, c): x' . r' in
+    E_ptr,  # (B, c): the mode's x coefficients w (c - mg) out (S itself, or bfloat16 for "bf16")
     C_ptr,  # (B, c): g . r' in, w out if REF_GRAD
     S_lo_ptr,  # (B, c): lo of the x coefficients ("tf32x3")
     A_ptr,  # (B, c): a_ij out if REF_GRAD
@@ -334,7 +337,7 @@ def _bwd_terms_kernel(
             dd = tl.where(mask, d.to(tl.float64) - dbar[:, None], 0.0)
             cov += tl.sum(w * dd * cm, axis=1)
             dev += tl.sum(w * dd, axis=1)
-            _store_operand(S_ptr, S_lo_ptr, offs, xc.to(dot.dtype), mask, PREC)
+            _store_operand(E_ptr, S_lo_ptr, offs, xc.to(dot.dtype), mask, PREC)
             if REF_GRAD:
                 a = w * (cm + glse[:, None]) / (sig * sig)[:, None]
                 tl.store(A_ptr + offs, a.to(dot.dtype), mask=mask)
@@ -419,11 +422,27 @@ def _width(D: int, prec: int) -> int:
     return 3 * D if prec == _TF32X3 else D
 
 
+def _operand_dtype(prec: int, dtype: torch.dtype) -> torch.dtype:
+    """How the mode's operands are stored: bfloat16 for "bf16" (float64 takes "ieee" only)."""
+    return torch.bfloat16 if prec == _BF16 else dtype
+
+
+def _mm(a: Tensor, b: Tensor, out: Tensor) -> None:
+    """out = a b; bfloat16 operands with float32 sums into a float32 out (on a GPU cuBLAS's bf16
+    product; elsewhere, where torch has none, the same sums of the operands widened exactly)."""
+    if a.dtype != torch.bfloat16:
+        torch.mm(a, b, out=out)
+    elif out.device.type == "cuda":
+        torch.mm(a, b, out_dtype=torch.float32, out=out)
+    else:
+        torch.mm(a.float(), b.float(), out=out)
+
+
 def _shift(src: Tensor, centre: Tensor | None, prec: int, ref_layout: bool, with_norms: bool, out: Tensor | None = None):
     """(operand rows (rows, W), squared norms (rows,)) of src - centre in the mode."""
     rows, D = src.shape
     bs = _blocks(src.device)
-    op = out if out is not None else src.new_empty(rows, _width(D, prec))
+    op = out if out is not None else src.new_empty(rows, _width(D, prec), dtype=_operand_dtype(prec, src.dtype))
     norms = src.new_empty(rows) if with_norms else op
     if rows:
         _shift_rows_kernel[(triton.cdiv(rows, bs["rows"]),)](
@@ -434,14 +453,19 @@ def _shift(src: Tensor, centre: Tensor | None, prec: int, ref_layout: bool, with
     return op, norms
 
 
-def _accumulate(out: Tensor, W: Tensor, W_lo: Tensor, rop: Tensor, D: int, prec: int, accumulate: bool) -> None:
-    """out += W R' in the mode (three products for "tf32x3": hi hi + hi lo + lo hi)."""
+def _accumulate(out: Tensor, W: Tensor, W_lo: Tensor, rop: Tensor, D: int, prec: int, accumulate: bool,
+                tile: Tensor | None = None) -> None:
+    """out += W R' in the mode (three products for "tf32x3": hi hi + hi lo + lo hi; for "bf16",
+    whose product cannot add into float32, a product into `tile` (out's shape) and an addition)."""
     hi = rop[:, :D]
     with _products(prec != _IEEE, out.device):
-        if accumulate:
-            out.addmm_(W, hi)
+        if not accumulate:
+            _mm(W, hi, out)
+        elif prec == _BF16:
+            _mm(W, hi, tile)
+            out.add_(tile)
         else:
-            torch.mm(W, hi, out=out)
+            out.addmm_(W, hi)
         if prec == _TF32X3:
             out.addmm_(W, rop[:, D : 2 * D])
             out.addmm_(W_lo, hi)
@@ -461,9 +485,12 @@ def stf_forward(x: Tensor, sigma: Tensor, ref: Tensor, centre: Tensor, chunk_siz
     chunk = min(chunk_size, n)
     xop, xn = _shift(x, centre, prec, False, True)
     k = (0.5 / (sigma * sigma)).clamp_max(torch.finfo(sigma.dtype).max)
-    rop_buf = x.new_empty(chunk, _width(D, prec))
+    op_dtype = _operand_dtype(prec, x.dtype)
+    rop_buf = x.new_empty(chunk, _width(D, prec), dtype=op_dtype)
     S_buf = x.new_empty(B * chunk)
+    E_buf = x.new_empty(B * chunk, dtype=op_dtype) if prec == _BF16 else S_buf
     S_lo_buf = x.new_empty(B * chunk) if prec == _TF32X3 else S_buf
+    tile = x.new_empty(B, D) if prec == _BF16 and n > chunk else None
     state = x.new_empty(4, B, dtype=torch.float64)
     arg = x.new_empty(B, dtype=torch.int64)
     mu = x.new_empty(B, D)
@@ -472,13 +499,14 @@ def stf_forward(x: Tensor, sigma: Tensor, ref: Tensor, centre: Tensor, chunk_siz
         rop, rn = _shift(ref[start : start + c], centre, prec, True, True, rop_buf[:c])
         S = S_buf[: B * c].view(B, c)
         with _products(prec != _IEEE, x.device):
-            torch.mm(xop, rop.T, out=S)
+            _mm(xop, rop.T, S)
+        E = E_buf[: B * c].view(B, c)
         S_lo = S_lo_buf[: B * c].view(B, c)
         _fwd_update_kernel[grid](
-            S, S_lo, xn, rn, k, state, arg, mu, B, c, D, start,
+            S, E, S_lo, xn, rn, k, state, arg, mu, B, c, D, start,
             IS_FIRST=start == 0, PREC=prec, BLOCK_B=bs["rows"], BLOCK_C=bs["cols"], BLOCK_D=bs["d"],
         )
-        _accumulate(mu, S, S_lo, rop, D, prec, start > 0)
+        _accumulate(mu, E, S_lo, rop, D, prec, start > 0, tile)
     lse, aux = x.new_empty(B), x.new_empty(B, AUX_COLS)
     dmin = stf_reference.nearest_sqdist(x, ref, arg)
     _fwd_finish_kernel[grid](state, k, dmin, centre, mu, lse, aux, B, D, AUX=AUX_COLS, BLOCK_B=bs["rows"],
@@ -494,14 +522,17 @@ def stf_backward(grad_mu, grad_lse, x, sigma, ref, centre, mu, aux, chunk_size, 
     bs = _blocks(x.device)
     chunk = min(chunk_size, n)
     W = _width(D, prec)
-    xgop = x.new_empty(2 * B, W)  # x' rows, then grad_mu rows
+    op_dtype = _operand_dtype(prec, x.dtype)
+    xgop = x.new_empty(2 * B, W, dtype=op_dtype)  # x' rows, then grad_mu rows
     _, xn = _shift(x, centre, prec, False, True, xgop[:B])
     _shift(grad_mu, None, prec, False, False, xgop[B:])
     k = (0.5 / (sigma * sigma)).clamp_max(torch.finfo(sigma.dtype).max)
     mg = ((mu - centre).double() * grad_mu.double()).sum(1)
-    rop_buf = x.new_empty(chunk, W)
+    rop_buf = x.new_empty(chunk, W, dtype=op_dtype)
     SC_buf = x.new_empty(2 * B * chunk)
+    E_buf = x.new_empty(B * chunk, dtype=op_dtype) if prec == _BF16 else SC_buf
     S_lo_buf = x.new_empty(B * chunk) if prec == _TF32X3 else SC_buf
+    tile = x.new_empty(B, D) if prec == _BF16 and n > chunk else None
     A_buf = x.new_empty(B * chunk) if ref_grad else SC_buf
     xs = x - centre if ref_grad else None
     px = x.new_empty(B, D)
@@ -514,18 +545,19 @@ def stf_backward(grad_mu, grad_lse, x, sigma, ref, centre, mu, aux, chunk_size, 
             rop, rn = _shift(ref[start : start + c], centre, prec, True, True, rop_buf[:c])
             SC = SC_buf[: 2 * B * c].view(2 * B, c)
             with _products(prec != _IEEE, x.device):
-                torch.mm(xgop, rop.T, out=SC)
+                _mm(xgop, rop.T, SC)
             S, C = SC[:B], SC[B:]
+            E = E_buf[: B * c].view(B, c)
             S_lo = S_lo_buf[: B * c].view(B, c)
             A = A_buf[: B * c].view(B, c)
             _bwd_terms_kernel[grid](
-                S, C, S_lo, A, xn, rn, k, sigma, aux, mg, grad_lse, rows, B, c,
+                S, E, C, S_lo, A, xn, rn, k, sigma, aux, mg, grad_lse, rows, B, c,
                 AUX=AUX_COLS, FINAL=final, REF_GRAD=final and ref_grad, PREC=prec,
                 BLOCK_B=bs["rows"], BLOCK_C=bs["cols"],
             )
             if not final:
                 continue
-            _accumulate(px, S, S_lo, rop, D, prec, start > 0)
+            _accumulate(px, E, S_lo, rop, D, prec, start > 0, tile)
             if ref_grad:
                 # dL/dr_j = sum_i w_ij g_i + a_ij (x'_i - r'_j), exact float32 in every mode.
                 g = grad_ref[start : start + c]

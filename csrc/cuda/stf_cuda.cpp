@@ -7,9 +7,10 @@
 //
 // The products' math mode is set per product: exact float32 (TF32 off, whatever the user's global
 // setting) where the operands are not TF32-exact; TF32 tensor cores where the kernels rounded them
-// to TF32 or bfloat16 values ("tf32x3", "tf32", "bf16"). The TF32 switch is ATen's global flag,
-// restored after each product: a thread that runs float32 matmuls concurrently with a tensor-core
-// stable target may see it flip.
+// to TF32 values ("tf32x3", "tf32"); bf16 tensor cores (bfloat16 operands, float32 sums and
+// output, `aten::mm.dtype_out`) for "bf16", whose kernels store their operands as bfloat16. The
+// TF32 switch is ATen's global flag, restored after each product: a thread that runs float32
+// matmuls concurrently with a tensor-core stable target may see it flip.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -48,17 +49,32 @@ struct CudaExec {
 
   template <typename T>
   void gemm(const Gemm<T>& g) {
-    const at::Tensor A = at::from_blob(const_cast<T*>(g.A), {g.M, g.K},
-                                       g.a_trans ? at::IntArrayRef{1, g.lda} : at::IntArrayRef{g.lda, 1}, options);
-    const at::Tensor B = at::from_blob(const_cast<T*>(g.B), {g.K, g.N},
-                                       g.b_trans ? at::IntArrayRef{1, g.ldb} : at::IntArrayRef{g.ldb, 1}, options);
     at::Tensor C = at::from_blob(g.C, {g.M, g.N}, {g.ldc, 1}, options);
+    if (g.A16 != nullptr) {
+      // bfloat16 operands, float32 sums and output: cuBLAS's bf16 tensor-core product.
+      TORCH_CHECK(g.B16 != nullptr && !g.accumulate && C.scalar_type() == at::kFloat, op,
+                  ": internal error: a bfloat16 product needs bfloat16 operands and a float32 output, no accumulate");
+      const at::TensorOptions half = options.dtype(at::kBFloat16);
+      at::mm_out(C, matrix(g.A16, g.M, g.K, g.lda, g.a_trans, half), matrix(g.B16, g.K, g.N, g.ldb, g.b_trans, half),
+                 at::kFloat);
+      return;
+    }
+    const at::Tensor A = matrix(g.A, g.M, g.K, g.lda, g.a_trans, options);
+    const at::Tensor B = matrix(g.B, g.K, g.N, g.ldb, g.b_trans, options);
     const MathMode mode(g.tf32);
     if (g.accumulate) {
       C.addmm_(A, B);
     } else {
       at::mm_out(C, A, B);
     }
+  }
+
+  // The (rows, cols) matrix at p with leading dimension ld, stored transposed with `trans`.
+  template <typename U>
+  static at::Tensor matrix(const U* p, int64_t rows, int64_t cols, int64_t ld, bool trans,
+                           const at::TensorOptions& opts) {
+    return at::from_blob(const_cast<U*>(p), {rows, cols}, trans ? at::IntArrayRef{1, ld} : at::IntArrayRef{ld, 1},
+                         opts);
   }
 };
 

@@ -33,7 +33,10 @@
 // sums whatever the hardware's own conversion does, and the emulation reproduces the modes.
 // "tf32x3" splits every operand v into hi = tf32(v), lo = tf32(v - hi); the logits product then
 // runs once over 3D columns, queries laid out [hi | hi | lo] against references [hi | lo | hi]
-// (hi hi + hi lo + lo hi), and the accumulation as three products.
+// (hi hi + hi lo + lo hi), and the accumulation as three products. "bf16" stores its operands as
+// bfloat16 (Operand's h): the products run on the bf16 tensor cores (bfloat16 in, float32 sums
+// and out), which cannot add into a float32 matrix, so from the second chunk on the accumulator's
+// product goes to a (B, D) tile that ScaleRows adds in the same pass as its rescale.
 #pragma once
 
 #include <stdint.h>
@@ -52,6 +55,31 @@ typedef double Acc;  // accumulator of long sums: norms, dot products, row state
 // Columns of a mode's operand rows: 3D for "tf32x3" (hi, lo and a copy), else D.
 CDM_HD int64_t operand_width(int64_t D, int prec) { return prec == PREC_TF32X3 ? 3 * D : D; }
 
+// A bfloat16 value as its bits (the upper half of the float32 it rounds to), and back.
+typedef uint16_t Bf16;
+CDM_HD Bf16 bf16_bits(float v) { return static_cast<Bf16>(float_bits(round_bf16(v)) >> 16); }
+CDM_HD float bf16_value(Bf16 h) { return bits_float(static_cast<uint32_t>(h) << 16); }
+
+// An operand matrix in its mode's storage: T values (f), or bfloat16 bits (h) for "bf16" in float32
+// problems; exactly one of the two is set.
+template <typename T>
+struct Operand {
+  T* f;
+  Bf16* h;
+  // The matrix from element `offset` on.
+  CDM_HD Operand from(int64_t offset) const {
+    return Operand{f != nullptr ? f + offset : nullptr, h != nullptr ? h + offset : nullptr};
+  }
+  // Element i = v rounded to the mode (for "tf32x3" the caller stores the split itself).
+  CDM_HD void put(int64_t i, T v, int prec) const {
+    if (h != nullptr) {
+      h[i] = bf16_bits(static_cast<float>(v));
+    } else {
+      f[i] = round_operand(v, prec);
+    }
+  }
+};
+
 // The (hi, lo) split of "tf32x3"; float64 has no such mode (the public function refuses it).
 CDM_HD void split_tf32(float v, float* hi, float* lo) {
   *hi = round_tf32(v);
@@ -67,7 +95,7 @@ CDM_HD void split_tf32(double v, double* hi, double* lo) {
 // ------------------------------------------------------------------------------------------------
 
 // Thread t = i LANES + l: the columns k = l, l + LANES, ... of row i of src (rows, D): v = src - centre
-// (centre null: v = src) written in the mode's operand layout to op (rows, W), and the partial sum of
+// (centre null: v = src) written in the mode's operand layout and storage to op (rows, W), and the partial sum of
 // squares of the values the mode's norm uses (the exact v in "ieee" and "tf32x3", the rounded one in
 // "tf32" and "bf16": the distance between the points the product sees) to part (rows, LANES).
 // ref_layout: "tf32x3" rows [hi | lo | hi] (references) instead of [hi | hi | lo] (queries).
@@ -79,12 +107,11 @@ struct ShiftRows {
   bool ref_layout;
   const T* src;
   const T* centre;  // (D,) or null
-  T* op;            // (rows, W)
+  Operand<T> op;    // (rows, W)
   Acc* part;        // (rows, LANES) or null
   CDM_HD void operator()(int64_t t) const {
     const int64_t i = t / LANES, l = t % LANES, W = operand_width(D, prec);
     const T* s = src + i * D;
-    T* o = op + i * W;
     Acc a = Acc(0);
     for (int64_t k = l; k < D; k += LANES) {
       const T v = centre != nullptr ? s[k] - centre[k] : s[k];
@@ -92,13 +119,13 @@ struct ShiftRows {
       if (prec == PREC_TF32X3) {
         T hi, lo;
         split_tf32(v, &hi, &lo);
+        T* o = op.f + i * W;
         o[k] = hi;
         o[D + k] = ref_layout ? lo : hi;
         o[2 * D + k] = ref_layout ? hi : lo;
       } else {
-        const T r = round_operand(v, prec);
-        o[k] = r;
-        if (prec != PREC_IEEE) norm_term = r;
+        op.put(i * W + k, v, prec);
+        if (prec != PREC_IEEE) norm_term = round_operand(v, prec);
       }
       a += Acc(norm_term) * Acc(norm_term);
     }
@@ -221,8 +248,8 @@ CDM_HD T new_row_min(const StatePlanes& state, const T* partmin, int64_t i) {
   return m;
 }
 
-// Thread t = i PARTS + p: e_ij = exp(-(d_ij - m_new) k_i), written over S_ij rounded to the mode
-// (for "tf32x3" hi over S_ij and lo to S_lo), and the part's sums of e, e^2, e (d - m_new) to
+// Thread t = i PARTS + p: e_ij = exp(-(d_ij - m_new) k_i), written to E_ij in the mode (E's f is S
+// itself, or for "bf16" its h; for "tf32x3" hi over S_ij and lo to S_lo), and the part's sums of e, e^2, e (d - m_new) to
 // partsum (B, PARTS, 3), as stf_math.h's state_add accumulates them.
 template <typename T>
 struct ChunkUpdate {
@@ -232,7 +259,8 @@ struct ChunkUpdate {
   StatePlanes state;
   const T* partmin;
   const T* k;
-  T* S;     // (B, c): distances in, weights out
+  T* S;     // (B, c): distances in
+  Operand<T> E;  // (B, c): weights out
   T* S_lo;  // (B, c), "tf32x3" only
   Acc* partsum;
   CDM_HD void operator()(int64_t t) const {
@@ -247,9 +275,9 @@ struct ChunkUpdate {
       l2 += Acc(e) * Acc(e);
       tt += Acc(e) * Acc(dm);
       if (prec == PREC_TF32X3) {
-        split_tf32(e, &S[ij], &S_lo[ij]);
+        split_tf32(e, &E.f[ij], &S_lo[ij]);
       } else {
-        S[ij] = round_operand(e, prec);
+        E.put(ij, e, prec);
       }
     }
     partsum[3 * t] = l;
@@ -292,14 +320,18 @@ struct RowMerge {
   }
 };
 
-// Thread t = i D + k: a[t] *= alpha_i.
+// Thread t = i D + k: a[t] = a[t] alpha_i + add[t] (alpha null: 1; add null: 0).
 template <typename T>
 struct ScaleRows {
   int64_t threads;  // B * D
   int64_t D;
   const T* alpha;
+  const T* add;
   T* a;
-  CDM_HD void operator()(int64_t t) const { a[t] *= alpha[t / D]; }
+  CDM_HD void operator()(int64_t t) const {
+    const T v = alpha != nullptr ? a[t] * alpha[t / D] : a[t];
+    a[t] = add != nullptr ? v + add[t] : v;
+  }
 };
 
 // Thread t = i LANES + l: the partial sum over k = l, l + LANES, ... of (x_ik - r_jk)^2 for the
@@ -376,7 +408,7 @@ struct BackwardPlanes {
 
 // Thread t = i PARTS + p, columns j = p, p + PARTS, ... of the chunk: from S_ij = x'_i . r'_j and
 // C_ij = g_i . r'_j, the distance, w = exp(-(d - m) k - log l), the x coefficient xc = w (c - mg)
-// (written over S_ij in the mode's rounding, lo to S_lo in "tf32x3") and the part's sums of xc,
+// (written to E_ij in the mode, as ChunkUpdate writes its weights; lo to S_lo in "tf32x3") and the part's sums of xc,
 // w (d - d_bar)(c - mg), w (d - d_bar) to partsum. With ref_grad, also a_ij (stf_math.h,
 // backward_ref_coef) to A and w over C_ij. final = false: only the sums of xc (the ref gradient's
 // first sweep, which moves mg by them).
@@ -396,6 +428,7 @@ struct BackwardTerms {
   const T* grad_lse;
   T* S;     // (B, c)
   T* C;     // (B, c)
+  Operand<T> E;  // (B, c): x coefficients out
   T* S_lo;  // (B, c), "tf32x3" only
   T* A;     // (B, c), ref_grad only
   Acc* partsum;
@@ -416,9 +449,9 @@ struct BackwardTerms {
       cov += backward_sigma_term(w, Acc(d), dbar, cij, mgi);
       dev += w * (Acc(d) - dbar);
       if (prec == PREC_TF32X3) {
-        split_tf32(T(xc), &S[ij], &S_lo[ij]);
+        split_tf32(T(xc), &E.f[ij], &S_lo[ij]);
       } else {
-        S[ij] = round_operand(T(xc), prec);
+        E.put(ij, T(xc), prec);
       }
       if (ref_grad) {
         A[ij] = T(backward_ref_coef(w, cij, mgi, Acc(grad_lse[i]), Acc(inv_s2)));
@@ -533,7 +566,8 @@ struct BackwardFinishSigma {
 // C (M, N) [+]= op(A) (M, K) op(B) (K, N), row-major with leading dimensions: op(A)_mk = A[m lda + k]
 // (a_trans: A[k lda + m]), op(B)_kn = B[k ldb + n] (b_trans: B[n ldb + k]). tf32: the operands are
 // TF32-exact (rounded by the kernels above), so the product may run on TF32 tensor cores; otherwise
-// it must be exact float32.
+// it must be exact float32. A16, B16 set (both, instead of A and B): bfloat16 operands, float32
+// sums into C, never with accumulate (the bf16 product cannot add into a float32 C).
 template <typename T>
 struct Gemm {
   int64_t M, N, K;
@@ -547,6 +581,8 @@ struct Gemm {
   int64_t ldc;
   bool accumulate;
   bool tf32;
+  const Bf16* A16 = nullptr;
+  const Bf16* B16 = nullptr;
 };
 
 // Carves aligned buffers out of one workspace; a first pass over a null base measures its size.
@@ -572,35 +608,61 @@ struct Problem {
   const T* centre; // (D,)
 };
 
+// Whether the mode's operands are stored as bfloat16 ("bf16"; float64 takes "ieee" only).
+template <typename T>
+inline bool bf16_storage(const Problem<T>& p) { return p.prec == PREC_BF16 && sizeof(T) == sizeof(float); }
+
+// An operand buffer of `count` elements in the mode's storage.
+template <typename T>
+Operand<T> take_operand(Carver& cv, const Problem<T>& p, int64_t count) {
+  if (bf16_storage(p)) return Operand<T>{nullptr, cv.take<Bf16>(count)};
+  return Operand<T>{cv.take<T>(count), nullptr};
+}
+
 // The buffers both passes share: x' operands, norms, k, the chunk's operands and norms, the
 // (B, c) tiles and the part buffers.
 template <typename T>
 struct Common {
-  T* xop;     // (B, W), the backward's (2B, W): queries then grad_mu
+  Operand<T> xop; // (B, W), the backward's (2B, W): queries then grad_mu
   T* xn;      // (B,)
   T* k;       // (B,)
-  T* rop;     // (chunk, W)
+  Operand<T> rop; // (chunk, W)
   T* rn;      // (chunk,)
   T* S;       // (B, chunk); the backward's (2B, chunk): x' . r' then g . r'
+  Operand<T> E;   // (B, chunk): the weights (or x coefficients) in the mode: S itself, or bfloat16
   T* S_lo;    // (B, chunk), tf32x3
+  T* tile;    // (B, D), "bf16": a product to add into the accumulator
   Acc* lanes; // (max(B, chunk) * 2, LANES)
   Acc* partsum; // (B, PARTS, 3)
 
   static Common carve(Carver& cv, const Problem<T>& p, int64_t query_rows) {
     const int64_t W = operand_width(p.D, p.prec);
+    const bool half = bf16_storage(p);
     Common m;
-    m.xop = cv.take<T>(query_rows * W);
+    m.xop = take_operand(cv, p, query_rows * W);
     m.xn = cv.take<T>(p.B);
     m.k = cv.take<T>(p.B);
-    m.rop = cv.take<T>(p.chunk * W);
+    m.rop = take_operand(cv, p, p.chunk * W);
     m.rn = cv.take<T>(p.chunk);
     m.S = cv.take<T>(query_rows * p.chunk);
+    m.E = half ? Operand<T>{nullptr, cv.take<Bf16>(p.B * p.chunk)} : Operand<T>{m.S, nullptr};
     m.S_lo = p.prec == PREC_TF32X3 ? cv.take<T>(p.B * p.chunk) : nullptr;
+    m.tile = half ? cv.take<T>(p.B * p.D) : nullptr;
     m.lanes = cv.take<Acc>((query_rows > p.chunk ? query_rows : p.chunk) * LANES);
     m.partsum = cv.take<Acc>(p.B * PARTS * 3);
     return m;
   }
 };
+
+// op(A) op(B) of two operand matrices in their storage (A16, B16 for bfloat16), into C.
+template <typename T>
+Gemm<T> operand_gemm(int64_t M, int64_t N, int64_t K, const Operand<T>& A, int64_t lda, const Operand<T>& B,
+                     int64_t ldb, bool b_trans, T* C, int64_t ldc, bool accumulate, bool tf32) {
+  Gemm<T> g{M, N, K, A.f, lda, false, B.f, ldb, b_trans, C, ldc, accumulate, tf32};
+  g.A16 = A.h;
+  g.B16 = B.h;
+  return g;
+}
 
 template <typename T>
 struct ForwardWorkspace {
@@ -644,17 +706,25 @@ void prepare_chunk(Exec& ex, const Problem<T>& p, const Common<T>& cm, int64_t s
   ex.run(LaneSum<T, T>{c, cm.lanes, cm.rn});
 }
 
-// out (rows, D) [+]= W (rows, c) R' (c, D) in the precision mode: one product, or for "tf32x3"
-// the three hi hi + hi lo + lo hi (W's hi in W, its lo in W_lo; R''s hi, lo at columns 0 and D of rop).
+// out (B, D) = out alpha + E (B, c) R' (c, D) in the precision mode (alpha null: 1; first: out = E R'):
+// one product, or for "tf32x3" the three hi hi + hi lo + lo hi (E's hi in cm.E, its lo in cm.S_lo;
+// R''s hi, lo at columns 0 and D of rop). The rescale by alpha runs before the products that add
+// into out, or for "bf16" after its product into cm.tile, in the same pass as the addition.
 template <typename T, class Exec>
-void accumulate_product(Exec& ex, const Problem<T>& p, int64_t rows, int64_t c, const T* Wt, const T* W_lo,
-                        const T* rop, T* out, bool accumulate) {
+void add_product(Exec& ex, const Problem<T>& p, const Common<T>& cm, int64_t c, const T* alpha, bool first, T* out) {
   const int64_t width = operand_width(p.D, p.prec);
   const bool tf32 = p.prec != PREC_IEEE;
-  ex.gemm(Gemm<T>{rows, p.D, c, Wt, c, false, rop, width, false, out, p.D, accumulate, tf32});
+  if (!first && cm.tile != nullptr) {
+    ex.gemm(operand_gemm(p.B, p.D, c, cm.E, c, cm.rop, width, false, cm.tile, p.D, false, tf32));
+    ex.run(ScaleRows<T>{p.B * p.D, p.D, alpha, cm.tile, out});
+    return;
+  }
+  if (!first && alpha != nullptr) ex.run(ScaleRows<T>{p.B * p.D, p.D, alpha, nullptr, out});
+  ex.gemm(operand_gemm(p.B, p.D, c, cm.E, c, cm.rop, width, false, out, p.D, !first, tf32));
   if (p.prec == PREC_TF32X3) {
-    ex.gemm(Gemm<T>{rows, p.D, c, Wt, c, false, rop + p.D, width, false, out, p.D, true, true});
-    ex.gemm(Gemm<T>{rows, p.D, c, W_lo, c, false, rop, width, false, out, p.D, true, true});
+    const T* hi = cm.rop.f;
+    ex.gemm(Gemm<T>{p.B, p.D, c, cm.E.f, c, false, hi + p.D, width, false, out, p.D, true, true});
+    ex.gemm(Gemm<T>{p.B, p.D, c, cm.S_lo, c, false, hi, width, false, out, p.D, true, true});
   }
 }
 
@@ -668,12 +738,11 @@ void forward_run(Exec& ex, const Problem<T>& p, const ForwardWorkspace<T>& ws, T
   for (int64_t start = 0; start < p.n; start += p.chunk) {
     const int64_t c = p.chunk < p.n - start ? p.chunk : p.n - start;
     prepare_chunk(ex, p, cm, start, c);
-    ex.gemm(Gemm<T>{p.B, c, W, cm.xop, W, false, cm.rop, W, true, cm.S, c, false, p.prec != PREC_IEEE});
+    ex.gemm(operand_gemm(p.B, c, W, cm.xop, W, cm.rop, W, true, cm.S, c, false, p.prec != PREC_IEEE));
     ex.run(ChunkMin<T>{p.B * PARTS, c, cm.xn, cm.rn, cm.S, ws.partmin, ws.partarg});
-    ex.run(ChunkUpdate<T>{p.B * PARTS, c, p.prec, ws.state, ws.partmin, cm.k, cm.S, cm.S_lo, cm.partsum});
+    ex.run(ChunkUpdate<T>{p.B * PARTS, c, p.prec, ws.state, ws.partmin, cm.k, cm.S, cm.E, cm.S_lo, cm.partsum});
     ex.run(RowMerge<T>{p.B, ws.state, ws.partmin, ws.partarg, start, cm.k, cm.partsum, ws.alpha});
-    if (start > 0) ex.run(ScaleRows<T>{p.B * p.D, p.D, ws.alpha, mu});
-    accumulate_product(ex, p, p.B, c, cm.S, cm.S_lo, cm.rop, mu, start > 0);
+    add_product(ex, p, cm, c, ws.alpha, start == 0, mu);
   }
   ex.run(NearestParts<T>{p.B * LANES, p.D, p.x, p.ref, ws.state.arg, cm.lanes});
   ex.run(FinalizeRows<T>{p.B, ws.state, cm.k, cm.lanes, lse, aux, ws.inv_l});
@@ -731,12 +800,12 @@ void backward_sweep(Exec& ex, const Problem<T>& p, const BackwardInputs<T>& in, 
     // tile whose rows B..2B-1 are C.
     T* S = cm.S;
     T* C = cm.S + p.B * c;
-    ex.gemm(Gemm<T>{2 * p.B, c, W, cm.xop, W, false, cm.rop, W, true, S, c, false, p.prec != PREC_IEEE});
+    ex.gemm(operand_gemm(2 * p.B, c, W, cm.xop, W, cm.rop, W, true, S, c, false, p.prec != PREC_IEEE));
     ex.run(BackwardTerms<T>{p.B * PARTS, c, p.prec, final_sweep, ref_grad && final_sweep, cm.xn, cm.rn, cm.k,
-                            p.sigma, in.aux, ws.mg, in.grad_lse, S, C, cm.S_lo, ws.A, cm.partsum});
+                            p.sigma, in.aux, ws.mg, in.grad_lse, S, C, cm.E, cm.S_lo, ws.A, cm.partsum});
     ex.run(RowSums{p.B, cm.partsum, ws.rows});
     if (!final_sweep) continue;
-    accumulate_product(ex, p, p.B, c, S, cm.S_lo, cm.rop, ws.px, start > 0);
+    add_product(ex, p, cm, c, static_cast<const T*>(nullptr), start == 0, ws.px);
     if (ref_grad) {
       // dL/dr_j = sum_i w_ij g_i + a_ij (x'_i - r'_j), products in exact float32 in every mode.
       T* g = grad_ref + start * p.D;
@@ -755,12 +824,12 @@ void backward_run(Exec& ex, const Problem<T>& p, const BackwardInputs<T>& in, co
   const Common<T>& cm = ws.cm;
   const int64_t W = operand_width(p.D, p.prec);
   prepare_queries(ex, p, cm);
-  ex.run(ShiftRows<T>{p.B * LANES, p.D, p.prec, false, in.grad_mu, nullptr, cm.xop + p.B * W, nullptr});
+  ex.run(ShiftRows<T>{p.B * LANES, p.D, p.prec, false, in.grad_mu, nullptr, cm.xop.from(p.B * W), nullptr});
   ex.run(DotRows<T>{p.B * LANES, p.D, in.mu, p.centre, in.grad_mu, cm.lanes});
   ex.run(LaneSum<T, Acc>{p.B, cm.lanes, ws.mg});
   ex.run(RowsReset{p.B, false, ws.mg, ws.rows});
   if (grad_ref != nullptr) {
-    ex.run(ShiftRows<T>{p.B * LANES, p.D, PREC_IEEE, false, p.x, p.centre, ws.xs, nullptr});
+    ex.run(ShiftRows<T>{p.B * LANES, p.D, PREC_IEEE, false, p.x, p.centre, Operand<T>{ws.xs, nullptr}, nullptr});
     backward_sweep(ex, p, in, ws, false, grad_ref);
     ex.run(RowsReset{p.B, true, ws.mg, ws.rows});
   }
