@@ -152,7 +152,7 @@ def stf_target_sharded(
     dtype = compute_dtype(x.dtype)
     sig = check_sigma(sigma, B, x, dtype)
     name = registry.resolve_backend("stf_target", x.device, backend, precision)
-    check_chunk_and_precision(chunk_size, precision, dtype, B, max(n_local, 1), D)
+    check_chunk_and_precision(chunk_size, precision, dtype, B, max(n_local, 1), D, x.device)
     _deprecated_norms(ref_sqnorm, n_local)
     world, rank = _check_collective(x, sigma, ref_shard, group)
     all_sizes = _sizes_of_every_process(B, n_local, D, x.device, group)

@@ -206,12 +206,21 @@ def check_queries_and_refs(x, ref, ref_name: str = "ref", rows: str = "n") -> tu
     return x.shape[0], ref.shape[0], math.prod(x.shape[1:])
 
 
-def check_chunk_and_precision(chunk_size, precision, dtype: torch.dtype, B: int, n: int, D: int) -> int:
-    """The chunk size to use (None picks one) after the user-facing checks of both options."""
+def check_chunk_and_precision(chunk_size, precision, dtype: torch.dtype, B: int, n: int, D: int,
+                              device: torch.device | None = None) -> int:
+    """The chunk size to use (None picks one) after the user-facing checks of both options (with
+    `device`, also that a CUDA device has the bf16 tensor cores "bf16" multiplies on)."""
     if dtype == torch.float64 and precision != "ieee" and precision in PRECISIONS:
         raise ValueError(
             f"precision {precision!r} rounds float32 operands for the tensor cores; float64 inputs take only 'ieee'"
         )
+    if precision == "bf16" and device is not None and device.type == "cuda":
+        cap = torch.cuda.get_device_capability(device)
+        if cap < (8, 0):
+            raise ValueError(
+                f"precision 'bf16' multiplies bfloat16 operands on bf16 tensor cores, which need compute capability "
+                f"8.0 or higher; {device} has {cap[0]}.{cap[1]}: use 'ieee', 'tf32x3' or 'tf32'"
+            )
     if chunk_size is None:
         return default_chunk_size(B, n, D)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -275,7 +284,7 @@ def stf_target(
     if n == 0:
         raise ValueError("ref is empty: the stable target needs at least one reference (n >= 1)")
     dtype = compute_dtype(x.dtype)
-    chunk_size = check_chunk_and_precision(chunk_size, precision, dtype, B, n, D)
+    chunk_size = check_chunk_and_precision(chunk_size, precision, dtype, B, n, D, x.device)
     name = registry.resolve_backend("stf_target", x.device, backend, precision)
     sig = check_sigma(sigma, B, x, dtype, on_device=name in KERNEL_CHECKED)
     _deprecated_norms(ref_sqnorm, n)

@@ -558,6 +558,20 @@ def test_bad_options_errors():
         stf_score(x, s, r, return_lse=True)
 
 
+def test_bf16_asks_for_bf16_tensor_cores(monkeypatch):
+    # "bf16" multiplies on bf16 tensor cores (compute capability 8.0 on); an older GPU gets a clear
+    # error before any launch instead of cuBLAS's. The check reads the device's capability only.
+    from cdm_kernels.stf import check_chunk_and_precision
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    with pytest.raises(ValueError, match=r"precision 'bf16' .* compute capability 8.0 or higher; cuda:0 has 7.5"):
+        check_chunk_and_precision(None, "bf16", torch.float32, 4, 10, 6, cuda)
+    assert check_chunk_and_precision(None, "tf32", torch.float32, 4, 10, 6, cuda) == 10
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert check_chunk_and_precision(None, "bf16", torch.float32, 4, 10, 6, cuda) == 10
+
+
 # ---- regressions: float32 cancellations found in review ----
 
 

@@ -55,9 +55,12 @@ typedef double Acc;  // accumulator of long sums: norms, dot products, row state
 // Columns of a mode's operand rows: 3D for "tf32x3" (hi, lo and a copy), else D.
 CDM_HD int64_t operand_width(int64_t D, int prec) { return prec == PREC_TF32X3 ? 3 * D : D; }
 
-// A bfloat16 value as its bits (the upper half of the float32 it rounds to), and back.
+// A bfloat16 value as its bits (the upper half of the float32 it rounds to; NaN as the quiet NaN,
+// whatever payload it had in the lower half), and back.
 typedef uint16_t Bf16;
-CDM_HD Bf16 bf16_bits(float v) { return static_cast<Bf16>(float_bits(round_bf16(v)) >> 16); }
+CDM_HD Bf16 bf16_bits(float v) {
+  return v == v ? static_cast<Bf16>(float_bits(round_bf16(v)) >> 16) : static_cast<Bf16>(0x7FC0u);
+}
 CDM_HD float bf16_value(Bf16 h) { return bits_float(static_cast<uint32_t>(h) << 16); }
 
 // An operand matrix in its mode's storage: T values (f), or bfloat16 bits (h) for "bf16" in float32
