@@ -74,8 +74,9 @@ def variants(quick: bool = False) -> list[Variant]:
                 "_fwd_update_kernel", f"{label}{', first chunk' if first else ''}",
                 {"S_ptr": f"*{ty}", "E_ptr": f"*{od}", **_ptr(["S_lo_ptr", "xn_ptr", "rn_ptr", "k_ptr"], ty),
                  "state_ptr": "*fp64",
-                 "arg_ptr": "*i64", "acc_ptr": f"*{ty}", **_ints(["B", "c", "D", "start"])},
-                {"IS_FIRST": first, "PREC": p, "BLOCK_B": bs["rows"], "BLOCK_C": bs["cols"], "BLOCK_D": bs["d"]},
+                 "arg_ptr": "*i64", "acc_ptr": f"*{ty}", "alpha_ptr": f"*{ty}", **_ints(["B", "c", "D", "start"])},
+                {"IS_FIRST": first, "RESCALE": mode != "bf16", "PREC": p, "BLOCK_B": bs["rows"],
+                 "BLOCK_C": bs["cols"], "BLOCK_D": bs["d"]},
             ))
         for final, ref_grad in ([(True, False)] if quick else [(True, False), (True, True), (False, True)]):
             out.append(Variant(

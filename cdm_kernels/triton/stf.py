@@ -157,12 +157,14 @@ def _fwd_update_kernel(
     k_ptr,  # (B,)
     state_ptr,  # (4, B) float64: m, l, l2, t
     arg_ptr,  # (B,) int64: the reference at each row's minimum
-    acc_ptr,  # (B, D): rescaled by the rows' alpha (not for the first chunk)
+    acc_ptr,  # (B, D): rescaled by the rows' alpha (not for the first chunk), if RESCALE
+    alpha_ptr,  # (B,): the rows' alpha out (not for the first chunk), if not RESCALE
     B,
     c,
     D,
     start,  # the chunk's first reference
     IS_FIRST: tl.constexpr,
+    RESCALE: tl.constexpr,
     PREC: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -231,7 +233,9 @@ def _fwd_update_kernel(
     tl.store(state_ptr + B + rows, l_new, mask=rmask)
     tl.store(state_ptr + 2 * B + rows, l2_new, mask=rmask)
     tl.store(state_ptr + 3 * B + rows, t_new, mask=rmask)
-    if not IS_FIRST:
+    if not IS_FIRST and not RESCALE:
+        tl.store(alpha_ptr + rows, alpha.to(xn.dtype), mask=rmask)
+    if not IS_FIRST and RESCALE:
         a = alpha.to(xn.dtype)
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
@@ -454,16 +458,20 @@ def _shift(src: Tensor, centre: Tensor | None, prec: int, ref_layout: bool, with
 
 
 def _accumulate(out: Tensor, W: Tensor, W_lo: Tensor, rop: Tensor, D: int, prec: int, accumulate: bool,
-                tile: Tensor | None = None) -> None:
-    """out += W R' in the mode (three products for "tf32x3": hi hi + hi lo + lo hi; for "bf16",
-    whose product cannot add into float32, a product into `tile` (out's shape) and an addition)."""
+                tile: Tensor | None = None, alpha: Tensor | None = None) -> None:
+    """out += W R' in the mode (three products for "tf32x3": hi hi + hi lo + lo hi). For "bf16",
+    whose product cannot add into float32, a product into `tile` (out's shape), then out = out alpha
+    + tile in one pass (alpha (B,) from the update kernel, which left out unscaled; None: 1)."""
     hi = rop[:, :D]
     with _products(prec != _IEEE, out.device):
         if not accumulate:
             _mm(W, hi, out)
         elif prec == _BF16:
             _mm(W, hi, tile)
-            out.add_(tile)
+            if alpha is None:
+                out.add_(tile)
+            else:
+                torch.addcmul(tile, out, alpha[:, None], out=out)
         else:
             out.addmm_(W, hi)
         if prec == _TF32X3:
@@ -491,6 +499,7 @@ def stf_forward(x: Tensor, sigma: Tensor, ref: Tensor, centre: Tensor, chunk_siz
     E_buf = x.new_empty(B * chunk, dtype=op_dtype) if prec == _BF16 else S_buf
     S_lo_buf = x.new_empty(B * chunk) if prec == _TF32X3 else S_buf
     tile = x.new_empty(B, D) if prec == _BF16 and n > chunk else None
+    alpha = x.new_empty(B) if tile is not None else None  # rescaled with the tile's addition
     state = x.new_empty(4, B, dtype=torch.float64)
     arg = x.new_empty(B, dtype=torch.int64)
     mu = x.new_empty(B, D)
@@ -503,10 +512,11 @@ def stf_forward(x: Tensor, sigma: Tensor, ref: Tensor, centre: Tensor, chunk_siz
         E = E_buf[: B * c].view(B, c)
         S_lo = S_lo_buf[: B * c].view(B, c)
         _fwd_update_kernel[grid](
-            S, E, S_lo, xn, rn, k, state, arg, mu, B, c, D, start,
-            IS_FIRST=start == 0, PREC=prec, BLOCK_B=bs["rows"], BLOCK_C=bs["cols"], BLOCK_D=bs["d"],
+            S, E, S_lo, xn, rn, k, state, arg, mu, mu if alpha is None else alpha, B, c, D, start,
+            IS_FIRST=start == 0, RESCALE=prec != _BF16, PREC=prec, BLOCK_B=bs["rows"], BLOCK_C=bs["cols"],
+            BLOCK_D=bs["d"],
         )
-        _accumulate(mu, E, S_lo, rop, D, prec, start > 0, tile)
+        _accumulate(mu, E, S_lo, rop, D, prec, start > 0, tile, alpha)
     lse, aux = x.new_empty(B), x.new_empty(B, AUX_COLS)
     dmin = stf_reference.nearest_sqdist(x, ref, arg)
     _fwd_finish_kernel[grid](state, k, dmin, centre, mu, lse, aux, B, D, AUX=AUX_COLS, BLOCK_B=bs["rows"],
