@@ -98,9 +98,10 @@ CDM_HD void split_tf32(double v, double* hi, double* lo) {
 // ------------------------------------------------------------------------------------------------
 
 // Thread t = i LANES + l: the columns k = l, l + LANES, ... of row i of src (rows, D): v = src - centre
-// (centre null: v = src) written in the mode's operand layout and storage to op (rows, W), and the partial sum of
-// squares of the values the mode's norm uses (the exact v in "ieee" and "tf32x3", the rounded one in
-// "tf32" and "bf16": the distance between the points the product sees) to part (rows, LANES).
+// (centre null: v = src) written in the mode's operand layout and storage to op (rows, W), and the
+// partial sum of squares of the values the mode's norm uses (the exact v in "ieee" and "tf32x3", the
+// rounded one in "tf32" and "bf16": the distance between the points the product sees) to part
+// (rows, LANES).
 // ref_layout: "tf32x3" rows [hi | lo | hi] (references) instead of [hi | hi | lo] (queries).
 template <typename T>
 struct ShiftRows {
@@ -252,8 +253,8 @@ CDM_HD T new_row_min(const StatePlanes& state, const T* partmin, int64_t i) {
 }
 
 // Thread t = i PARTS + p: e_ij = exp(-(d_ij - m_new) k_i), written to E_ij in the mode (E's f is S
-// itself, or for "bf16" its h; for "tf32x3" hi over S_ij and lo to S_lo), and the part's sums of e, e^2, e (d - m_new) to
-// partsum (B, PARTS, 3), as stf_math.h's state_add accumulates them.
+// itself, or for "bf16" its h; for "tf32x3" hi over S_ij and lo to S_lo), and the part's sums of
+// e, e^2, e (d - m_new) to partsum (B, PARTS, 3), as stf_math.h's state_add accumulates them.
 template <typename T>
 struct ChunkUpdate {
   int64_t threads;  // B * PARTS
@@ -411,10 +412,10 @@ struct BackwardPlanes {
 
 // Thread t = i PARTS + p, columns j = p, p + PARTS, ... of the chunk: from S_ij = x'_i . r'_j and
 // C_ij = g_i . r'_j, the distance, w = exp(-(d - m) k - log l), the x coefficient xc = w (c - mg)
-// (written to E_ij in the mode, as ChunkUpdate writes its weights; lo to S_lo in "tf32x3") and the part's sums of xc,
-// w (d - d_bar)(c - mg), w (d - d_bar) to partsum. With ref_grad, also a_ij (stf_math.h,
-// backward_ref_coef) to A and w over C_ij. final = false: only the sums of xc (the ref gradient's
-// first sweep, which moves mg by them).
+// (written to E_ij in the mode, as ChunkUpdate writes its weights; lo to S_lo in "tf32x3") and the
+// part's sums of xc, w (d - d_bar)(c - mg), w (d - d_bar) to partsum. With ref_grad, also a_ij
+// (stf_math.h, backward_ref_coef) to A and w over C_ij. final = false: only the sums of xc (the ref
+// gradient's first sweep, which moves mg by them).
 template <typename T>
 struct BackwardTerms {
   int64_t threads;  // B * PARTS
@@ -709,9 +710,9 @@ void prepare_chunk(Exec& ex, const Problem<T>& p, const Common<T>& cm, int64_t s
   ex.run(LaneSum<T, T>{c, cm.lanes, cm.rn});
 }
 
-// out (B, D) = out alpha + E (B, c) R' (c, D) in the precision mode (alpha null: 1; first: out = E R'):
-// one product, or for "tf32x3" the three hi hi + hi lo + lo hi (E's hi in cm.E, its lo in cm.S_lo;
-// R''s hi, lo at columns 0 and D of rop). The rescale by alpha runs before the products that add
+// out (B, D) = out alpha + E (B, c) R' (c, D) in the precision mode (alpha null: 1; first:
+// out = E R'): one product, or for "tf32x3" the three hi hi + hi lo + lo hi (E's hi in cm.E, its lo
+// in cm.S_lo; R''s hi, lo at columns 0 and D of rop). The rescale by alpha runs before the products that add
 // into out, or for "bf16" after its product into cm.tile, in the same pass as the addition.
 template <typename T, class Exec>
 void add_product(Exec& ex, const Problem<T>& p, const Common<T>& cm, int64_t c, const T* alpha, bool first, T* out) {
