@@ -5,7 +5,8 @@
 
 Stable target, float32 inputs, at (B, n, D) = (64, 4096, 3072), (512, 4096, 3072), (512, 50000, 3072),
 (256, 262144, 3072), (64, 16384, 12288), forward and forward+backward (gradients of x and sigma):
-every GPU backend of the library in every precision mode, against eager PyTorch (the matmul form
+every GPU backend of the library in every precision mode (the CUDA backend also as "cuda <mode>
+pipeline": its chunk pipeline, CDM_STF_OVERLAP=1, an experiment), against eager PyTorch (the matmul form
 with the norms precomputed, softmax, matmul) in float32 with TF32 off, with TF32 on and in bfloat16,
 `scaled_dot_product_attention` with augmented dimensions, and the authors' broadcast formula where it
 fits in memory. The targets:
@@ -96,8 +97,14 @@ def tf32(enabled: bool):
 # ----------------------------------------------------------------------------------------------
 
 
-def library(backend: str, precision: str):
+def library(backend: str, precision: str, pipeline: bool = False):
+    """The library's stable target; with `pipeline`, the CUDA backend's chunk pipeline (the next
+    chunk's shift on a side stream, CDM_STF_OVERLAP=1). Every library method sets the variable when
+    it is called, so that the backward pass right after its forward (in the same timed call) runs
+    under the same setting while methods alternate."""
+
     def fn(x, sigma, ref, norms):
+        os.environ["CDM_STF_OVERLAP"] = "1" if pipeline else "0"
         return cdm_kernels.stf_target(x, sigma, ref, backend=backend, precision=precision)
 
     return fn
@@ -130,6 +137,8 @@ def methods(device: str):
             continue  # the reference is the spec, the CPU's triton/cuda are test vehicles
         for p in cdm_kernels.registry.precisions("stf_target", backend, device):
             out.append((f"{backend} {p}", p, library(backend, p), PEER_OF[p]))
+            if backend == "cuda":  # the same with the chunk pipeline, an experiment (docs/gpu_design.md)
+                out.append((f"cuda {p} pipeline", p, library(backend, p, True), PEER_OF[p]))
     out += [("eager fp32", "ieee", eager(torch.float32, False), None),
             ("eager tf32", "tf32", eager(torch.float32, True), None),
             ("eager bf16", "bf16", eager(torch.bfloat16, False), None),

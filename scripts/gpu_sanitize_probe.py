@@ -4,7 +4,8 @@
 
 scripts/gpu_check.sh runs it under memcheck, racecheck and synccheck. The shapes cross the kernels'
 tile edges (B, n, D not multiples of anything), use several reference chunks and a last partial
-one, and every precision mode of every GPU backend of the stable target; the rollout steps run
+one, and every precision mode of every GPU backend of the stable target (the CUDA backend also with
+its chunk pipeline, CDM_STF_OVERLAP=1: a side stream); the rollout steps run
 every kind with passed and in-kernel noise, the martingale loss forward and backward, and the
 Philox sampler. It checks the results against the float64 reference loosely (a wrong-but-in-bounds
 kernel is the test suite's to find) and exits 1 on a NaN, so that a run under a sanitizer that
@@ -48,22 +49,27 @@ def probe_stf(backend: str, failures: list) -> None:
         ref = torch.randn(n, D, generator=g)
         sigma = torch.logspace(-2.7, 1.9, B).float()  # 0.002 .. 80
         mu64 = cdm_kernels.stf_target(x.double(), sigma.double(), ref.double(), backend="reference")
-        for p in registry.precisions("stf_target", backend, DEVICE):
+        runs = [(p, overlap) for p in registry.precisions("stf_target", backend, DEVICE)
+                for overlap in ((False, True) if backend == "cuda" else (False,))]
+        for p, overlap in runs:
             xs = x.to(DEVICE).requires_grad_()
             ss = sigma.to(DEVICE).requires_grad_()
             rs = ref.to(DEVICE).requires_grad_()
             chunk = max(1, n // 3 + 1)  # three chunks, the last one partial
+            os.environ["CDM_STF_OVERLAP"] = "1" if overlap else "0"
             mu = cdm_kernels.stf_target(xs, ss, rs, backend=backend, precision=p, chunk_size=chunk)
             mu.backward(torch.ones_like(mu))
             sync()
+            os.environ.pop("CDM_STF_OVERLAP")
             grads = (xs.grad, ss.grad, rs.grad)
             finite = bool(torch.isfinite(mu).all()) and all(bool(torch.isfinite(t).all()) for t in grads)
             err = rel(mu, mu64)
             ok = finite and err <= LOOSE[p]
-            print(f"stf_target {backend} {p} (B, n, D) = ({B}, {n}, {D}) chunk {chunk}: error {err:.1e}"
+            label = f"{backend} {p}{', chunk pipeline' if overlap else ''}"
+            print(f"stf_target {label} (B, n, D) = ({B}, {n}, {D}) chunk {chunk}: error {err:.1e}"
                   f"{'' if ok else '  <-- BAD'}", flush=True)
             if not ok:
-                failures.append(f"stf_target {backend} {p} {(B, n, D)}")
+                failures.append(f"stf_target {label} {(B, n, D)}")
 
 
 def probe_rollout(backend: str, failures: list) -> None:

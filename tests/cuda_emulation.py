@@ -6,7 +6,9 @@ place of cuBLAS. `launchers()` compiles it once with the system C++ compiler and
 pair `stf_forward` / `stf_backward` of the registry's contract, which tests/conftest.py registers as
 backend "cuda" for CPU tensors (a test vehicle, like the Triton interpreter: "auto" never picks it).
 `reverse_threads(True)` runs every kernel's threads in descending order, to show that no kernel
-depends on the order of its threads.
+depends on the order of its threads. `schedule(...)` picks the chunk pipeline's schedule: "one
+stream" (the default), or the side stream's shifts overlapping the products with the queued work
+run "main first" or "side first" (each stream as far ahead as its waits allow).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from cdm_kernels.registry import PRECISIONS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-_ORDER = {"reverse": 0}
+_ORDER = {"reverse": 0, "schedule": 0}
+SCHEDULES = ("one stream", "main first", "side first")
 
 
 def available() -> bool:
@@ -49,6 +52,10 @@ def reverse_threads(on: bool) -> None:
     _ORDER["reverse"] = int(on)
 
 
+def schedule(name: str) -> None:
+    _ORDER["schedule"] = SCHEDULES.index(name)
+
+
 def _p(t):
     return ctypes.c_void_p(t.data_ptr()) if t is not None else ctypes.c_void_p(0)
 
@@ -66,7 +73,8 @@ def stf_forward(x, sigma, ref, centre, chunk_size, precision):
     mu, lse, aux = torch.empty_like(x), x.new_empty(B), x.new_empty(B, AUX_COLS)
     fn = getattr(_library(), "cdm_emu_forward_" + _suffix(x))
     fn(*_ints(B, D, ref.shape[0], chunk_size), ctypes.c_int(PRECISIONS.index(precision)),
-       _p(x), _p(sigma), _p(ref), _p(centre), _p(mu), _p(lse), _p(aux), ctypes.c_int(_ORDER["reverse"]))
+       _p(x), _p(sigma), _p(ref), _p(centre), _p(mu), _p(lse), _p(aux), ctypes.c_int(_ORDER["reverse"]),
+       ctypes.c_int(_ORDER["schedule"]))
     return mu, lse, aux
 
 
@@ -77,7 +85,8 @@ def stf_backward(grad_mu, grad_lse, x, sigma, ref, centre, mu, aux, chunk_size, 
     fn = getattr(_library(), "cdm_emu_backward_" + _suffix(x))
     fn(*_ints(B, D, ref.shape[0], chunk_size), ctypes.c_int(PRECISIONS.index(precision)),
        _p(grad_mu), _p(grad_lse), _p(x), _p(sigma), _p(ref), _p(centre), _p(mu), _p(aux), _p(grad_x),
-       _p(grad_sigma), _p(grad_ref if ref_grad else None), ctypes.c_int(_ORDER["reverse"]))
+       _p(grad_sigma), _p(grad_ref if ref_grad else None), ctypes.c_int(_ORDER["reverse"]),
+       ctypes.c_int(_ORDER["schedule"]))
     return grad_x, grad_sigma, grad_ref
 
 

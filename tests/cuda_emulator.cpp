@@ -3,7 +3,10 @@
 // forward_run / backward_run are the launch sequences the CUDA glue runs; here their executor runs
 // every thread of every per-thread kernel on the host, in ascending or descending thread order (the
 // kernels must not depend on the order of their threads: no thread reads what another thread of the
-// same launch writes), and does the products with plain loops. The workspace is filled with NaN before a call, so a read
+// same launch writes), and does the products with plain loops. Work queued on the two streams runs
+// in one of two adversarial orders: each stream as far ahead of the other as its waits allow (the
+// main stream first, or the side stream first), so that a missing wait or an early record of the
+// chunk pipeline (ChunkFeed) reads a slot before it is written or overwrites it before it is read. The workspace is filled with NaN before a call, so a read
 // of memory that no kernel wrote shows in the results. Only the __global__ wrapper, the launch and
 // cuBLAS itself are not executed. The products accumulate in double and round once: the emulation
 // checks the kernels' logic and arithmetic, and a float32 sum in plain sequence (worse than any
@@ -12,6 +15,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
+#include <functional>
 #include <vector>
 
 #include "cuda/stf_kernels.h"
@@ -20,16 +25,71 @@ using namespace cdm::stf::cuda;
 
 namespace {
 
+[[noreturn]] void fail(const char* what) {
+  std::fprintf(stderr, "cuda_emulator: %s\n", what);
+  std::abort();
+}
+
 struct HostExec {
   bool reverse;
+  int first;  // the stream whose queued work runs first (MAIN or SIDE), in flush()
+
+  // One queued item of a stream: work, the mark of an event (record), or a wait for one.
+  struct Item {
+    std::function<void()> work;
+    int mark = -1, wait = -1;  // event
+    int64_t version = 0;       // of the event: its mark, or the mark waited for
+  };
+  std::deque<Item> queue[2];
+  int current = MAIN;
+  bool blocked[2] = {false, false};
+  int64_t recorded[EVENTS] = {};  // marks queued so far, per event
+  int64_t reached[EVENTS] = {};   // marks executed so far
+  int recorder[EVENTS] = {};      // the stream that marks each event
+
+  void stream(int s) { current = s; }
+  void record(int e) {
+    recorder[e] = current;
+    queue[current].push_back(Item{nullptr, e, -1, ++recorded[e]});
+  }
+  void wait(int e) {
+    if (recorded[e] > 0) queue[current].push_back(Item{nullptr, -1, e, recorded[e]});
+  }
 
   template <class F>
   void run(const F& f) {
-    if (reverse) {
-      for (int64_t t = f.threads - 1; t >= 0; --t) f(t);
-    } else {
-      for (int64_t t = 0; t < f.threads; ++t) f(t);
+    const bool rev = reverse;
+    queue[current].push_back(Item{[f, rev] {
+      if (rev) {
+        for (int64_t t = f.threads - 1; t >= 0; --t) f(t);
+      } else {
+        for (int64_t t = 0; t < f.threads; ++t) f(t);
+      }
+    }});
+  }
+
+  // Runs stream s's queue until event e's mark `version` has run (e < 0: until it is empty); a wait
+  // first runs the recording stream up to the mark it waits for.
+  void drain(int s, int e = -1, int64_t version = 0) {
+    while (!queue[s].empty() && !(e >= 0 && reached[e] >= version)) {
+      Item it = std::move(queue[s].front());
+      queue[s].pop_front();
+      if (it.wait >= 0 && reached[it.wait] < it.version) {
+        blocked[s] = true;
+        const int r = recorder[it.wait];
+        if (r == s || blocked[r]) fail("the streams wait for each other");
+        drain(r, it.wait, it.version);
+        blocked[s] = false;
+        if (reached[it.wait] < it.version) fail("a wait for a mark that is never queued");
+      }
+      if (it.mark >= 0) reached[it.mark] = it.version;
+      if (it.work) it.work();
     }
+    if (e >= 0 && reached[e] < version) fail("a wait for a mark that is never queued");
+  }
+  void flush() {
+    drain(first);
+    drain(1 - first);
   }
 
   // Element i of an operand: T, or bfloat16 bits (A16, B16) widened exactly.
@@ -41,9 +101,14 @@ struct HostExec {
   template <typename T>
   void gemm(const Gemm<T>& g) {
     if ((g.A16 != nullptr) != (g.B16 != nullptr) || (g.A16 != nullptr && g.accumulate)) {
-      std::fprintf(stderr, "cuda_emulator: a bfloat16 product needs both operands bfloat16 and no accumulate\n");
-      std::abort();
+      fail("a bfloat16 product needs both operands bfloat16 and no accumulate");
     }
+    if (current != MAIN) fail("a product queued on the side stream");
+    queue[MAIN].push_back(Item{[g] { product(g); }});
+  }
+
+  template <typename T>
+  static void product(const Gemm<T>& g) {
     for (int64_t m = 0; m < g.M; ++m) {
       for (int64_t n = 0; n < g.N; ++n) {
         double s = 0.0;
@@ -68,26 +133,30 @@ std::vector<double> nan_workspace(int64_t bytes) {
 
 template <typename T>
 int64_t forward(int64_t B, int64_t D, int64_t n, int64_t chunk, int prec, const T* x, const T* sigma, const T* ref,
-                const T* centre, T* mu, T* lse, T* aux, int reverse) {
-  const Problem<T> p{B, D, n, chunk < n ? chunk : n, prec, x, sigma, ref, centre};
+                const T* centre, T* mu, T* lse, T* aux, int reverse, int schedule) {
+  Problem<T> p{B, D, n, chunk < n ? chunk : n, prec, x, sigma, ref, centre};
+  p.overlap = schedule != 0 && overlap_applies(p);
   std::vector<double> buf = nan_workspace(ForwardWorkspace<T>::bytes(p));
   Carver cv{reinterpret_cast<char*>(buf.data()), 0};
-  HostExec ex{reverse != 0};
+  HostExec ex{reverse != 0, schedule == 2 ? SIDE : MAIN};
   forward_run(ex, p, ForwardWorkspace<T>::carve(cv, p), mu, lse, aux);
+  ex.flush();
   return 0;
 }
 
 template <typename T>
 int64_t backward(int64_t B, int64_t D, int64_t n, int64_t chunk, int prec, const T* grad_mu, const T* grad_lse,
                  const T* x, const T* sigma, const T* ref, const T* centre, const T* mu, const T* aux, T* grad_x,
-                 T* grad_sigma, T* grad_ref, int reverse) {
-  const Problem<T> p{B, D, n, chunk < n ? chunk : n, prec, x, sigma, ref, centre};
+                 T* grad_sigma, T* grad_ref, int reverse, int schedule) {
+  Problem<T> p{B, D, n, chunk < n ? chunk : n, prec, x, sigma, ref, centre};
+  p.overlap = schedule != 0 && overlap_applies(p);
   const bool ref_grad = grad_ref != nullptr;
   std::vector<double> buf = nan_workspace(BackwardWorkspace<T>::bytes(p, ref_grad));
   Carver cv{reinterpret_cast<char*>(buf.data()), 0};
-  HostExec ex{reverse != 0};
+  HostExec ex{reverse != 0, schedule == 2 ? SIDE : MAIN};
   const BackwardInputs<T> in{grad_mu, grad_lse, mu, aux};
   backward_run(ex, p, in, BackwardWorkspace<T>::carve(cv, p, ref_grad), grad_x, grad_sigma, grad_ref);
+  ex.flush();
   return 0;
 }
 
@@ -96,15 +165,16 @@ int64_t backward(int64_t B, int64_t D, int64_t n, int64_t chunk, int prec, const
 #define CDM_EMU_EXPORTS(T, SUFFIX)                                                                              \
   extern "C" int64_t cdm_emu_forward_##SUFFIX(int64_t B, int64_t D, int64_t n, int64_t chunk, int prec,        \
                                               const T* x, const T* sigma, const T* ref, const T* centre, T* mu, \
-                                              T* lse, T* aux, int reverse) {                                    \
-    return forward<T>(B, D, n, chunk, prec, x, sigma, ref, centre, mu, lse, aux, reverse);                     \
+                                              T* lse, T* aux, int reverse, int schedule) {                      \
+    return forward<T>(B, D, n, chunk, prec, x, sigma, ref, centre, mu, lse, aux, reverse, schedule);           \
   }                                                                                                             \
   extern "C" int64_t cdm_emu_backward_##SUFFIX(int64_t B, int64_t D, int64_t n, int64_t chunk, int prec,       \
                                                const T* grad_mu, const T* grad_lse, const T* x, const T* sigma, \
                                                const T* ref, const T* centre, const T* mu, const T* aux,        \
-                                               T* grad_x, T* grad_sigma, T* grad_ref, int reverse) {            \
+                                               T* grad_x, T* grad_sigma, T* grad_ref, int reverse,              \
+                                               int schedule) {                                                  \
     return backward<T>(B, D, n, chunk, prec, grad_mu, grad_lse, x, sigma, ref, centre, mu, aux, grad_x,        \
-                       grad_sigma, grad_ref, reverse);                                                          \
+                       grad_sigma, grad_ref, reverse, schedule);                                                \
   }
 CDM_EMU_EXPORTS(float, f32)
 CDM_EMU_EXPORTS(double, f64)

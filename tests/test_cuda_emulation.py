@@ -4,7 +4,8 @@ The emulation is backend "cuda" for CPU tensors in this test session (tests/conf
 stable-target test of the op x backend matrix runs the CUDA kernels' thread code on the host. What
 only the emulation can show is checked here: no kernel depends on the order of its threads (a thread
 that read what another thread of the same launch writes would give other results in reverse order:
-the race a GPU would show as a moving error), and the vehicle is never what "auto" picks.
+the race a GPU would show as a moving error), the chunk pipeline's two streams are ordered by their
+events (adversarial schedules give the one-stream bits), and the vehicle is never what "auto" picks.
 """
 
 from __future__ import annotations
@@ -49,6 +50,31 @@ def test_kernels_do_not_depend_on_the_order_of_their_threads(precision, B, D, n,
     for a, b in zip(forward, backward):
         assert torch.equal(a, b), "a kernel's result depends on the order of its threads"
     assert all(torch.isfinite(t).all() for t in forward), "the NaN-filled workspace was read before written"
+
+
+@pytest.fixture
+def pipeline_schedule():
+    def set_schedule(name):
+        cuda_emulation.schedule(name)
+
+    yield set_schedule
+    cuda_emulation.schedule("one stream")
+
+
+@pytest.mark.parametrize("schedule", ["main first", "side first"])
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("B,D,n,chunk", [(3, 7, 5, 2), (37, 67, 130, 48), (4, 9, 12, 3)])
+def test_the_chunk_pipeline_gives_the_one_stream_bits(schedule, precision, B, D, n, chunk, pipeline_schedule):
+    # The shift of chunk k + 1 on a side stream beside chunk k's products (ChunkFeed) reorders work
+    # between streams only. Each stream run as far ahead of the other as its waits allow reads a
+    # slot before its shift or overwrites it before its readers if a wait or a record is missing.
+    x, sigma, ref = cluster_problem(B, D, n, seed=2)
+    one_stream = _run(x, sigma, ref, chunk, precision)
+    pipeline_schedule(schedule)
+    pipelined = _run(x, sigma, ref, chunk, precision)
+    for a, b in zip(one_stream, pipelined):
+        assert torch.equal(a, b), f"the chunk pipeline ({schedule}) changes the results"
+    assert all(torch.isfinite(t).all() for t in pipelined), "the NaN-filled workspace was read before written"
 
 
 def test_the_emulation_is_a_test_vehicle_never_picked_by_auto():

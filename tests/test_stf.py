@@ -609,6 +609,29 @@ def test_many_references_and_chunks_on_the_gpu(case):
     assert_within_budget(got, exact, budget, str(case))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3", "tf32", "bf16"])
+def test_the_chunk_pipeline_gives_the_one_stream_bits_on_the_gpu(precision, monkeypatch):
+    # CDM_STF_OVERLAP=1 shifts the next chunk on a side stream beside this chunk's products (the
+    # CUDA backend's chunk pipeline): the same arithmetic in the same order on each stream, so the
+    # same bits as one stream, forward and every gradient, over many chunks.
+    x, sigma, ref = (t.cuda() for t in cluster_problem(37, 3072, 20_000, seed=5))
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(6)).cuda()
+
+    def run():
+        xr, sr, rr = (t.clone().requires_grad_() for t in (x, sigma, ref))
+        mu, lse = stf_target(xr, sr, rr, chunk_size=1024, precision=precision, backend="cuda", return_lse=True)
+        return (mu, lse, *torch.autograd.grad((mu * g).sum() + lse.sum(), (xr, sr, rr)))
+
+    monkeypatch.delenv("CDM_STF_OVERLAP", raising=False)
+    one_stream, again = run(), run()
+    monkeypatch.setenv("CDM_STF_OVERLAP", "1")
+    pipelined = run()
+    assert all(torch.equal(a, b) for a, b in zip(one_stream, again)), "one stream does not repeat its own bits"
+    for name, a, b in zip(("mu", "lse", "dL/dx", "dL/dsigma", "dL/dref"), one_stream, pipelined):
+        assert torch.equal(a, b), f"{precision}: the chunk pipeline changes {name}"
+
+
 def test_aux_has_its_documented_columns():
     x, ref = spread_case(3, 20, 4, 1.0)
     s = torch.tensor([0.3, 1.0, 3.0], dtype=torch.float64)

@@ -12,7 +12,12 @@
 // TF32 switch is ATen's global flag, restored after each product: a thread that runs float32
 // matmuls concurrently with a tensor-core stable target may see it flip.
 #include <ATen/ATen.h>
+#include <c10/core/Event.h>
 #include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <memory>
 
 #include "contract.h"
 #include "cuda/glue.h"
@@ -37,18 +42,49 @@ class MathMode {
   bool old_;
 };
 
+// The chunk pipeline (stf_kernels.h, ChunkFeed: the next chunk's shift on a side stream beside this
+// chunk's products) is an experiment until the H200 has measured it (docs/gpu_design.md): on with
+// the environment variable CDM_STF_OVERLAP=1, read at every call.
+bool overlap_requested() {
+  const char* v = std::getenv("CDM_STF_OVERLAP");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
+
+// Launches on the caller's current stream (MAIN) or on a stream of ATen's pool (SIDE, taken when
+// first selected), products on the current stream (ATen's), events created when first recorded.
 struct CudaExec {
-  void* stream;
+  c10::Stream main;
   const char* op;
   at::TensorOptions options;
+  std::unique_ptr<c10::Stream> side;
+  int current = MAIN;
+  std::unique_ptr<c10::Event> events[EVENTS];
+
+  CudaExec(const at::Device& device, const char* name, const at::TensorOptions& opts)
+      : main(cdm::cuda::current_stream_of(device)), op(name), options(opts) {}
+
+  const c10::Stream& selected() const { return current == SIDE ? *side : main; }
+
+  void stream(int s) {
+    if (s == SIDE && side == nullptr) side = std::make_unique<c10::Stream>(cdm::cuda::pool_stream(main.device()));
+    current = s;
+  }
+  void record(int e) {
+    if (events[e] == nullptr) events[e] = std::make_unique<c10::Event>(c10::DeviceType::CUDA);
+    events[e]->record(selected());
+  }
+  void wait(int e) {
+    if (events[e] != nullptr) events[e]->block(selected());
+  }
 
   template <class F>
   void run(const F& f) {
-    cdm::cuda::check_launch(launch(f, stream), op);
+    cdm::cuda::check_launch(launch(f, selected().native_handle()), op);
   }
 
   template <typename T>
   void gemm(const Gemm<T>& g) {
+    TORCH_CHECK(current == MAIN, op, ": internal error: a product queued on the side stream");
     at::Tensor C = at::from_blob(g.C, {g.M, g.N}, {g.ldc, 1}, options);
     if (g.A16 != nullptr) {
       // bfloat16 operands, float32 sums and output: cuBLAS's bf16 tensor-core product.
@@ -81,8 +117,10 @@ struct CudaExec {
 template <typename T>
 Problem<T> problem(const at::Tensor& x, const at::Tensor& sigma, const at::Tensor& ref, const at::Tensor& centre,
                    int64_t chunk_size, int prec) {
-  return Problem<T>{x.size(0), x.size(1), ref.size(0), std::min(chunk_size, ref.size(0)), prec,
-                    x.data_ptr<T>(), sigma.data_ptr<T>(), ref.data_ptr<T>(), centre.data_ptr<T>()};
+  Problem<T> p{x.size(0), x.size(1), ref.size(0), std::min(chunk_size, ref.size(0)), prec,
+               x.data_ptr<T>(), sigma.data_ptr<T>(), ref.data_ptr<T>(), centre.data_ptr<T>()};
+  p.overlap = overlap_requested() && overlap_applies(p);
+  return p;
 }
 
 void check_precision(const char* op, const at::Tensor& x, int prec) {
@@ -103,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stf_forward_cuda(const at::Tensor
     const Problem<scalar_t> p = problem<scalar_t>(x, sigma, ref, centre, chunk_size, prec);
     at::Tensor ws = at::empty({ForwardWorkspace<scalar_t>::bytes(p)}, x.options().dtype(at::kByte));
     Carver cv{reinterpret_cast<char*>(ws.data_ptr()), 0};
-    CudaExec ex{cdm::cuda::current_stream(x.device()), op, x.options()};
+    CudaExec ex(x.device(), op, x.options());
     forward_run(ex, p, ForwardWorkspace<scalar_t>::carve(cv, p), mu.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
                 aux.data_ptr<scalar_t>());
   });
@@ -125,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stf_backward_cuda(
     const Problem<scalar_t> p = problem<scalar_t>(x, sigma, ref, centre, chunk_size, prec);
     at::Tensor ws = at::empty({BackwardWorkspace<scalar_t>::bytes(p, ref_grad)}, x.options().dtype(at::kByte));
     Carver cv{reinterpret_cast<char*>(ws.data_ptr()), 0};
-    CudaExec ex{cdm::cuda::current_stream(x.device()), op, x.options()};
+    CudaExec ex(x.device(), op, x.options());
     const BackwardInputs<scalar_t> in{grad_mu.data_ptr<scalar_t>(), grad_lse.data_ptr<scalar_t>(),
                                       mu.data_ptr<scalar_t>(), aux.data_ptr<scalar_t>()};
     backward_run(ex, p, in, BackwardWorkspace<scalar_t>::carve(cv, p, ref_grad), grad_x.data_ptr<scalar_t>(),

@@ -590,12 +590,16 @@ struct Gemm {
 };
 
 // Carves aligned buffers out of one workspace; a first pass over a null base measures its size.
+// 256-byte alignment (the caching allocator's blocks are 512-aligned): every operand a product reads
+// has the same alignment whatever the layout (one slot or two), so cuBLAS picks the same algorithm
+// and the chunk pipeline gives the one-stream bits.
 struct Carver {
+  static constexpr int64_t ALIGN = 256;
   char* base;
   int64_t used;
   template <typename U>
   U* take(int64_t count) {
-    used = (used + 15) / 16 * 16;
+    used = (used + ALIGN - 1) / ALIGN * ALIGN;
     U* p = base != nullptr ? reinterpret_cast<U*>(base + used) : nullptr;
     used += count * static_cast<int64_t>(sizeof(U));
     return p;
@@ -610,7 +614,12 @@ struct Problem {
   const T* sigma;  // (B,)
   const T* ref;    // (n, D)
   const T* centre; // (D,)
+  bool overlap = false;  // shift the next chunk on a side stream (ChunkFeed); needs n > chunk
 };
+
+// Whether the chunk pipeline (ChunkFeed) can run when it is asked for: with more than one chunk.
+template <typename T>
+inline bool overlap_applies(const Problem<T>& p) { return p.n > p.chunk; }
 
 // Whether the mode's operands are stored as bfloat16 ("bf16"; float64 takes "ieee" only).
 template <typename T>
@@ -630,8 +639,9 @@ struct Common {
   Operand<T> xop; // (B, W), the backward's (2B, W): queries then grad_mu
   T* xn;      // (B,)
   T* k;       // (B,)
-  Operand<T> rop; // (chunk, W)
-  T* rn;      // (chunk,)
+  Operand<T> rop[2]; // (chunk, W): a chunk's shifted references, in two slots with p.overlap
+  T* rn[2];   // (chunk,): their squared norms
+  Acc* rlanes; // (chunk, LANES): the shift's lane parts (lanes itself without p.overlap)
   T* S;       // (B, chunk); the backward's (2B, chunk): x' . r' then g . r'
   Operand<T> E;   // (B, chunk): the weights (or x coefficients) in the mode: S itself, or bfloat16
   T* S_lo;    // (B, chunk), tf32x3
@@ -646,13 +656,16 @@ struct Common {
     m.xop = take_operand(cv, p, query_rows * W);
     m.xn = cv.take<T>(p.B);
     m.k = cv.take<T>(p.B);
-    m.rop = take_operand(cv, p, p.chunk * W);
-    m.rn = cv.take<T>(p.chunk);
+    for (int slot = 0; slot < 2; ++slot) {
+      m.rop[slot] = slot == 0 || p.overlap ? take_operand(cv, p, p.chunk * W) : m.rop[0];
+      m.rn[slot] = slot == 0 || p.overlap ? cv.take<T>(p.chunk) : m.rn[0];
+    }
     m.S = cv.take<T>(query_rows * p.chunk);
     m.E = half ? Operand<T>{nullptr, cv.take<Bf16>(p.B * p.chunk)} : Operand<T>{m.S, nullptr};
     m.S_lo = p.prec == PREC_TF32X3 ? cv.take<T>(p.B * p.chunk) : nullptr;
     m.tile = half ? cv.take<T>(p.B * p.D) : nullptr;
     m.lanes = cv.take<Acc>((query_rows > p.chunk ? query_rows : p.chunk) * LANES);
+    m.rlanes = p.overlap ? cv.take<Acc>(p.chunk * LANES) : m.lanes;
     m.partsum = cv.take<Acc>(p.B * PARTS * 3);
     return m;
   }
@@ -704,29 +717,87 @@ void prepare_queries(Exec& ex, const Problem<T>& p, const Common<T>& cm, const S
   ex.run(QueryRows<T>{p.B, cm.lanes, cm.xn, p.sigma, cm.k, empty, empty ? *reset : StatePlanes{}});
 }
 
+// The streams and events of an executor: work runs on the stream selected last (MAIN at first);
+// the products always on MAIN. record(e) marks the selected stream's work so far as event e,
+// wait(e) makes the selected stream wait for the last mark of e.
+enum Stream { MAIN = 0, SIDE = 1 };
+enum Event { EV_START = 0, EV_SHIFTED = 1, EV_FREE = 3, EVENTS = 5 };  // EV_SHIFTED, EV_FREE: + slot
+
+// The chunks of a sweep over the references, k = 0 .. chunks - 1, and their shifted operands
+// (ShiftRows + LaneSum into a slot of cm.rop / cm.rn). Without p.overlap chunk k is shifted on the
+// main stream just before its products, in slot 0. With it, on the side stream one chunk ahead, in
+// slot k % 2, so that the shift (memory-bound) runs beside the products of the chunk before
+// (compute-bound): the side stream starts after the main stream's work so far (EV_START), shifts
+// chunk k + 1 once the main stream is done with chunk k - 1 (EV_FREE of its slot), and the main
+// stream takes chunk k once its shift is done (EV_SHIFTED of its slot). Use: `take(k)` before chunk
+// k's work on the main stream, `done(k)` after its last read of the slot.
 template <typename T, class Exec>
-void prepare_chunk(Exec& ex, const Problem<T>& p, const Common<T>& cm, int64_t start, int64_t c) {
-  ex.run(ShiftRows<T>{c * LANES, p.D, p.prec, true, p.ref + start * p.D, p.centre, cm.rop, cm.lanes});
-  ex.run(LaneSum<T, T>{c, cm.lanes, cm.rn});
-}
+struct ChunkFeed {
+  Exec& ex;
+  const Problem<T>& p;
+  const Common<T>& cm;
+  int64_t chunks;
+
+  ChunkFeed(Exec& e, const Problem<T>& pr, const Common<T>& c)
+      : ex(e), p(pr), cm(c), chunks((pr.n + pr.chunk - 1) / pr.chunk) {
+    if (!p.overlap) return;
+    ex.record(EV_START);
+    ex.stream(SIDE);
+    ex.wait(EV_START);
+    shift(0);
+    ex.stream(MAIN);
+  }
+  int64_t start(int64_t k) const { return k * p.chunk; }
+  int64_t count(int64_t k) const { return p.chunk < p.n - start(k) ? p.chunk : p.n - start(k); }
+  int slot(int64_t k) const { return p.overlap ? static_cast<int>(k % 2) : 0; }
+
+  // The slot holding chunk k, shifted, for the main stream's work that follows.
+  int take(int64_t k) {
+    if (!p.overlap) {
+      shift(k);
+      return 0;
+    }
+    if (k + 1 < chunks) {
+      ex.stream(SIDE);
+      if (k + 1 >= 2) ex.wait(EV_FREE + slot(k + 1));  // chunk k - 1's products are done with the slot
+      shift(k + 1);
+      ex.stream(MAIN);
+    }
+    ex.wait(EV_SHIFTED + slot(k));
+    return slot(k);
+  }
+  void done(int64_t k) {
+    if (p.overlap) ex.record(EV_FREE + slot(k));
+  }
+
+ private:
+  void shift(int64_t k) {
+    const int s = slot(k);
+    const int64_t c = count(k);
+    ex.run(ShiftRows<T>{c * LANES, p.D, p.prec, true, p.ref + start(k) * p.D, p.centre, cm.rop[s], cm.rlanes});
+    ex.run(LaneSum<T, T>{c, cm.rlanes, cm.rn[s]});
+    if (p.overlap) ex.record(EV_SHIFTED + s);
+  }
+};
 
 // out (B, D) = out alpha + E (B, c) R' (c, D) in the precision mode (alpha null: 1; first:
 // out = E R'): one product, or for "tf32x3" the three hi hi + hi lo + lo hi (E's hi in cm.E, its lo
 // in cm.S_lo; R''s hi, lo at columns 0 and D of rop). The rescale by alpha runs before the products that add
 // into out, or for "bf16" after its product into cm.tile, in the same pass as the addition.
 template <typename T, class Exec>
-void add_product(Exec& ex, const Problem<T>& p, const Common<T>& cm, int64_t c, const T* alpha, bool first, T* out) {
+void add_product(Exec& ex, const Problem<T>& p, const Common<T>& cm, const Operand<T>& rop, int64_t c,
+                 const T* alpha, bool first, T* out) {
   const int64_t width = operand_width(p.D, p.prec);
   const bool tf32 = p.prec != PREC_IEEE;
   if (!first && cm.tile != nullptr) {
-    ex.gemm(operand_gemm(p.B, p.D, c, cm.E, c, cm.rop, width, false, cm.tile, p.D, false, tf32));
+    ex.gemm(operand_gemm(p.B, p.D, c, cm.E, c, rop, width, false, cm.tile, p.D, false, tf32));
     ex.run(ScaleRows<T>{p.B * p.D, p.D, alpha, cm.tile, out});
     return;
   }
   if (!first && alpha != nullptr) ex.run(ScaleRows<T>{p.B * p.D, p.D, alpha, nullptr, out});
-  ex.gemm(operand_gemm(p.B, p.D, c, cm.E, c, cm.rop, width, false, out, p.D, !first, tf32));
+  ex.gemm(operand_gemm(p.B, p.D, c, cm.E, c, rop, width, false, out, p.D, !first, tf32));
   if (p.prec == PREC_TF32X3) {
-    const T* hi = cm.rop.f;
+    const T* hi = rop.f;
     ex.gemm(Gemm<T>{p.B, p.D, c, cm.E.f, c, false, hi + p.D, width, false, out, p.D, true, true});
     ex.gemm(Gemm<T>{p.B, p.D, c, cm.S_lo, c, false, hi, width, false, out, p.D, true, true});
   }
@@ -739,14 +810,16 @@ void forward_run(Exec& ex, const Problem<T>& p, const ForwardWorkspace<T>& ws, T
   const Common<T>& cm = ws.cm;
   const int64_t W = operand_width(p.D, p.prec);
   prepare_queries(ex, p, cm, &ws.state);
-  for (int64_t start = 0; start < p.n; start += p.chunk) {
-    const int64_t c = p.chunk < p.n - start ? p.chunk : p.n - start;
-    prepare_chunk(ex, p, cm, start, c);
-    ex.gemm(operand_gemm(p.B, c, W, cm.xop, W, cm.rop, W, true, cm.S, c, false, p.prec != PREC_IEEE));
-    ex.run(ChunkMin<T>{p.B * PARTS, c, cm.xn, cm.rn, cm.S, ws.partmin, ws.partarg});
+  ChunkFeed<T, Exec> feed(ex, p, cm);
+  for (int64_t k = 0; k < feed.chunks; ++k) {
+    const int64_t start = feed.start(k), c = feed.count(k);
+    const int s = feed.take(k);
+    ex.gemm(operand_gemm(p.B, c, W, cm.xop, W, cm.rop[s], W, true, cm.S, c, false, p.prec != PREC_IEEE));
+    ex.run(ChunkMin<T>{p.B * PARTS, c, cm.xn, cm.rn[s], cm.S, ws.partmin, ws.partarg});
     ex.run(ChunkUpdate<T>{p.B * PARTS, c, p.prec, ws.state, ws.partmin, cm.k, cm.S, cm.E, cm.S_lo, cm.partsum});
     ex.run(RowMerge<T>{p.B, ws.state, ws.partmin, ws.partarg, start, cm.k, cm.partsum, ws.alpha});
-    add_product(ex, p, cm, c, ws.alpha, start == 0, mu);
+    add_product(ex, p, cm, cm.rop[s], c, ws.alpha, k == 0, mu);
+    feed.done(k);
   }
   ex.run(NearestParts<T>{p.B * LANES, p.D, p.x, p.ref, ws.state.arg, cm.lanes});
   ex.run(FinalizeRows<T>{p.B, ws.state, cm.k, cm.lanes, lse, aux, ws.inv_l});
@@ -797,19 +870,21 @@ void backward_sweep(Exec& ex, const Problem<T>& p, const BackwardInputs<T>& in, 
   const Common<T>& cm = ws.cm;
   const int64_t W = operand_width(p.D, p.prec);
   const bool ref_grad = grad_ref != nullptr;
-  for (int64_t start = 0; start < p.n; start += p.chunk) {
-    const int64_t c = p.chunk < p.n - start ? p.chunk : p.n - start;
-    prepare_chunk(ex, p, cm, start, c);
+  ChunkFeed<T, Exec> feed(ex, p, cm);
+  for (int64_t k = 0; k < feed.chunks; ++k) {
+    const int64_t start = feed.start(k), c = feed.count(k);
+    const int s = feed.take(k);
     // S = X' R'^T and C = G R'^T from the stacked (2B, W) operands: one product into the (2B, c)
     // tile whose rows B..2B-1 are C.
     T* S = cm.S;
     T* C = cm.S + p.B * c;
-    ex.gemm(operand_gemm(2 * p.B, c, W, cm.xop, W, cm.rop, W, true, S, c, false, p.prec != PREC_IEEE));
-    ex.run(BackwardTerms<T>{p.B * PARTS, c, p.prec, final_sweep, ref_grad && final_sweep, cm.xn, cm.rn, cm.k,
+    ex.gemm(operand_gemm(2 * p.B, c, W, cm.xop, W, cm.rop[s], W, true, S, c, false, p.prec != PREC_IEEE));
+    ex.run(BackwardTerms<T>{p.B * PARTS, c, p.prec, final_sweep, ref_grad && final_sweep, cm.xn, cm.rn[s], cm.k,
                             p.sigma, in.aux, ws.mg, in.grad_lse, S, C, cm.E, cm.S_lo, ws.A, cm.partsum});
     ex.run(RowSums{p.B, cm.partsum, ws.rows});
+    if (final_sweep) add_product(ex, p, cm, cm.rop[s], c, static_cast<const T*>(nullptr), k == 0, ws.px);
+    feed.done(k);  // the slot's last reader: the products above
     if (!final_sweep) continue;
-    add_product(ex, p, cm, c, static_cast<const T*>(nullptr), start == 0, ws.px);
     if (ref_grad) {
       // dL/dr_j = sum_i w_ij g_i + a_ij (x'_i - r'_j), products in exact float32 in every mode.
       T* g = grad_ref + start * p.D;
