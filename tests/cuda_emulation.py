@@ -8,7 +8,8 @@ backend "cuda" for CPU tensors (a test vehicle, like the Triton interpreter: "au
 `reverse_threads(True)` runs every kernel's threads in descending order, to show that no kernel
 depends on the order of its threads. `schedule(...)` picks the chunk pipeline's schedule: "one
 stream" (the default), or the side stream's shifts overlapping the products with the queued work
-run "main first" or "side first" (each stream as far ahead as its waits allow).
+run "main first" or "side first" (each stream as far ahead as its waits allow), or "random <seed>"
+(a random choice between the streams at every queued item that both could run).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from cdm_kernels.registry import PRECISIONS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 _ORDER = {"reverse": 0, "schedule": 0}
-SCHEDULES = ("one stream", "main first", "side first")
+SCHEDULES = ("one stream", "main first", "side first")  # then "random <seed>", seed >= 1
 
 
 def available() -> bool:
@@ -53,7 +54,10 @@ def reverse_threads(on: bool) -> None:
 
 
 def schedule(name: str) -> None:
-    _ORDER["schedule"] = SCHEDULES.index(name)
+    if name.startswith("random "):
+        _ORDER["schedule"] = len(SCHEDULES) - 1 + int(name.split()[1])
+    else:
+        _ORDER["schedule"] = SCHEDULES.index(name)
 
 
 def _p(t):

@@ -4,9 +4,10 @@
 // every thread of every per-thread kernel on the host, in ascending or descending thread order (the
 // kernels must not depend on the order of their threads: no thread reads what another thread of the
 // same launch writes), and does the products with plain loops. Work queued on the two streams runs
-// in one of two adversarial orders: each stream as far ahead of the other as its waits allow (the
-// main stream first, or the side stream first), so that a missing wait or an early record of the
-// chunk pipeline (ChunkFeed) reads a slot before it is written or overwrites it before it is read. The workspace is filled with NaN before a call, so a read
+// in an order its waits allow, one queued item at a time: each stream as far ahead of the other as
+// it can (the main stream first, or the side stream first), or a random choice between the two at
+// every step (a seed), so that a missing wait or an early record of the chunk pipeline (ChunkFeed)
+// reads a buffer before it is written or overwrites it while it is still read. The workspace is filled with NaN before a call, so a read
 // of memory that no kernel wrote shows in the results. Only the __global__ wrapper, the launch and
 // cuBLAS itself are not executed. The products accumulate in double and round once: the emulation
 // checks the kernels' logic and arithmetic, and a float32 sum in plain sequence (worse than any
@@ -30,9 +31,16 @@ namespace {
   std::abort();
 }
 
+// The order of the two streams' queued work in flush(): a stream that can run goes first, or a
+// random one of the two with a seed >= 1 (xorshift).
+struct Order {
+  int first;  // MAIN or SIDE
+  uint64_t seed;
+};
+
 struct HostExec {
   bool reverse;
-  int first;  // the stream whose queued work runs first (MAIN or SIDE), in flush()
+  Order order;
 
   // One queued item of a stream: work, the mark of an event (record), or a wait for one.
   struct Item {
@@ -42,16 +50,11 @@ struct HostExec {
   };
   std::deque<Item> queue[2];
   int current = MAIN;
-  bool blocked[2] = {false, false};
   int64_t recorded[EVENTS] = {};  // marks queued so far, per event
   int64_t reached[EVENTS] = {};   // marks executed so far
-  int recorder[EVENTS] = {};      // the stream that marks each event
 
   void stream(int s) { current = s; }
-  void record(int e) {
-    recorder[e] = current;
-    queue[current].push_back(Item{nullptr, e, -1, ++recorded[e]});
-  }
+  void record(int e) { queue[current].push_back(Item{nullptr, e, -1, ++recorded[e]}); }
   void wait(int e) {
     if (recorded[e] > 0) queue[current].push_back(Item{nullptr, -1, e, recorded[e]});
   }
@@ -68,28 +71,36 @@ struct HostExec {
     }});
   }
 
-  // Runs stream s's queue until event e's mark `version` has run (e < 0: until it is empty); a wait
-  // first runs the recording stream up to the mark it waits for.
-  void drain(int s, int e = -1, int64_t version = 0) {
-    while (!queue[s].empty() && !(e >= 0 && reached[e] >= version)) {
+  bool ready(int s) const {
+    if (queue[s].empty()) return false;
+    const Item& it = queue[s].front();
+    return it.wait < 0 || reached[it.wait] >= it.version;
+  }
+  // Runs the queued work, one item at a time, in the order's choice among the streams that can run.
+  void flush() {
+    uint64_t x = order.seed;
+    for (;;) {
+      const bool main_ready = ready(MAIN), side_ready = ready(SIDE);
+      if (!main_ready && !side_ready) {
+        if (queue[MAIN].empty() && queue[SIDE].empty()) return;
+        fail("the streams wait for each other, or for a mark that is never queued");
+      }
+      int s = main_ready ? MAIN : SIDE;
+      if (main_ready && side_ready) {
+        if (order.seed != 0) {
+          x ^= x << 13;
+          x ^= x >> 7;
+          x ^= x << 17;
+          s = static_cast<int>(x >> 63);
+        } else {
+          s = order.first;
+        }
+      }
       Item it = std::move(queue[s].front());
       queue[s].pop_front();
-      if (it.wait >= 0 && reached[it.wait] < it.version) {
-        blocked[s] = true;
-        const int r = recorder[it.wait];
-        if (r == s || blocked[r]) fail("the streams wait for each other");
-        drain(r, it.wait, it.version);
-        blocked[s] = false;
-        if (reached[it.wait] < it.version) fail("a wait for a mark that is never queued");
-      }
       if (it.mark >= 0) reached[it.mark] = it.version;
       if (it.work) it.work();
     }
-    if (e >= 0 && reached[e] < version) fail("a wait for a mark that is never queued");
-  }
-  void flush() {
-    drain(first);
-    drain(1 - first);
   }
 
   // Element i of an operand: T, or bfloat16 bits (A16, B16) widened exactly.
@@ -124,6 +135,12 @@ struct HostExec {
   }
 };
 
+// schedule: 0 one stream (the pipeline off), 1 main first, 2 side first, s >= 3 random with seed s.
+Order order_of(int schedule) {
+  const uint64_t seed = schedule >= 3 ? static_cast<uint64_t>(schedule) * 0x9E3779B97F4A7C15ull : 0;
+  return Order{schedule == 2 ? SIDE : MAIN, seed};
+}
+
 // A workspace of `bytes` whose every byte is 0xFF: each float and each double in it reads as NaN.
 std::vector<double> nan_workspace(int64_t bytes) {
   std::vector<double> buf(static_cast<size_t>(bytes / 8 + 2));
@@ -138,7 +155,7 @@ int64_t forward(int64_t B, int64_t D, int64_t n, int64_t chunk, int prec, const 
   p.overlap = schedule != 0 && overlap_applies(p);
   std::vector<double> buf = nan_workspace(ForwardWorkspace<T>::bytes(p));
   Carver cv{reinterpret_cast<char*>(buf.data()), 0};
-  HostExec ex{reverse != 0, schedule == 2 ? SIDE : MAIN};
+  HostExec ex{reverse != 0, order_of(schedule)};
   forward_run(ex, p, ForwardWorkspace<T>::carve(cv, p), mu, lse, aux);
   ex.flush();
   return 0;
@@ -153,7 +170,7 @@ int64_t backward(int64_t B, int64_t D, int64_t n, int64_t chunk, int prec, const
   const bool ref_grad = grad_ref != nullptr;
   std::vector<double> buf = nan_workspace(BackwardWorkspace<T>::bytes(p, ref_grad));
   Carver cv{reinterpret_cast<char*>(buf.data()), 0};
-  HostExec ex{reverse != 0, schedule == 2 ? SIDE : MAIN};
+  HostExec ex{reverse != 0, order_of(schedule)};
   const BackwardInputs<T> in{grad_mu, grad_lse, mu, aux};
   backward_run(ex, p, in, BackwardWorkspace<T>::carve(cv, p, ref_grad), grad_x, grad_sigma, grad_ref);
   ex.flush();

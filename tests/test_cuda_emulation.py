@@ -61,13 +61,15 @@ def pipeline_schedule():
     cuda_emulation.schedule("one stream")
 
 
-@pytest.mark.parametrize("schedule", ["main first", "side first"])
+@pytest.mark.parametrize("schedule", ["main first", "side first", "random 1", "random 2", "random 3"])
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("B,D,n,chunk", [(3, 7, 5, 2), (37, 67, 130, 48), (4, 9, 12, 3)])
 def test_the_chunk_pipeline_gives_the_one_stream_bits(schedule, precision, B, D, n, chunk, pipeline_schedule):
     # The shift of chunk k + 1 on a side stream beside chunk k's products (ChunkFeed) reorders work
     # between streams only. Each stream run as far ahead of the other as its waits allow reads a
-    # slot before its shift or overwrites it before its readers if a wait or a record is missing.
+    # slot before its shift or overwrites it before its readers if a wait or a record is missing;
+    # random interleavings also put the side's work between two main-stream kernels that share a
+    # buffer with it.
     x, sigma, ref = cluster_problem(B, D, n, seed=2)
     one_stream = _run(x, sigma, ref, chunk, precision)
     pipeline_schedule(schedule)

@@ -62,11 +62,30 @@ struct CudaExec {
 
   CudaExec(const at::Device& device, const char* name, const at::TensorOptions& opts)
       : main(cdm::cuda::current_stream_of(device)), op(name), options(opts) {}
+  CudaExec(const CudaExec&) = delete;
+  CudaExec& operator=(const CudaExec&) = delete;
+
+  // The main stream waits for all the side stream's work, also when a call throws halfway (a product
+  // out of memory, a failed launch): the workspace, freed after this, belongs to the main stream.
+  ~CudaExec() {
+    if (side == nullptr) return;
+    try {
+      c10::Event tail(c10::DeviceType::CUDA);
+      tail.record(*side);
+      tail.block(main);
+    } catch (...) {  // a destructor must not throw; the call's own error is already on its way
+    }
+  }
 
   const c10::Stream& selected() const { return current == SIDE ? *side : main; }
 
   void stream(int s) {
-    if (s == SIDE && side == nullptr) side = std::make_unique<c10::Stream>(cdm::cuda::pool_stream(main.device()));
+    if (s == SIDE && side == nullptr) {
+      // The pool hands its streams out in turn and may give back the caller's own: then the next.
+      c10::Stream pooled = cdm::cuda::pool_stream(main.device());
+      if (pooled == main) pooled = cdm::cuda::pool_stream(main.device());
+      side = std::make_unique<c10::Stream>(pooled);
+    }
     current = s;
   }
   void record(int e) {
