@@ -720,8 +720,8 @@ void prepare_queries(Exec& ex, const Problem<T>& p, const Common<T>& cm, const S
 // The streams and events of an executor: work runs on the stream selected last (MAIN at first);
 // the products always on MAIN. record(e) marks the selected stream's work so far as event e,
 // wait(e) makes the selected stream wait for the last mark of e.
-enum Stream { MAIN = 0, SIDE = 1 };
-enum Event { EV_START = 0, EV_SHIFTED = 1, EV_FREE = 3, EVENTS = 5 };  // EV_SHIFTED, EV_FREE: + slot
+enum StreamId { MAIN = 0, SIDE = 1 };
+enum EventId { EV_START = 0, EV_SHIFTED = 1, EV_FREE = 3, EVENTS = 5 };  // EV_SHIFTED, EV_FREE: + slot
 
 // The chunks of a sweep over the references, k = 0 .. chunks - 1, and their shifted operands
 // (ShiftRows + LaneSum into a slot of cm.rop / cm.rn). Without p.overlap chunk k is shifted on the
