@@ -450,6 +450,9 @@ def write_outputs(out: str, res: Results, crit: list[dict]) -> tuple[str, str]:
                   "|---|---|---:|---:|---:|"]
         lines += [f"| {r['op']} | {r['backend']} | {r['public_us']:.1f} | {r['launcher_us']:.1f} | "
                   f"{r['python_us']:.1f} |" for r in host]
+    pipeline = pipeline_table(stf_rows)
+    if pipeline:
+        lines += ["", "## The chunk pipeline against the default (cuda backend, same run)", "", pipeline]
     lines += ["", "## Verdicts", "", verdict_table(crit)]
     with open(md_path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -481,6 +484,21 @@ def _plot(rows, path, env) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def pipeline_table(rows: list[dict]) -> str:
+    """The CUDA backend's time with its chunk pipeline (CDM_STF_OVERLAP=1) against without, per size,
+    pass and mode where both were timed: the default changes only if the pipeline wins here."""
+    ms = {(r["method"], r["B"], r["n"], r["D"], r["pass"]): r["ms"] for r in rows if "ms" in r}
+    lines = ["| B, n, D | pass | mode | default ms | pipeline ms | speed-up |", "|---|---|---|---:|---:|---:|"]
+    for (name, B, n, D, passes), t in ms.items():
+        if not (name.startswith("cuda ") and name.endswith(" pipeline")):
+            continue
+        mode = name[len("cuda "):-len(" pipeline")]
+        base = ms.get((f"cuda {mode}", B, n, D, passes))
+        if base is not None:
+            lines.append(f"| {B}, {n}, {D} | {passes} | {mode} | {base:.3f} | {t:.3f} | {base / t:.2f}x |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def verdict_table(crit: list[dict]) -> str:
@@ -573,6 +591,8 @@ def main(argv=None) -> int:
     out = args.out or sc.default_out("gpu_targets")
     csv_path, md_path = write_outputs(out, res, crit)
     print(f"results in {csv_path}, {md_path}")
+    if pipeline_table(res.rows):
+        print(pipeline_table(res.rows))
     print(verdict_table(crit))
     if res.stopped:
         print(f"stopped early, during: {res.stopped} (the stages after it did not run)")

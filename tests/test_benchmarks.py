@@ -141,6 +141,21 @@ def test_gpu_targets_cut_by_sigterm_writes_what_it_measured(tmp_path, monkeypatc
     assert (tmp_path / "gpu_targets.png").is_file()
 
 
+def test_gpu_targets_pipeline_table_pairs_each_pipeline_row_with_its_default():
+    from benchmarks import gpu_targets
+
+    def row(method, ms, n=50000, passes="forward"):
+        return {"method": method, "B": 512, "n": n, "D": 3072, "pass": passes, "ms": ms}
+
+    rows = [row("cuda ieee", 8.0), row("cuda ieee pipeline", 6.4), row("cuda tf32 pipeline", 1.0),
+            row("eager fp32", 6.7), row("cuda ieee", 9.0, passes="forward+backward"),
+            {"method": "cuda ieee pipeline", "B": 512, "n": 50000, "D": 3072, "pass": "forward+backward",
+             "status": "wrong"}]
+    table = gpu_targets.pipeline_table(rows)
+    assert table.splitlines()[2:] == ["| 512, 50000, 3072 | forward | ieee | 8.000 | 6.400 | 1.25x |"]
+    assert gpu_targets.pipeline_table([row("cuda ieee", 8.0), row("eager fp32", 6.7)]) == ""
+
+
 def test_quick_sweep_writes_every_output(quick_run):
     out = quick_run["out"]
     for name in ("stf_bench.csv", "stf_gate.csv", "stf_bench.md", "stf_throughput.png", "stf_memory.png",
