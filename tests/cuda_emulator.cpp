@@ -7,11 +7,12 @@
 // in an order its waits allow, one queued item at a time: each stream as far ahead of the other as
 // it can (the main stream first, or the side stream first), or a random choice between the two at
 // every step (a seed), so that a missing wait or an early record of the chunk pipeline (ChunkFeed)
-// reads a buffer before it is written or overwrites it while it is still read. The workspace is filled with NaN before a call, so a read
-// of memory that no kernel wrote shows in the results. Only the __global__ wrapper, the launch and
-// cuBLAS itself are not executed. The products accumulate in double and round once: the emulation
-// checks the kernels' logic and arithmetic, and a float32 sum in plain sequence (worse than any
-// blocked GEMM's) would bury them in its own rounding. Built by tests/cuda_emulation.py with the system C++ compiler.
+// reads a buffer before it is written or overwrites it while it is still read. The workspace is
+// filled with NaN before a call, so a read of memory that no kernel wrote shows in the results. Only
+// the __global__ wrapper, the launch and cuBLAS itself are not executed. The products accumulate in
+// double and round once: the emulation checks the kernels' logic and arithmetic, and a float32 sum
+// in plain sequence (worse than any blocked GEMM's) would bury them in its own rounding. Built by
+// tests/cuda_emulation.py with the system C++ compiler.
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
