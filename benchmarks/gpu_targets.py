@@ -591,8 +591,9 @@ def main(argv=None) -> int:
     out = args.out or sc.default_out("gpu_targets")
     csv_path, md_path = write_outputs(out, res, crit)
     print(f"results in {csv_path}, {md_path}")
-    if pipeline_table(res.rows):
-        print(pipeline_table(res.rows))
+    pipeline = pipeline_table(res.rows)
+    if pipeline:
+        print(pipeline)
     print(verdict_table(crit))
     if res.stopped:
         print(f"stopped early, during: {res.stopped} (the stages after it did not run)")

@@ -467,7 +467,8 @@ void backward_impl(const at::Tensor& grad_mu, const at::Tensor& grad_lse, const 
       const double inv_s2 = 1.0 / (double(sp[i]) * double(sp[i]));
       for (int64_t kk = 0; kk < D; ++kk) {
         const int64_t ik = i * D + kk;
-        gxp[ik] = T(grad_x_corrected<double>(pxp[i * px.si + kk * px.sk], rows.s[i], musp[ik], xsp[ik], glp[i], inv_s2));
+        gxp[ik] = T(grad_x_corrected<double>(pxp[i * px.si + kk * px.sk], rows.s[i], musp[ik], xsp[ik], glp[i],
+                                             inv_s2));
       }
       const double dbar = auxp[i * AUX_COLS + AUX_DBAR];
       gsp[i] = T(stf::grad_sigma<double>(rows.cov[i], rows.s[i], rows.dev[i], dbar, glp[i], sp[i]));

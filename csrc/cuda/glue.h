@@ -1,7 +1,8 @@
 // The torch side of the convention of csrc/cuda/launch.h, shared by every csrc/cuda/<op>_cuda.cpp:
 // the current stream of a device as the void* the launch functions take (and a stream of ATen's
-// pool for work beside it), a device guard, and the check of a launch function's result. No CUDA header is included (the host compiler of a CUDA
-// build need not see the toolkit): both come from c10's device-generic interface.
+// pool for work beside it), a device guard, and the check of a launch function's result. No CUDA
+// header is included (the host compiler of a CUDA build need not see the toolkit): both come from
+// c10's device-generic interface.
 #pragma once
 
 #include <ATen/ATen.h>
