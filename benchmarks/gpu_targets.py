@@ -374,7 +374,7 @@ def host_rows(device: str) -> list[dict]:
     flat = xs.reshape(8, -1), D.reshape(8, -1)
     calls = [
         ("stf_target", stf_backend, lambda: cdm_kernels.stf_target(x, sigma, ref),
-         lambda: stf_forward(x, sigma, ref, centre, chunk, "ieee")),
+         lambda: stf_forward(x, sigma, ref, centre, chunk, "ieee", False)),
         ("rollout_step (euler)", roll_backend, lambda: cdm_kernels.rollout_step(xs, D, t, tn, kind="euler"),
          lambda: step(*flat, t, tn, None, None, None, 0, 0, "euler", 1.0)),
     ]

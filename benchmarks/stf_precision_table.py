@@ -95,8 +95,8 @@ def run_mode(backend, mode, x, sigma, ref, grad_mu, grad_lse, chunk_size):
     x, sigma, ref, grad_mu, grad_lse = (t.to(f).contiguous() for t in (x, sigma, ref, grad_mu, grad_lse))
     fns = stf_reference if backend == "reference" else registry.launchers("stf_target", backend, "cpu")
     centre = stf_reference.centre_of(ref)
-    mu, lse, aux = fns.stf_forward(x, sigma, ref, centre, chunk_size, mode)
-    gx, gs, _ = fns.stf_backward(grad_mu, grad_lse, x, sigma, ref, centre, mu, aux, chunk_size, mode, False)
+    mu, lse, aux, dist = fns.stf_forward(x, sigma, ref, centre, chunk_size, mode, False)
+    gx, gs, _ = fns.stf_backward(grad_mu, grad_lse, x, sigma, ref, centre, mu, aux, dist, chunk_size, mode, False)
     return mu, lse, gx, gs
 
 

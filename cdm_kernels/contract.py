@@ -6,9 +6,12 @@ every launch, whatever the backend: the public functions normalise the user's ar
 Each check returns the device of the call (for the registry's device guard).
 
 The forms (one compute dtype T = float32 or float64 throughout a call, one device, contiguous):
-    stf_forward(x (B, D), sigma (B,), ref (n >= 1, D), centre (D,), chunk_size >= 1, precision)
+    stf_forward(x (B, D), sigma (B,), ref (n >= 1, D), centre (D,), chunk_size >= 1, precision, keep)
+        -> (mu, lse, aux, dist): dist the reduced distances (B n,) kept for the backward when `keep`,
+           in the backend's own layout (only its own stf_backward reads them), else (0,)
     stf_backward(grad_mu (B, D), grad_lse (B,), x, sigma, ref, centre, mu (B, D), aux (B, AUX_COLS),
-                 chunk_size, precision, ref_grad)
+                 dist ((B n,) from the same backend's forward, or (0,): recomputed), chunk_size,
+                 precision, ref_grad)
     rollout_step(x (B, M), denoised (B, M), t_cur (B,), t_next (B,), x_euler, denoised_euler,
                  noise (each (B, M) or None), seed, offset, kind in KINDS, s_noise)
     martingale_loss_forward(D0, D1a, D1b, y (each (B, M)), weight (B,) or (B, M), lambda_m)
@@ -76,7 +79,7 @@ def _positive_int(where: str, name: str, value) -> None:
         raise ContractError(f"{where}: {name} must be a positive int, got {value!r}")
 
 
-def stf_forward(x, sigma, ref, centre, chunk_size, precision) -> torch.device:
+def stf_forward(x, sigma, ref, centre, chunk_size, precision, keep) -> torch.device:
     B, D = x.shape if isinstance(x, Tensor) and x.dim() == 2 else (-2, -2)
     n = ref.shape[0] if isinstance(ref, Tensor) and ref.dim() == 2 else -2
     device = _tensors("stf_forward", x, (("x", x, (B, D)), ("sigma", sigma, (B,)), ("ref", ref, (n, D)),
@@ -84,14 +87,20 @@ def stf_forward(x, sigma, ref, centre, chunk_size, precision) -> torch.device:
     if n < 1:
         raise ContractError(f"stf_forward: ref must hold n >= 1 references, got shape {tuple(ref.shape)}")
     _positive_int("stf_forward", "chunk_size", chunk_size)
+    if not isinstance(keep, bool):
+        raise ContractError(f"stf_forward: keep must be a bool, got {keep!r}")
     return device
 
 
-def stf_backward(grad_mu, grad_lse, x, sigma, ref, centre, mu, aux, chunk_size, precision, ref_grad) -> torch.device:
-    device = stf_forward(x, sigma, ref, centre, chunk_size, precision)
+def stf_backward(grad_mu, grad_lse, x, sigma, ref, centre, mu, aux, dist, chunk_size, precision,
+                 ref_grad) -> torch.device:
+    device = stf_forward(x, sigma, ref, centre, chunk_size, precision, False)
     B, D = x.shape
+    if not isinstance(dist, Tensor):
+        raise ContractError(f"stf_backward: dist must be a tensor ((0,) when nothing was kept), got {dist!r}")
+    kept = B * ref.shape[0] if dist.numel() else 0
     _tensors("stf_backward", x, (("grad_mu", grad_mu, (B, D)), ("grad_lse", grad_lse, (B,)), ("mu", mu, (B, D)),
-                                 ("aux", aux, (B, AUX_COLS))))
+                                 ("aux", aux, (B, AUX_COLS)), ("dist", dist, (kept,))))
     return device
 
 

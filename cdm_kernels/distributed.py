@@ -45,7 +45,8 @@ def _shard_state(xs: Tensor, sigmas: Tensor, shard: Tensor, chunk_size: int, bac
     if shard.shape[0] == 0:
         return stf_reference.empty_state(B, D, xs)
     centre = stf_reference.centre_of(shard)
-    mu, _, aux = torch.ops.cdm_kernels.stf_forward(xs, sigmas, shard, centre, chunk_size, precision, backend)
+    mu, _, aux, _ = torch.ops.cdm_kernels.stf_forward(xs, sigmas, shard, centre, chunk_size, precision, False,
+                                                      backend)
     k = stf_reference.half_inv_sq(sigmas).double()
     a = aux.double()
     level = a[:, AUX_DMIN] - a[:, AUX_LOGL] / k

@@ -59,8 +59,8 @@ def default_chunk_size(batch: int, n: int, dim: int) -> int:
 
 @torch.library.custom_op("cdm_kernels::stf_forward", mutates_args=())
 def _stf_forward(
-    x: Tensor, sigma: Tensor, ref: Tensor, centre: Tensor, chunk_size: int, precision: str, backend: str
-) -> tuple[Tensor, Tensor, Tensor]:
+    x: Tensor, sigma: Tensor, ref: Tensor, centre: Tensor, chunk_size: int, precision: str, keep: bool, backend: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     raise NotImplementedError(f"cdm_kernels::stf_forward has no kernel for device type {x.device.type!r}")
 
 
@@ -74,6 +74,7 @@ def _stf_backward(
     centre: Tensor,
     mu: Tensor,
     aux: Tensor,
+    dist: Tensor,
     chunk_size: int,
     precision: str,
     ref_grad: bool,
@@ -87,35 +88,35 @@ registry.register_device_kernels(_stf_backward, "stf_target", "stf_backward")
 
 
 @_stf_forward.register_fake
-def _(x, sigma, ref, centre, chunk_size, precision, backend):
+def _(x, sigma, ref, centre, chunk_size, precision, keep, backend):
     B = x.shape[0]
-    return torch.empty_like(x), x.new_empty(B), x.new_empty(B, AUX_COLS)
+    return torch.empty_like(x), x.new_empty(B), x.new_empty(B, AUX_COLS), x.new_empty(B * ref.shape[0] if keep else 0)
 
 
 @_stf_backward.register_fake
-def _(grad_mu, grad_lse, x, sigma, ref, centre, mu, aux, chunk_size, precision, ref_grad, backend):
+def _(grad_mu, grad_lse, x, sigma, ref, centre, mu, aux, dist, chunk_size, precision, ref_grad, backend):
     grad_ref = torch.empty_like(ref) if ref_grad else ref.new_empty(0)
     return torch.empty_like(x), torch.empty_like(sigma), grad_ref
 
 
 def _setup_context(ctx, inputs, output):
-    x, sigma, ref, centre, chunk_size, precision, backend = inputs
-    mu, _, aux = output
-    ctx.save_for_backward(x, sigma, ref, centre, mu, aux)
+    x, sigma, ref, centre, chunk_size, precision, keep, backend = inputs
+    mu, _, aux, dist = output
+    ctx.save_for_backward(x, sigma, ref, centre, mu, aux, dist)
     ctx.chunk_size, ctx.precision, ctx.backend = chunk_size, precision, backend
-    ctx.mark_non_differentiable(aux)
+    ctx.mark_non_differentiable(aux, dist)
 
 
-def _backward(ctx, grad_mu, grad_lse, _grad_aux):
-    x, sigma, ref, centre, mu, aux = ctx.saved_tensors
+def _backward(ctx, grad_mu, grad_lse, _grad_aux, _grad_dist):
+    x, sigma, ref, centre, mu, aux, dist = ctx.saved_tensors
     grad_mu = torch.zeros_like(mu) if grad_mu is None else grad_mu.contiguous()
     grad_lse = torch.zeros_like(sigma) if grad_lse is None else grad_lse.contiguous()
     ref_grad = ctx.needs_input_grad[2]
     gx, gs, gr = _stf_backward(
-        grad_mu, grad_lse, x, sigma, ref, centre, mu, aux, ctx.chunk_size, ctx.precision, ref_grad, ctx.backend
+        grad_mu, grad_lse, x, sigma, ref, centre, mu, aux, dist, ctx.chunk_size, ctx.precision, ref_grad, ctx.backend
     )
     # The centre is a constant: the distances do not depend on it.
-    return gx, gs, (gr if ref_grad else None), None, None, None, None
+    return gx, gs, (gr if ref_grad else None), None, None, None, None, None
 
 
 _stf_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -252,6 +253,7 @@ def stf_target(
     chunk_size: int | None = None,
     backend: str = "auto",
     precision: str = "ieee",
+    keep_distances: bool | None = None,
     ref_sqnorm: Tensor | None = None,
 ):
     """The stable target mu_i = sum_j w_ij r_j, w_i = softmax_j(-||x_i - r_j||^2 / (2 sigma_i^2)).
@@ -274,6 +276,12 @@ def stf_target(
         precision: "ieee" (exact float32/float64 products, the default), or on the GPU backends
             "tf32x3" (three TF32 products, float32-grade), "tf32" or "bf16" (tensor-core products,
             float32 accumulation; errors are tabulated in the README). float64 takes "ieee" only.
+        keep_distances: when a gradient will be taken, whether the forward keeps its B x n reduced
+            distances for the backward, which then does two of its three matrix products (forward +
+            backward: four products instead of five, as eager autograd). None (the default) keeps
+            them where they take no more memory than the streaming itself, B n <= (B + chunk) D, so
+            memory stays O((B + chunk) D); True keeps them whatever n (B n more elements); False
+            never. No effect without a gradient to record.
         ref_sqnorm: deprecated and ignored (the kernels compute the norms they need).
 
     Returns mu with x's shape and dtype, then lse and stats if asked for, as a tuple.
@@ -283,6 +291,8 @@ def stf_target(
     B, n, D = check_queries_and_refs(x, ref)
     if n == 0:
         raise ValueError("ref is empty: the stable target needs at least one reference (n >= 1)")
+    if keep_distances is not None and not isinstance(keep_distances, bool):
+        raise ValueError(f"keep_distances must be None, True or False, got {keep_distances!r}")
     dtype = compute_dtype(x.dtype)
     chunk_size = check_chunk_and_precision(chunk_size, precision, dtype, B, n, D, x.device)
     name = registry.resolve_backend("stf_target", x.device, backend, precision)
@@ -296,9 +306,11 @@ def stf_target(
     else:
         args = (x2, sig, r2, stf_reference.centre_of(r2.detach()), chunk_size, precision)
         if registry.plain_call(args):  # nothing for autograd to record: the launcher, without the op's dispatch
-            mu, lse, aux = registry.launchers("stf_target", name, x.device.type).stf_forward(*args)
+            mu, lse, aux, _ = registry.launchers("stf_target", name, x.device.type).stf_forward(*args, False)
         else:
-            mu, lse, aux = _stf_forward(*args, name)
+            grad = torch.is_grad_enabled() and (x2.requires_grad or sig.requires_grad or r2.requires_grad)
+            keep = grad and (B * n <= (B + chunk_size) * D if keep_distances is None else keep_distances)
+            mu, lse, aux, _ = _stf_forward(*args, keep, name)
     out = [mu.reshape(x.shape).to(x.dtype)]
     if return_lse:
         out.append(lse)

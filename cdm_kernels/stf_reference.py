@@ -207,13 +207,16 @@ def _chunks(x: Tensor, ref: Tensor, centre: Tensor, chunk_size: int, precision: 
         yield start, rs, ro, distances(xo, xn, ro, _sqnorms(rs, ro, precision))
 
 
-def partial_state(x: Tensor, sigma: Tensor, ref: Tensor, centre: Tensor, chunk_size: int, precision="ieee") -> State:
+def partial_state(x: Tensor, sigma: Tensor, ref: Tensor, centre: Tensor, chunk_size: int, precision="ieee",
+                  kept: list | None = None) -> State:
     """Streams over the references chunk by chunk, merging each chunk's state into the running one.
-    The accumulator a is relative to `centre`."""
+    The accumulator a is relative to `centre`. Each chunk's distances are appended to `kept` if given."""
     k = half_inv_sq(sigma)
     state = empty_state(x.shape[0], x.shape[1], x)
     for start, _, ro, d in _chunks(x, ref, centre, chunk_size, precision):
         state = merge_states(state, chunk_state(d, k, ro, precision, start), k)
+        if kept is not None:
+            kept.append(d.reshape(-1))
     return state
 
 
@@ -237,10 +240,14 @@ def finalize(state: State, centre: Tensor, sigma: Tensor, dmin: Tensor) -> tuple
     return mu, lse.to(dt), aux.to(dt)
 
 
-def stf_forward(x: Tensor, sigma: Tensor, ref: Tensor, centre: Tensor, chunk_size: int, precision: str = "ieee"):
-    """Forward pass: (mu, lse, aux), see `finalize`."""
-    state = partial_state(x, sigma, ref, centre, chunk_size, precision)
-    return finalize(state, centre, sigma, nearest_sqdist(x, ref, state.arg))
+def stf_forward(x: Tensor, sigma: Tensor, ref: Tensor, centre: Tensor, chunk_size: int, precision: str = "ieee",
+                keep: bool = False):
+    """Forward pass: (mu, lse, aux), see `finalize`, and dist: with `keep` the reduced distances for
+    the backward (B n,), each chunk's (B, c) after the other, else (0,)."""
+    kept = [] if keep else None
+    state = partial_state(x, sigma, ref, centre, chunk_size, precision, kept)
+    dist = torch.cat(kept) if keep else x.new_zeros(0)
+    return (*finalize(state, centre, sigma, nearest_sqdist(x, ref, state.arg)), dist)
 
 
 def stf_backward(
@@ -252,6 +259,7 @@ def stf_backward(
     centre: Tensor,
     mu: Tensor,
     aux: Tensor,
+    dist: Tensor,
     chunk_size: int,
     precision: str = "ieee",
     ref_grad: bool = False,
@@ -270,7 +278,8 @@ def stf_backward(
     (- s mu' for x, - s sum_j w (d - d_bar) for sigma; for ref a first sweep computes s and moves
     mg by it). d - d_bar is delta - delta_bar with delta_bar = d_bar - ||x'||^2, whose rounding the
     s correction removes. The products run in the precision mode, except the ref gradient's, which
-    are exact (sum_i a_ij (x'_i - r'_j) cancels). Returns grad_ref empty (0,) unless ref_grad.
+    are exact (sum_i a_ij (x'_i - r'_j) cancels). The distances are the forward's kept `dist` when it
+    is not empty (the same values), else recomputed. Returns grad_ref empty (0,) unless ref_grad.
     """
     k = half_inv_sq(sigma)
     s2 = sigma * sigma
@@ -284,6 +293,8 @@ def stf_backward(
 
     def weighted_chunks():
         for start, rs, ro, d in _chunks(x, ref, centre, chunk_size, precision):
+            if dist.numel():  # the forward's (B, c) tile of this chunk
+                d = dist[x.shape[0] * start : x.shape[0] * start + d.numel()].view(d.shape)
             w = torch.exp(-(d - m[:, None]) * k[:, None] - log_l[:, None]).double()
             yield start, rs, ro, d, w, product(go, tuple(t.T for t in ro)).double()  # c_ij = g_i . r'_j
 

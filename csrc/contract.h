@@ -51,16 +51,20 @@ inline int stf(const char* op, const at::Tensor& x, const at::Tensor& sigma, con
   return code;
 }
 
-// stf_backward: stf_forward's arguments plus grad_mu (B, D), grad_lse (B,), mu (B, D), aux (B, AUX_COLS).
+// stf_backward: stf_forward's arguments plus grad_mu (B, D), grad_lse (B,), mu (B, D), aux (B, AUX_COLS)
+// and dist, the forward's kept distances (B n,) or empty (0,): then the backward recomputes them.
 inline int stf_backward(const char* op, const at::Tensor& grad_mu, const at::Tensor& grad_lse, const at::Tensor& x,
                         const at::Tensor& sigma, const at::Tensor& ref, const at::Tensor& centre, const at::Tensor& mu,
-                        const at::Tensor& aux, int64_t chunk_size, c10::string_view precision) {
+                        const at::Tensor& aux, const at::Tensor& dist, int64_t chunk_size, c10::string_view precision) {
   const int code = stf(op, x, sigma, ref, centre, chunk_size, precision);
-  same_placement(op, x, {{"grad_mu", &grad_mu}, {"grad_lse", &grad_lse}, {"mu", &mu}, {"aux", &aux}});
+  same_placement(op, x, {{"grad_mu", &grad_mu}, {"grad_lse", &grad_lse}, {"mu", &mu}, {"aux", &aux}, {"dist", &dist}});
   shape_is(op, "grad_mu", grad_mu, x.sizes());
   shape_is(op, "mu", mu, x.sizes());
   shape_is(op, "grad_lse", grad_lse, {x.size(0)});
   shape_is(op, "aux", aux, {x.size(0), AUX_COLS});
+  TORCH_CHECK_VALUE(dist.dim() == 1 && (dist.size(0) == 0 || dist.size(0) == x.size(0) * ref.size(0)), op,
+                    ": dist must be the forward's kept distances (B n,) = (", x.size(0) * ref.size(0),
+                    ",) or empty (0,), got ", dist.sizes());
   return code;
 }
 
@@ -103,11 +107,14 @@ inline void martingale(const char* op, const at::Tensor& D0, std::initializer_li
                     ": weight must be (B,) or (B, M) with (B, M) = ", D0.sizes(), ", got ", weight.sizes());
 }
 
-// The outputs of stf_forward (mu, lse, aux) and stf_backward (grad_x, grad_sigma, grad_ref: (0,)
-// without ref_grad, zeros for an empty batch), uninitialised otherwise.
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> stf_forward_outputs(const at::Tensor& x) {
+// The outputs of stf_forward (mu, lse, aux, dist: (B n,) with keep, else (0,)) and stf_backward
+// (grad_x, grad_sigma, grad_ref: (0,) without ref_grad, zeros for an empty batch), uninitialised
+// otherwise.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stf_forward_outputs(
+    const at::Tensor& x, const at::Tensor& ref, bool keep) {
   const int64_t B = x.size(0);
-  return {at::empty_like(x), at::empty({B}, x.options()), at::empty({B, AUX_COLS}, x.options())};
+  return {at::empty_like(x), at::empty({B}, x.options()), at::empty({B, AUX_COLS}, x.options()),
+          at::empty({keep ? B * ref.size(0) : 0}, x.options())};
 }
 
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> stf_backward_outputs(const at::Tensor& x, const at::Tensor& sigma,

@@ -8,10 +8,10 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(cdm_kernels_C, m) {
-  m.def("stf_forward(Tensor x, Tensor sigma, Tensor ref, Tensor centre, int chunk_size, str precision) "
-        "-> (Tensor mu, Tensor lse, Tensor aux)");
+  m.def("stf_forward(Tensor x, Tensor sigma, Tensor ref, Tensor centre, int chunk_size, str precision, "
+        "bool keep) -> (Tensor mu, Tensor lse, Tensor aux, Tensor dist)");
   m.def("stf_backward(Tensor grad_mu, Tensor grad_lse, Tensor x, Tensor sigma, Tensor ref, Tensor centre, "
-        "Tensor mu, Tensor aux, int chunk_size, str precision, bool ref_grad) "
+        "Tensor mu, Tensor aux, Tensor dist, int chunk_size, str precision, bool ref_grad) "
         "-> (Tensor grad_x, Tensor grad_sigma, Tensor grad_ref)");
   m.def("rollout_step(Tensor x, Tensor denoised, Tensor t_cur, Tensor t_next, Tensor? x_euler, "
         "Tensor? denoised_euler, Tensor? noise, int seed, int offset, str kind, float s_noise) -> Tensor");

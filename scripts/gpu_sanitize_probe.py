@@ -5,7 +5,8 @@
 scripts/gpu_check.sh runs it under memcheck, racecheck and synccheck. The shapes cross the kernels'
 tile edges (B, n, D not multiples of anything), use several reference chunks and a last partial
 one, and every precision mode of every GPU backend of the stable target (the CUDA backend also with
-its chunk pipeline, CDM_STF_OVERLAP=1: a side stream); the rollout steps run
+its chunk pipeline, CDM_STF_OVERLAP=1: a side stream), with the forward's distances kept for the
+backward (the default at these shapes) and, at the middle shape, recomputed; the rollout steps run
 every kind with passed and in-kernel noise, the martingale loss forward and backward, and the
 Philox sampler. It checks the results against the float64 reference loosely (a wrong-but-in-bounds
 kernel is the test suite's to find) and exits 1 on a NaN, so that a run under a sanitizer that
@@ -44,7 +45,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def probe_stf(backend: str, failures: list) -> None:
     g = torch.Generator().manual_seed(0)
-    for B, n, D in STF_SHAPES:
+    for i, (B, n, D) in enumerate(STF_SHAPES):
+        keep = None if i != 1 else False
         x = torch.randn(B, D, generator=g)
         ref = torch.randn(n, D, generator=g)
         sigma = torch.logspace(-2.7, 1.9, B).float()  # 0.002 .. 80
@@ -57,7 +59,8 @@ def probe_stf(backend: str, failures: list) -> None:
             rs = ref.to(DEVICE).requires_grad_()
             chunk = max(1, n // 3 + 1)  # three chunks, the last one partial
             os.environ["CDM_STF_OVERLAP"] = "1" if overlap else "0"
-            mu = cdm_kernels.stf_target(xs, ss, rs, backend=backend, precision=p, chunk_size=chunk)
+            mu = cdm_kernels.stf_target(xs, ss, rs, backend=backend, precision=p, chunk_size=chunk,
+                                        keep_distances=keep)
             mu.backward(torch.ones_like(mu))
             sync()
             os.environ.pop("CDM_STF_OVERLAP")
@@ -65,7 +68,7 @@ def probe_stf(backend: str, failures: list) -> None:
             finite = bool(torch.isfinite(mu).all()) and all(bool(torch.isfinite(t).all()) for t in grads)
             err = rel(mu, mu64)
             ok = finite and err <= LOOSE[p]
-            label = f"{backend} {p}{', chunk pipeline' if overlap else ''}"
+            label = f"{backend} {p}{', chunk pipeline' if overlap else ''}{', recomputed' if keep is False else ''}"
             print(f"stf_target {label} (B, n, D) = ({B}, {n}, {D}) chunk {chunk}: error {err:.1e}"
                   f"{'' if ok else '  <-- BAD'}", flush=True)
             if not ok:

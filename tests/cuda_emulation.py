@@ -72,25 +72,27 @@ def _ints(*v):
     return [ctypes.c_int64(int(a)) for a in v]
 
 
-def stf_forward(x, sigma, ref, centre, chunk_size, precision):
+def stf_forward(x, sigma, ref, centre, chunk_size, precision, keep):
     B, D = x.shape
+    n = ref.shape[0]
     mu, lse, aux = torch.empty_like(x), x.new_empty(B), x.new_empty(B, AUX_COLS)
+    dist = x.new_full((B * n if keep else 0,), float("nan"))  # NaN, like the workspace: every element is written
     fn = getattr(_library(), "cdm_emu_forward_" + _suffix(x))
-    fn(*_ints(B, D, ref.shape[0], chunk_size), ctypes.c_int(PRECISIONS.index(precision)),
-       _p(x), _p(sigma), _p(ref), _p(centre), _p(mu), _p(lse), _p(aux), ctypes.c_int(_ORDER["reverse"]),
-       ctypes.c_int(_ORDER["schedule"]))
-    return mu, lse, aux
+    fn(*_ints(B, D, n, chunk_size), ctypes.c_int(PRECISIONS.index(precision)),
+       _p(x), _p(sigma), _p(ref), _p(centre), _p(mu), _p(lse), _p(aux), _p(dist if keep else None),
+       ctypes.c_int(_ORDER["reverse"]), ctypes.c_int(_ORDER["schedule"]))
+    return mu, lse, aux, dist
 
 
-def stf_backward(grad_mu, grad_lse, x, sigma, ref, centre, mu, aux, chunk_size, precision, ref_grad):
+def stf_backward(grad_mu, grad_lse, x, sigma, ref, centre, mu, aux, dist, chunk_size, precision, ref_grad):
     B, D = x.shape
     grad_x, grad_sigma = torch.empty_like(x), torch.empty_like(sigma)
     grad_ref = torch.empty_like(ref) if ref_grad else ref.new_zeros(0)
     fn = getattr(_library(), "cdm_emu_backward_" + _suffix(x))
     fn(*_ints(B, D, ref.shape[0], chunk_size), ctypes.c_int(PRECISIONS.index(precision)),
-       _p(grad_mu), _p(grad_lse), _p(x), _p(sigma), _p(ref), _p(centre), _p(mu), _p(aux), _p(grad_x),
-       _p(grad_sigma), _p(grad_ref if ref_grad else None), ctypes.c_int(_ORDER["reverse"]),
-       ctypes.c_int(_ORDER["schedule"]))
+       _p(grad_mu), _p(grad_lse), _p(x), _p(sigma), _p(ref), _p(centre), _p(mu), _p(aux),
+       _p(dist if dist.numel() else None), _p(grad_x), _p(grad_sigma), _p(grad_ref if ref_grad else None),
+       ctypes.c_int(_ORDER["reverse"]), ctypes.c_int(_ORDER["schedule"]))
     return grad_x, grad_sigma, grad_ref
 
 

@@ -151,28 +151,28 @@ std::vector<double> nan_workspace(int64_t bytes) {
 
 template <typename T>
 int64_t forward(int64_t B, int64_t D, int64_t n, int64_t chunk, int prec, const T* x, const T* sigma, const T* ref,
-                const T* centre, T* mu, T* lse, T* aux, int reverse, int schedule) {
+                const T* centre, T* mu, T* lse, T* aux, T* dist, int reverse, int schedule) {
   Problem<T> p{B, D, n, chunk < n ? chunk : n, prec, x, sigma, ref, centre};
   p.overlap = schedule != 0 && overlap_applies(p);
   std::vector<double> buf = nan_workspace(ForwardWorkspace<T>::bytes(p));
   Carver cv{reinterpret_cast<char*>(buf.data()), 0};
   HostExec ex{reverse != 0, order_of(schedule)};
-  forward_run(ex, p, ForwardWorkspace<T>::carve(cv, p), mu, lse, aux);
+  forward_run(ex, p, ForwardWorkspace<T>::carve(cv, p), mu, lse, aux, dist);
   ex.flush();
   return 0;
 }
 
 template <typename T>
 int64_t backward(int64_t B, int64_t D, int64_t n, int64_t chunk, int prec, const T* grad_mu, const T* grad_lse,
-                 const T* x, const T* sigma, const T* ref, const T* centre, const T* mu, const T* aux, T* grad_x,
-                 T* grad_sigma, T* grad_ref, int reverse, int schedule) {
+                 const T* x, const T* sigma, const T* ref, const T* centre, const T* mu, const T* aux,
+                 const T* dist, T* grad_x, T* grad_sigma, T* grad_ref, int reverse, int schedule) {
   Problem<T> p{B, D, n, chunk < n ? chunk : n, prec, x, sigma, ref, centre};
   p.overlap = schedule != 0 && overlap_applies(p);
   const bool ref_grad = grad_ref != nullptr;
   std::vector<double> buf = nan_workspace(BackwardWorkspace<T>::bytes(p, ref_grad));
   Carver cv{reinterpret_cast<char*>(buf.data()), 0};
   HostExec ex{reverse != 0, order_of(schedule)};
-  const BackwardInputs<T> in{grad_mu, grad_lse, mu, aux};
+  const BackwardInputs<T> in{grad_mu, grad_lse, mu, aux, dist};
   backward_run(ex, p, in, BackwardWorkspace<T>::carve(cv, p, ref_grad), grad_x, grad_sigma, grad_ref);
   ex.flush();
   return 0;
@@ -183,15 +183,15 @@ int64_t backward(int64_t B, int64_t D, int64_t n, int64_t chunk, int prec, const
 #define CDM_EMU_EXPORTS(T, SUFFIX)                                                                              \
   extern "C" int64_t cdm_emu_forward_##SUFFIX(int64_t B, int64_t D, int64_t n, int64_t chunk, int prec,        \
                                               const T* x, const T* sigma, const T* ref, const T* centre, T* mu, \
-                                              T* lse, T* aux, int reverse, int schedule) {                      \
-    return forward<T>(B, D, n, chunk, prec, x, sigma, ref, centre, mu, lse, aux, reverse, schedule);           \
+                                              T* lse, T* aux, T* dist, int reverse, int schedule) {             \
+    return forward<T>(B, D, n, chunk, prec, x, sigma, ref, centre, mu, lse, aux, dist, reverse, schedule);     \
   }                                                                                                             \
   extern "C" int64_t cdm_emu_backward_##SUFFIX(int64_t B, int64_t D, int64_t n, int64_t chunk, int prec,       \
                                                const T* grad_mu, const T* grad_lse, const T* x, const T* sigma, \
                                                const T* ref, const T* centre, const T* mu, const T* aux,        \
-                                               T* grad_x, T* grad_sigma, T* grad_ref, int reverse,              \
-                                               int schedule) {                                                  \
-    return backward<T>(B, D, n, chunk, prec, grad_mu, grad_lse, x, sigma, ref, centre, mu, aux, grad_x,        \
+                                               const T* dist, T* grad_x, T* grad_sigma, T* grad_ref,            \
+                                               int reverse, int schedule) {                                     \
+    return backward<T>(B, D, n, chunk, prec, grad_mu, grad_lse, x, sigma, ref, centre, mu, aux, dist, grad_x,  \
                        grad_sigma, grad_ref, reverse, schedule);                                                \
   }
 CDM_EMU_EXPORTS(float, f32)

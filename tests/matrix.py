@@ -84,13 +84,14 @@ def rel(a, b) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
-def run_stf(case: Case, x, sigma, ref, *, precision="ieee", chunk=None, grad_mu=None, grad_lse=None) -> dict:
+def run_stf(case: Case, x, sigma, ref, *, precision="ieee", chunk=None, grad_mu=None, grad_lse=None,
+            keep_distances=None) -> dict:
     """The public op on the case: mu, lse, n_eff, w_max, d_bar and, with grad_mu, the gradients gx, gs,
     gr of sum(mu grad_mu) + sum(lse grad_lse); every tensor back on the CPU."""
     with_grad = grad_mu is not None
     xs, ss, rs = (t.detach().to(case.device).requires_grad_(with_grad) for t in (x, sigma, ref))
     mu, lse, st = stf_target(xs, ss, rs, return_lse=True, return_stats=True, chunk_size=chunk,
-                             backend=case.backend, precision=precision)
+                             backend=case.backend, precision=precision, keep_distances=keep_distances)
     out = {"mu": mu, "lse": lse, "n_eff": st.n_eff, "w_max": st.w_max, "d_bar": st.d_bar}
     if with_grad:
         gm, gl = (t.to(case.device, mu.dtype) for t in (grad_mu, grad_lse))
@@ -105,11 +106,11 @@ def reference_float32(x, sigma, ref, *, precision="ieee", chunk, grad_mu=None, g
         x, ref = x[:, perm], ref[:, perm]
         grad_mu = grad_mu[:, perm] if grad_mu is not None else None
     centre = stf_reference.centre_of(ref)
-    mu, lse, aux = stf_reference.stf_forward(x, sigma, ref, centre, chunk, precision)
+    mu, lse, aux, _ = stf_reference.stf_forward(x, sigma, ref, centre, chunk, precision)
     out = {"mu": mu, "lse": lse, "n_eff": aux[:, AUX_NEFF], "w_max": aux[:, AUX_WMAX], "d_bar": aux[:, AUX_DBAR]}
     if grad_mu is not None:
         g = stf_reference.stf_backward(grad_mu.cpu().float(), grad_lse.cpu().float(), x, sigma, ref, centre, mu, aux,
-                                       chunk, precision, True)
+                                       x.new_zeros(0), chunk, precision, True)
         out.update(zip(("gx", "gs", "gr"), g))
     if perm is not None:
         inv = torch.argsort(perm)

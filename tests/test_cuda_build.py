@@ -188,4 +188,4 @@ def test_cuda_ops_are_registered_for_the_cuda_key_only():
         assert cdm_kernels.resolve_backend(op, "cpu") != "cuda"
     x, sigma, ref = torch.randn(2, 3), torch.ones(2), torch.randn(4, 3)
     with pytest.raises(RuntimeError, match=r"stf_forward \(cpu\): the CPU kernels compute in precision 'ieee' only"):
-        torch.ops.cdm_kernels_C.stf_forward(x, sigma, ref, ref.mean(0), 2, "tf32")
+        torch.ops.cdm_kernels_C.stf_forward(x, sigma, ref, ref.mean(0), 2, "tf32", False)

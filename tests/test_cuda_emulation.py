@@ -29,14 +29,14 @@ def reverse_order():
     cuda_emulation.reverse_threads(False)
 
 
-def _run(x, sigma, ref, chunk, precision, ref_grad=True):
+def _run(x, sigma, ref, chunk, precision, ref_grad=True, keep=False):
     L = cuda_emulation.launchers()
     c = stf_reference.centre_of(ref)
-    mu, lse, aux = L.stf_forward(x, sigma, ref, c, chunk, precision)
+    mu, lse, aux, dist = L.stf_forward(x, sigma, ref, c, chunk, precision, keep)
     g = torch.Generator().manual_seed(9)
     grad_mu, grad_lse = torch.randn(x.shape, generator=g, dtype=x.dtype), torch.randn(x.shape[0], generator=g,
                                                                                    dtype=x.dtype)
-    grads = L.stf_backward(grad_mu, grad_lse, x, sigma, ref, c, mu, aux, chunk, precision, ref_grad)
+    grads = L.stf_backward(grad_mu, grad_lse, x, sigma, ref, c, mu, aux, dist, chunk, precision, ref_grad)
     return (mu, lse, aux, *grads)
 
 
@@ -77,6 +77,25 @@ def test_the_chunk_pipeline_gives_the_one_stream_bits(schedule, precision, B, D,
     for a, b in zip(one_stream, pipelined):
         assert torch.equal(a, b), f"the chunk pipeline ({schedule}) changes the results"
     assert all(torch.isfinite(t).all() for t in pipelined), "the NaN-filled workspace was read before written"
+
+
+@pytest.mark.parametrize("schedule", ["one stream", "random 1"])
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("B,D,n,chunk", [(3, 7, 5, 2), (37, 67, 130, 48), (5, 33, 40, 40)])
+def test_kept_distances_give_the_recomputed_bits(schedule, precision, B, D, n, chunk, pipeline_schedule):
+    # The forward's distances, kept for the backward (its product of x' then skipped), are what the
+    # backward would recompute: with the emulation's products (one order of summation whatever the
+    # product's shape) every result keeps its bits, with the reference gradient's two sweeps and with
+    # the chunk pipeline. The kept tensor starts NaN: each of its elements is written.
+    x, sigma, ref = cluster_problem(B, D, n, seed=3)
+    pipeline_schedule(schedule)
+    recomputed = _run(x, sigma, ref, chunk, precision)
+    kept = _run(x, sigma, ref, chunk, precision, keep=True)
+    for name, a, b in zip(("mu", "lse", "aux", "dL/dx", "dL/dsigma", "dL/dref"), recomputed, kept):
+        assert torch.equal(a, b), f"{precision}: keeping the distances changes {name}"
+    L = cuda_emulation.launchers()
+    dist = L.stf_forward(x, sigma, ref, stf_reference.centre_of(ref), chunk, precision, True)[3]
+    assert dist.shape == (B * n,) and torch.isfinite(dist).all()
 
 
 def test_the_emulation_is_a_test_vehicle_never_picked_by_auto():

@@ -23,9 +23,9 @@ def scratch_registry(monkeypatch):
 
 
 def _fake_stf(calls, name):
-    def stf_forward(x, sigma, ref, centre, chunk_size, precision):
+    def stf_forward(x, sigma, ref, centre, chunk_size, precision, keep):
         calls.append((name, precision))
-        return stf_reference.stf_forward(x, sigma, ref, centre, chunk_size, precision)
+        return stf_reference.stf_forward(x, sigma, ref, centre, chunk_size, precision, keep)
 
     def stf_backward(*args):
         return stf_reference.stf_backward(*args)
@@ -134,13 +134,13 @@ def test_every_backend_gets_the_contract_check(backend):
     x, s, r = torch.randn(3, 4), torch.ones(3), torch.randn(5, 4)
     c = r.mean(0)
     with pytest.raises(error, match=rf"stf_forward{on}: sigma must be a contiguous {float32} tensor"):
-        ns.stf_forward(x, s.double(), r, c, 4, "ieee")
+        ns.stf_forward(x, s.double(), r, c, 4, "ieee", False)
     with pytest.raises(error, match=rf"stf_forward{on}: centre must have shape {shape(4)}, got {shape(3)}"):
-        ns.stf_forward(x, s, r, c[:3], 4, "ieee")
+        ns.stf_forward(x, s, r, c[:3], 4, "ieee", False)
     with pytest.raises(error, match=rf"stf_forward{on}: chunk_size must be a positive int, got 0"):
-        ns.stf_forward(x, s, r, c, 0, "ieee")
+        ns.stf_forward(x, s, r, c, 0, "ieee", False)
     with pytest.raises(error, match=r"x must be a contiguous"):
-        ns.stf_forward(x.t().contiguous().t(), s, r, c, 4, "ieee")
+        ns.stf_forward(x.t().contiguous().t(), s, r, c, 4, "ieee", False)
 
 
 def test_rollout_launchers_get_the_contract_check():

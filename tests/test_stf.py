@@ -233,26 +233,29 @@ def test_invariances(case):
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("ref_grad", [False, True])
-def test_gradcheck_float64(case, ref_grad):
+@pytest.mark.parametrize("keep", [False, True])
+def test_gradcheck_float64(case, ref_grad, keep):
     x, ref = spread_case(3, 11, 5, 1.0)
     sigma = torch.tensor([0.6, 1.0, 2.5], dtype=torch.float64)
     x, ref, sigma = case.to(x, ref, sigma)
     x.requires_grad_(), sigma.requires_grad_(), ref.requires_grad_(ref_grad)
 
     def f(x, sigma, ref):
-        return stf_target(x, sigma, ref, backend=case.backend, return_lse=True, chunk_size=4)
+        return stf_target(x, sigma, ref, backend=case.backend, return_lse=True, chunk_size=4, keep_distances=keep)
 
     assert torch.autograd.gradcheck(f, (x, sigma, ref), eps=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("sigma", [0.002, 0.1, 1.0, 80.0])
-def test_float32_gradients_against_float64_autograd_of_judge(case, sigma):
+@pytest.mark.parametrize("keep", [False, True])
+def test_float32_gradients_against_float64_autograd_of_judge(case, sigma, keep):
     x, ref = spread_case(4, 500 if case.heavy_ok else 120, 33, sigma)
     g, gl = torch.randn(4, 33, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
     s = torch.full((4,), sigma, dtype=torch.float64)
     j = judges.stf(x, s, ref, g, gl)
-    got = run_stf(case, x.float(), s.float(), ref.float(), chunk=128, grad_mu=g.float(), grad_lse=gl.float())
+    got = run_stf(case, x.float(), s.float(), ref.float(), chunk=128, grad_mu=g.float(), grad_lse=gl.float(),
+                  keep_distances=keep)
     # Both gradients scale like 1/sigma^2 (x) and ||x||^2/sigma^3 (sigma): compare relatively.
     assert _err(got["gx"], j["gx"]) <= 2e-4 * j["gx"].abs().max().item()
     assert _err(got["gs"], j["gs"]) <= 2e-4 * j["gs"].abs().max().item()
@@ -346,7 +349,8 @@ def test_modes_round_their_operands(case, precision):
 
 @pytest.mark.parametrize("case,precision", [p for p in mode_cases() if p.values[1] in ("tf32", "bf16")])
 @pytest.mark.parametrize("sigma_value", [0.002, 0.1])
-def test_backward_corrects_the_rounding_of_mg(case, precision, sigma_value):
+@pytest.mark.parametrize("keep", [False, True])
+def test_backward_corrects_the_rounding_of_mg(case, precision, sigma_value, keep):
     # mg = mu . g is not rounded like the mode's products g . r_j; at small sigma their difference,
     # divided by sigma^2, would be the whole x gradient without the first-order correction.
     B, D, n = 8, 48, 64
@@ -354,7 +358,7 @@ def test_backward_corrects_the_rounding_of_mg(case, precision, sigma_value):
     g, gl = torch.randn(B, D), torch.zeros(B)
     s = torch.full((B,), sigma_value)
     j = judges.stf(x, s, ref, g, gl)
-    got = run_stf(case, x, s, ref, precision=precision, chunk=32, grad_mu=g, grad_lse=gl)
+    got = run_stf(case, x, s, ref, precision=precision, chunk=32, grad_mu=g, grad_lse=gl, keep_distances=keep)
     scale = g.abs().max().item() * ref.abs().max().item() * D**0.5 / sigma_value**2
     assert _err(got["gx"], j["gx"]) <= 0.02 * scale
 
@@ -375,14 +379,17 @@ def test_opcheck(case, dtype):
     sigma = torch.tensor([0.5, 1.0, 2.0, 8.0], dtype=dtype)
     x, ref, sigma = case.to(x, ref, sigma)
     c = stf_reference.centre_of(ref)
-    args = (x, sigma, ref, c, 7, "ieee", case.backend)
-    torch.library.opcheck(torch.ops.cdm_kernels.stf_forward.default, args)
-    x.requires_grad_(), sigma.requires_grad_()
-    torch.library.opcheck(torch.ops.cdm_kernels.stf_forward.default, args)
-    mu, lse, aux = torch.ops.cdm_kernels.stf_forward(*args)
-    bargs = (torch.randn_like(mu), torch.randn_like(lse), x.detach(), sigma.detach(), ref, c, mu.detach(), aux, 7,
-             "ieee", True, case.backend)
-    torch.library.opcheck(torch.ops.cdm_kernels.stf_backward.default, bargs)
+    for keep in (False, True):
+        args = (x, sigma, ref, c, 7, "ieee", keep, case.backend)
+        torch.library.opcheck(torch.ops.cdm_kernels.stf_forward.default, args)
+        x.requires_grad_(), sigma.requires_grad_()
+        torch.library.opcheck(torch.ops.cdm_kernels.stf_forward.default, args)
+        mu, lse, aux, dist = torch.ops.cdm_kernels.stf_forward(*args)
+        assert dist.shape == ((4 * 30,) if keep else (0,))
+        bargs = (torch.randn_like(mu), torch.randn_like(lse), x.detach(), sigma.detach(), ref, c, mu.detach(), aux,
+                 dist, 7, "ieee", True, case.backend)
+        torch.library.opcheck(torch.ops.cdm_kernels.stf_backward.default, bargs)
+        x, sigma = x.detach(), sigma.detach()
 
 
 @pytest.mark.parametrize("case", [p for p in CASES if p.values[0].device == "cpu" and p.values[0].backend == "cpu"]
@@ -469,6 +476,39 @@ def test_extra_memory_is_not_b_by_n(backend):
     ours = _peak_extra_bytes(B, n, D, backend)
     assert eager >= tile, f"the probe must see the eager composition's B x n tensors ({eager} B)"
     assert ours < tile / 8, f"{backend}: peak extra memory {ours} B is of the order of B x n ({tile} B)"
+
+
+def _saved_numels(fn) -> list[int]:
+    """The sizes of the tensors autograd saves while `fn` runs."""
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sizes
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_distances_are_kept_for_the_backward_only_within_the_streaming_memory(case):
+    # keep_distances=None keeps the forward's B x n distances when B n <= (B + chunk) D: memory stays
+    # O((B + chunk) D) whatever n is. True keeps them, False does not, and nothing is kept (or saved)
+    # without a gradient to record.
+    B, n, chunk = 4, 30, 7
+    for D, kept_by_default in ((6, False), (40, True)):  # (4 + 7) 6 = 66 < 120 <= (4 + 7) 40 = 440
+        x, ref = spread_case(B, n, D, 1.0, dtype=torch.float32)
+        x, ref = case.to(x, ref)
+        xg = x.clone().requires_grad_()
+        for keep, kept in ((None, kept_by_default), (True, True), (False, False)):
+            saved = _saved_numels(lambda: stf_target(xg, 1.0, ref, chunk_size=chunk, backend=case.backend,
+                                                     keep_distances=keep))
+            assert (B * n in saved) == kept, f"D = {D}, keep_distances={keep}: saved {saved}"
+        assert _saved_numels(lambda: stf_target(x, 1.0, ref, chunk_size=chunk, backend=case.backend,
+                                                keep_distances=True)) == []
+    with pytest.raises(ValueError, match="keep_distances must be None, True or False, got 'yes'"):
+        stf_target(x, 1.0, ref, keep_distances="yes")
 
 
 def test_precomputed_ref_norms_are_deprecated_and_ignored():
@@ -635,7 +675,8 @@ def test_the_chunk_pipeline_gives_the_one_stream_bits_on_the_gpu(precision, monk
 def test_aux_has_its_documented_columns():
     x, ref = spread_case(3, 20, 4, 1.0)
     s = torch.tensor([0.3, 1.0, 3.0], dtype=torch.float64)
-    mu, lse, aux = torch.ops.cdm_kernels.stf_forward(x, s, ref, stf_reference.centre_of(ref), 7, "ieee", "cpu")
+    mu, lse, aux, _ = torch.ops.cdm_kernels.stf_forward(x, s, ref, stf_reference.centre_of(ref), 7, "ieee", False,
+                                                        "cpu")
     assert aux.shape == (3, AUX_COLS)
     j = judges.stf(x, s, ref)
     d = ((x[:, None] - ref[None]) ** 2).sum(-1)

@@ -78,13 +78,16 @@ def variants(quick: bool = False) -> list[Variant]:
                 {"IS_FIRST": first, "RESCALE": mode != "bf16", "PREC": p, "BLOCK_B": bs["rows"],
                  "BLOCK_C": bs["cols"], "BLOCK_D": bs["d"]},
             ))
-        for final, ref_grad in ([(True, False)] if quick else [(True, False), (True, True), (False, True)]):
+        sweeps = [(True, False)] if quick else [(True, False), (True, True), (False, True)]
+        terms = [(final, ref_grad, given) for final, ref_grad in sweeps for given in (False, True)]
+        for final, ref_grad, given in terms:
             out.append(Variant(
-                "_bwd_terms_kernel", f"{label}{', ref_grad' if ref_grad else ''}{'' if final else ', first sweep'}",
+                "_bwd_terms_kernel", f"{label}{', ref_grad' if ref_grad else ''}{'' if final else ', first sweep'}"
+                f"{', kept distances' if given else ''}",
                 {"S_ptr": f"*{ty}", "E_ptr": f"*{od}",
                  **_ptr(["C_ptr", "S_lo_ptr", "A_ptr", "xn_ptr", "rn_ptr", "k_ptr", "sigma_ptr", "aux_ptr"], ty),
                  "mg_ptr": "*fp64", "glse_ptr": f"*{ty}", "rows_ptr": "*fp64", **_ints(["B", "c"])},
-                {"AUX": 6, "FINAL": final, "REF_GRAD": ref_grad, "PREC": p, "BLOCK_B": bs["rows"],
+                {"AUX": 6, "FINAL": final, "REF_GRAD": ref_grad, "GIVEN": given, "PREC": p, "BLOCK_B": bs["rows"],
                  "BLOCK_C": bs["cols"]},
             ))
         if quick or mode != "ieee":

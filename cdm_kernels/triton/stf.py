@@ -83,11 +83,11 @@ def _wexp(v):
 @triton.jit
 def _reduced_dist(S_ptr, rn_ptr, xn, offs, cols, mask, c):
     """delta_ij = ||r'_j||^2 - 2 S_ij for a tile of S = x' r'^T, clamped at -||x'_i||^2 (stf_math.h,
-    reduced_dist), with the tile's S (its dtype: that of the products)."""
+    reduced_dist), in the products' dtype."""
     dot = tl.load(S_ptr + offs, mask=mask, other=0.0)
     rn = tl.load(rn_ptr + cols, mask=cols < c, other=0.0)
     d = rn[None, :] - 2.0 * dot
-    return tl.where(d < -xn[:, None], -xn[:, None], d), dot
+    return tl.where(d < -xn[:, None], -xn[:, None], d)
 
 
 @triton.jit
@@ -183,7 +183,7 @@ def _fwd_update_kernel(
         cols = j0 + tl.arange(0, BLOCK_C)
         mask = rmask[:, None] & (cols < c)[None, :]
         offs = r64[:, None] * c + cols[None, :]
-        d, _ = _reduced_dist(S_ptr, rn_ptr, xn, offs, cols, mask, c)
+        d = _reduced_dist(S_ptr, rn_ptr, xn, offs, cols, mask, c)
         tl.store(S_ptr + offs, d, mask=mask)
         dv = tl.where(mask & (d == d), d, float("inf"))  # NaN is flagged apart (reductions may drop it)
         bmin = tl.min(dv, axis=1)
@@ -290,7 +290,7 @@ def _fwd_finish_kernel(
 
 @triton.jit
 def _bwd_terms_kernel(
-    S_ptr,  # (B, c): x' . r' in
+    S_ptr,  # (B, c): x' . r' in, or with GIVEN the forward's kept distances
     E_ptr,  # (B, c): the mode's x coefficients w (c - mg) out (S itself, or bfloat16 for "bf16")
     C_ptr,  # (B, c): g . r' in, w out if REF_GRAD
     S_lo_ptr,  # (B, c): lo of the x coefficients ("tf32x3")
@@ -308,6 +308,7 @@ def _bwd_terms_kernel(
     AUX: tl.constexpr,
     FINAL: tl.constexpr,
     REF_GRAD: tl.constexpr,
+    GIVEN: tl.constexpr,
     PREC: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -331,7 +332,10 @@ def _bwd_terms_kernel(
         cols = j0 + tl.arange(0, BLOCK_C)
         mask = rmask[:, None] & (cols < c)[None, :]
         offs = r64[:, None] * c + cols[None, :]
-        d, dot = _reduced_dist(S_ptr, rn_ptr, xn, offs, cols, mask, c)
+        if GIVEN:
+            d = tl.load(S_ptr + offs, mask=mask, other=0.0)
+        else:
+            d = _reduced_dist(S_ptr, rn_ptr, xn, offs, cols, mask, c)
         v = tl.where(mask, -(d - m[:, None]) * k[:, None] - log_l[:, None], -1000.0)
         w = _wexp(v).to(tl.float64)
         cm = tl.load(C_ptr + offs, mask=mask, other=0.0).to(tl.float64) - mg[:, None]
@@ -341,11 +345,11 @@ def _bwd_terms_kernel(
             dd = tl.where(mask, d.to(tl.float64) - dbar[:, None], 0.0)
             cov += tl.sum(w * dd * cm, axis=1)
             dev += tl.sum(w * dd, axis=1)
-            _store_operand(E_ptr, S_lo_ptr, offs, xc.to(dot.dtype), mask, PREC)
+            _store_operand(E_ptr, S_lo_ptr, offs, xc.to(d.dtype), mask, PREC)
             if REF_GRAD:
                 a = w * (cm + glse[:, None]) / (sig * sig)[:, None]
-                tl.store(A_ptr + offs, a.to(dot.dtype), mask=mask)
-                tl.store(C_ptr + offs, w.to(dot.dtype), mask=mask)
+                tl.store(A_ptr + offs, a.to(d.dtype), mask=mask)
+                tl.store(C_ptr + offs, w.to(d.dtype), mask=mask)
     tl.store(rows_ptr + rows, tl.load(rows_ptr + rows, mask=rmask, other=0.0) + s, mask=rmask)
     tl.store(rows_ptr + B + rows, tl.load(rows_ptr + B + rows, mask=rmask, other=0.0) + cov, mask=rmask)
     tl.store(rows_ptr + 2 * B + rows, tl.load(rows_ptr + 2 * B + rows, mask=rmask, other=0.0) + dev, mask=rmask)
@@ -484,8 +488,10 @@ def _chunks(n: int, chunk: int):
         yield start, min(chunk, n - start)
 
 
-def stf_forward(x: Tensor, sigma: Tensor, ref: Tensor, centre: Tensor, chunk_size: int, precision: str):
-    """(mu, lse, aux) of `stf_reference.stf_forward`, with the same arithmetic (module docstring)."""
+def stf_forward(x: Tensor, sigma: Tensor, ref: Tensor, centre: Tensor, chunk_size: int, precision: str, keep: bool):
+    """(mu, lse, aux, dist) of `stf_reference.stf_forward`, with the same arithmetic (module docstring);
+    with `keep` the products write into dist's (B, c) tiles, which the update kernel turns into
+    distances in place, and the weights go to their own tile."""
     B, D = x.shape
     n = ref.shape[0]
     prec = PRECISIONS.index(precision)
@@ -503,10 +509,11 @@ def stf_forward(x: Tensor, sigma: Tensor, ref: Tensor, centre: Tensor, chunk_siz
     state = x.new_empty(4, B, dtype=torch.float64)
     arg = x.new_empty(B, dtype=torch.int64)
     mu = x.new_empty(B, D)
+    dist = x.new_empty(B * n if keep else 0)
     grid = (triton.cdiv(B, bs["rows"]),)
     for start, c in _chunks(n, chunk):
         rop, rn = _shift(ref[start : start + c], centre, prec, True, True, rop_buf[:c])
-        S = S_buf[: B * c].view(B, c)
+        S = (dist[B * start : B * (start + c)] if keep else S_buf[: B * c]).view(B, c)
         with _products(prec != _IEEE, x.device):
             _mm(xop, rop.T, S)
         E = E_buf[: B * c].view(B, c)
@@ -521,11 +528,12 @@ def stf_forward(x: Tensor, sigma: Tensor, ref: Tensor, centre: Tensor, chunk_siz
     dmin = stf_reference.nearest_sqdist(x, ref, arg)
     _fwd_finish_kernel[grid](state, k, dmin, centre, mu, lse, aux, B, D, AUX=AUX_COLS, BLOCK_B=bs["rows"],
                              BLOCK_D=bs["d"])
-    return mu, lse, aux
+    return mu, lse, aux, dist
 
 
-def stf_backward(grad_mu, grad_lse, x, sigma, ref, centre, mu, aux, chunk_size, precision, ref_grad):
-    """(grad_x, grad_sigma, grad_ref) of `stf_reference.stf_backward`, with the same arithmetic."""
+def stf_backward(grad_mu, grad_lse, x, sigma, ref, centre, mu, aux, dist, chunk_size, precision, ref_grad):
+    """(grad_x, grad_sigma, grad_ref) of `stf_reference.stf_backward`, with the same arithmetic; with
+    the forward's kept distances (dist not empty) the products give g . r' alone."""
     B, D = x.shape
     n = ref.shape[0]
     prec = PRECISIONS.index(precision)
@@ -549,20 +557,25 @@ def stf_backward(grad_mu, grad_lse, x, sigma, ref, centre, mu, aux, chunk_size, 
     rows = x.new_zeros(3, B, dtype=torch.float64)
     grad_ref = torch.empty_like(ref) if ref_grad else ref.new_zeros(0)
     grid = (triton.cdiv(B, bs["rows"]),)
+    given = dist.numel() != 0
 
     def sweep(final: bool) -> None:
         for start, c in _chunks(n, chunk):
             rop, rn = _shift(ref[start : start + c], centre, prec, True, True, rop_buf[:c])
             SC = SC_buf[: 2 * B * c].view(2 * B, c)
-            with _products(prec != _IEEE, x.device):
-                _mm(xgop, rop.T, SC)
             S, C = SC[:B], SC[B:]
+            with _products(prec != _IEEE, x.device):
+                if given:
+                    _mm(xgop[B:], rop.T, C)
+                    S = dist[B * start : B * (start + c)].view(B, c)
+                else:
+                    _mm(xgop, rop.T, SC)
             E = E_buf[: B * c].view(B, c)
             S_lo = S_lo_buf[: B * c].view(B, c)
             A = A_buf[: B * c].view(B, c)
             _bwd_terms_kernel[grid](
                 S, E, C, S_lo, A, xn, rn, k, sigma, aux, mg, grad_lse, rows, B, c,
-                AUX=AUX_COLS, FINAL=final, REF_GRAD=final and ref_grad, PREC=prec,
+                AUX=AUX_COLS, FINAL=final, REF_GRAD=final and ref_grad, GIVEN=given, PREC=prec,
                 BLOCK_B=bs["rows"], BLOCK_C=bs["cols"],
             )
             if not final:

@@ -5,8 +5,10 @@
 // through ATen's BLAS (both cores); the per-element work between them (reduced distances, the
 // online softmax update in distance space, the backward weights) is one pass over the (B, c) tile,
 // in place, by the shared functions of stf_math.h, parallel over query rows. Extra memory: the shifted
-// queries and chunk, the (B, c) tile (2B x c in the backward) and the (B, D) accumulator; never a
-// B x n tensor. Row states are kept in double whatever T is (see stf_math.h, state_add).
+// queries and chunk, the (B, c) tile (2B x c in the backward) and the (B, D) accumulator; a B x n
+// tensor only when the forward keeps its distances for the backward (`keep`, which saves the
+// backward its product of the queries). Row states are kept in double whatever T is (see
+// stf_math.h, state_add).
 //
 // The ops' schemas are in csrc/ops.cpp; the launcher contract (checked in Python before every
 // launch, and again here because a torch op can be called directly) in cdm_kernels/contract.py.
@@ -109,14 +111,15 @@ inline float exp_weight(float v) {
 
 inline double exp_weight(double v) { return wexp(v); }
 
-// The weights of a chunk, rows [i0, i1) of a (c, B) tile of reduced distances, in place: e_ij =
+// The weights of a chunk, rows [i0, i1) of a (c, B) tile of reduced distances `dist` into the same
+// rows of `out` (`dist` itself, or another tile when the distances are kept): e_ij =
 // exp(-(delta_ij - m_i) k_i) against the rows' rebased states, and the states' sums (stf_math.h,
 // state_add: l, l2, t in double) over the chunk, column after column so that the loops run along
-// the rows (contiguous, vectorised).
+// the rows (contiguous, vectorised; an element is read before it is written, so the tiles may be one).
 template <typename T>
-__attribute__((always_inline)) inline void add_chunk_weights_impl(T* tile, int64_t c, int64_t B, int64_t i0,
-                                                                  int64_t i1, std::vector<RowState<double>>& state,
-                                                                  const T* k) {
+__attribute__((always_inline)) inline void add_chunk_weights_impl(const T* dist, T* out, int64_t c, int64_t B,
+                                                                  int64_t i0, int64_t i1,
+                                                                  std::vector<RowState<double>>& state, const T* k) {
   const int64_t rows = i1 - i0;
   std::vector<T> m(rows), kk(rows);
   std::vector<double> l(rows, 0.0), l2(rows, 0.0), t(rows, 0.0);
@@ -130,12 +133,13 @@ __attribute__((always_inline)) inline void add_chunk_weights_impl(T* tile, int64
   double* __restrict l2p = l2.data();
   double* __restrict tpp = t.data();
   for (int64_t j = 0; j < c; ++j) {
-    T* __restrict row = tile + j * B + i0;
+    const T* row = dist + j * B + i0;
+    T* row_out = out + j * B + i0;
 #pragma omp simd
     for (int64_t i = 0; i < rows; ++i) {
       const T dm = row[i] - mp[i];
       const T e = exp_weight(-dm * kp[i]);
-      row[i] = e;
+      row_out[i] = e;
       lp[i] += double(e);
       l2p[i] += double(e) * double(e);
       tpp[i] += double(e) * double(dm);
@@ -157,14 +161,14 @@ __attribute__((always_inline)) inline void add_chunk_weights_impl(T* tile, int64
 #define CDM_STF_CLONES
 #endif
 
-CDM_STF_CLONES void add_chunk_weights(float* tile, int64_t c, int64_t B, int64_t i0, int64_t i1,
+CDM_STF_CLONES void add_chunk_weights(const float* dist, float* out, int64_t c, int64_t B, int64_t i0, int64_t i1,
                                       std::vector<RowState<double>>& state, const float* k) {
-  add_chunk_weights_impl(tile, c, B, i0, i1, state, k);
+  add_chunk_weights_impl(dist, out, c, B, i0, i1, state, k);
 }
 
-CDM_STF_CLONES void add_chunk_weights(double* tile, int64_t c, int64_t B, int64_t i0, int64_t i1,
+CDM_STF_CLONES void add_chunk_weights(const double* dist, double* out, int64_t c, int64_t B, int64_t i0, int64_t i1,
                                       std::vector<RowState<double>>& state, const double* k) {
-  add_chunk_weights_impl(tile, c, B, i0, i1, state, k);
+  add_chunk_weights_impl(dist, out, c, B, i0, i1, state, k);
 }
 #undef CDM_STF_CLONES
 
@@ -246,9 +250,11 @@ struct RowSums {
   const T* data() const { return t.data_ptr<T>(); }
 };
 
+// With a non-empty `dist` (B n,), the chunks' distance tiles are kept there for the backward, chunk
+// after chunk, each (c, B) as the loop lays it out; the weights then go to the workspace tile.
 template <typename T>
 void forward_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Tensor& ref, const at::Tensor& centre,
-                  int64_t chunk_size, at::Tensor& mu, at::Tensor& lse, at::Tensor& aux) {
+                  int64_t chunk_size, at::Tensor& mu, at::Tensor& lse, at::Tensor& aux, at::Tensor& dist) {
   const int64_t B = x.size(0), D = x.size(1), n = ref.size(0);
   const int64_t chunk = std::min(chunk_size, n);
   const Queries<T> q = shifted_queries<T>(x, sigma, centre);
@@ -269,8 +275,9 @@ void forward_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Tensor
     // than X' R'_c^T for B in the hundreds. Rows are then walked with j outer and i inner, so each
     // thread's slice of queries is read contiguously.
     at::Tensor tile = tile_buf.narrow(0, 0, c * B).view({c, B});
-    at::mm_out(tile, rs, q.xs.t());  // tile[j, i] = x'_i . r'_j
-    T* tp = tile.data_ptr<T>();
+    at::Tensor dtile = dist.numel() != 0 ? dist.narrow(0, start * B, c * B).view({c, B}) : tile;
+    at::mm_out(dtile, rs, q.xs.t());  // dtile[j, i] = x'_i . r'_j, then the distances
+    T* tp = dtile.data_ptr<T>();
     at::parallel_for(0, B, std::max<int64_t>(8, row_grain(c)), [&](int64_t i0, int64_t i1) {
       // Restrict-qualified views: without them the compiler must assume the tile aliases the row
       // minima and keeps this loop scalar.
@@ -295,7 +302,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Tensor
         }
         alpha[i] = T(state_rebase(s, nan_min(s.m, double(m_tile[i])), double(q.k[i])));
       }
-      add_chunk_weights(tp, c, B, i0, i1, state, q.k.data());  // the tile now holds e_ij
+      add_chunk_weights(tp, tile.data_ptr<T>(), c, B, i0, i1, state, q.k.data());  // the tile now holds e_ij
     });
     if (start > 0) acc.scale(alpha.data());  // rebase the accumulator: a_i by alpha_i
     acc.add(rs, tile);                         // a_i += sum_j e_ij r'_j
@@ -335,16 +342,16 @@ void forward_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Tensor
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> stf_forward_cpu(const at::Tensor& x, const at::Tensor& sigma,
-                                                               const at::Tensor& ref, const at::Tensor& centre,
-                                                               int64_t chunk_size, c10::string_view precision) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stf_forward_cpu(
+    const at::Tensor& x, const at::Tensor& sigma, const at::Tensor& ref, const at::Tensor& centre,
+    int64_t chunk_size, c10::string_view precision, bool keep) {
   check_ieee("stf_forward (cpu)", contract::stf("stf_forward (cpu)", x, sigma, ref, centre, chunk_size, precision));
-  auto [mu, lse, aux] = contract::stf_forward_outputs(x);
-  if (x.size(0) == 0) return {mu, lse, aux};
+  auto [mu, lse, aux, dist] = contract::stf_forward_outputs(x, ref, keep);
+  if (x.size(0) == 0) return {mu, lse, aux, dist};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "stf_forward_cpu", [&] {
-    forward_impl<scalar_t>(x, sigma, ref, centre, chunk_size, mu, lse, aux);
+    forward_impl<scalar_t>(x, sigma, ref, centre, chunk_size, mu, lse, aux, dist);
   });
-  return {mu, lse, aux};
+  return {mu, lse, aux, dist};
 }
 
 // Per-row scalars of the backward, in double: mg = g . mu', and the streamed sums
@@ -355,11 +362,12 @@ struct BackwardRows {
   explicit BackwardRows(int64_t B) : mg(B, 0.0), s(B, 0.0), cov(B, 0.0), dev(B, 0.0) {}
 };
 
+// With the forward's kept distances (`dist` not empty) the products give g_i . r'_j alone.
 template <typename T>
 void backward_impl(const at::Tensor& grad_mu, const at::Tensor& grad_lse, const at::Tensor& x,
                    const at::Tensor& sigma, const at::Tensor& ref, const at::Tensor& centre, const at::Tensor& mu,
-                   const at::Tensor& aux, int64_t chunk_size, bool ref_grad, at::Tensor& grad_x,
-                   at::Tensor& grad_sigma, at::Tensor& grad_ref) {
+                   const at::Tensor& aux, const at::Tensor& dist, int64_t chunk_size, bool ref_grad,
+                   at::Tensor& grad_x, at::Tensor& grad_sigma, at::Tensor& grad_ref) {
   const int64_t B = x.size(0), D = x.size(1), n = ref.size(0);
   const int64_t chunk = std::min(chunk_size, n);
   const Queries<T> q = shifted_queries<T>(x, sigma, centre);
@@ -384,8 +392,11 @@ void backward_impl(const at::Tensor& grad_mu, const at::Tensor& grad_lse, const 
 
   // One product gives both x'_i . r'_j (columns 0..B-1) and g_i . r'_j (columns B..2B-1), into a
   // (c, 2B) tile: the forward's layout, which BLAS computes faster (R'_c on the long side), walked
-  // with j outer and i inner. px is laid out as the forward's accumulator (RowSums).
-  at::Tensor xg = at::cat({q.xs, grad_mu}, 0);
+  // with j outer and i inner; with kept distances, only the columns B..2B-1. px is laid out as the
+  // forward's accumulator (RowSums).
+  const bool kept = dist.numel() != 0;
+  const T* dist_p = kept ? dist.data_ptr<T>() : nullptr;
+  at::Tensor xg = kept ? at::Tensor() : at::cat({q.xs, grad_mu}, 0);
   at::Tensor rs_buf = zero_centre ? at::Tensor() : at::empty({chunk, D}, x.options());
   at::Tensor tile_buf = at::empty({2 * B * chunk}, x.options());
   at::Tensor coef_buf = ref_grad ? at::empty({B * chunk}, x.options()) : at::Tensor();
@@ -402,8 +413,14 @@ void backward_impl(const at::Tensor& grad_mu, const at::Tensor& grad_lse, const 
       const int64_t c = std::min(chunk, n - start);
       const at::Tensor rs = shifted_chunk(ref, centre, zero_centre, start, c, rs_buf, rn.data());
       at::Tensor tile = tile_buf.narrow(0, 0, 2 * B * c).view({c, 2 * B});
-      at::mm_out(tile, rs, xg.t());
+      if (kept) {
+        at::Tensor ct = tile.narrow(1, B, B);
+        at::mm_out(ct, rs, grad_mu.t());
+      } else {
+        at::mm_out(tile, rs, xg.t());
+      }
       T* tp = tile.data_ptr<T>();  // [j, i]: dots in, x-coefficients out; [j, B + i]: c_ij in, w_ij out
+      const T* dk = kept ? dist_p + start * B : nullptr;  // (c, B): the forward's distances
       T* ap = (final && ref_grad) ? coef_buf.data_ptr<T>() : nullptr;  // (c, B): a_ij
       at::parallel_for(0, B, std::max<int64_t>(8, row_grain(c)), [&](int64_t i0, int64_t i1) {
         std::vector<double> s_i(i1 - i0, 0.0), cov_i(i1 - i0, 0.0), dev_i(i1 - i0, 0.0);
@@ -413,7 +430,7 @@ void backward_impl(const at::Tensor& grad_mu, const at::Tensor& grad_lse, const 
           for (int64_t i = i0; i < i1; ++i) {
             const T* ai = auxp + i * AUX_COLS;
             const double mg = rows.mg[i];
-            const T d = reduced_dist(q.xn[i], rn[j], zrow[i]);
+            const T d = kept ? dk[j * B + i] : reduced_dist(q.xn[i], rn[j], zrow[i]);
             const double w = backward_weight(d, ai[AUX_M], ai[AUX_LOGL], q.k[i]);
             const double cij = crow[i];
             const double xc = backward_x_coef(w, cij, mg);
@@ -479,14 +496,14 @@ void backward_impl(const at::Tensor& grad_mu, const at::Tensor& grad_lse, const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> stf_backward_cpu(
     const at::Tensor& grad_mu, const at::Tensor& grad_lse, const at::Tensor& x, const at::Tensor& sigma,
     const at::Tensor& ref, const at::Tensor& centre, const at::Tensor& mu, const at::Tensor& aux,
-    int64_t chunk_size, c10::string_view precision, bool ref_grad) {
+    const at::Tensor& dist, int64_t chunk_size, c10::string_view precision, bool ref_grad) {
   check_ieee("stf_backward (cpu)", contract::stf_backward("stf_backward (cpu)", grad_mu, grad_lse, x, sigma, ref,
-                                                          centre, mu, aux, chunk_size, precision));
+                                                          centre, mu, aux, dist, chunk_size, precision));
   auto [grad_x, grad_sigma, grad_ref] = contract::stf_backward_outputs(x, sigma, ref, ref_grad);
   if (x.size(0) == 0) return {grad_x, grad_sigma, grad_ref};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "stf_backward_cpu", [&] {
-    backward_impl<scalar_t>(grad_mu, grad_lse, x, sigma, ref, centre, mu, aux, chunk_size, ref_grad, grad_x,
-                            grad_sigma, grad_ref);
+    backward_impl<scalar_t>(grad_mu, grad_lse, x, sigma, ref, centre, mu, aux, dist, chunk_size, ref_grad,
+                            grad_x, grad_sigma, grad_ref);
   });
   return {grad_x, grad_sigma, grad_ref};
 }

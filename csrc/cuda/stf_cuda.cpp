@@ -146,33 +146,34 @@ void check_precision(const char* op, const at::Tensor& x, int prec) {
   TORCH_CHECK(prec == PREC_IEEE || x.scalar_type() == at::kFloat, op, ": float64 inputs take precision 'ieee' only");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> stf_forward_cuda(const at::Tensor& x, const at::Tensor& sigma,
-                                                                const at::Tensor& ref, const at::Tensor& centre,
-                                                                int64_t chunk_size, c10::string_view precision) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stf_forward_cuda(
+    const at::Tensor& x, const at::Tensor& sigma, const at::Tensor& ref, const at::Tensor& centre,
+    int64_t chunk_size, c10::string_view precision, bool keep) {
   const char* op = "stf_forward (cuda)";
   const int prec = contract::stf(op, x, sigma, ref, centre, chunk_size, precision);
   cdm::cuda::check_cuda(x, op);
   check_precision(op, x, prec);
   const c10::DeviceGuard guard(x.device());
-  auto [mu, lse, aux] = contract::stf_forward_outputs(x);
-  if (x.size(0) == 0) return {mu, lse, aux};
+  auto [mu, lse, aux, dist] = contract::stf_forward_outputs(x, ref, keep);
+  if (x.size(0) == 0) return {mu, lse, aux, dist};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "stf_forward_cuda", [&] {
     const Problem<scalar_t> p = problem<scalar_t>(x, sigma, ref, centre, chunk_size, prec);
     at::Tensor ws = at::empty({ForwardWorkspace<scalar_t>::bytes(p)}, x.options().dtype(at::kByte));
     Carver cv{reinterpret_cast<char*>(ws.data_ptr()), 0};
     CudaExec ex(x.device(), op, x.options());
     forward_run(ex, p, ForwardWorkspace<scalar_t>::carve(cv, p), mu.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
-                aux.data_ptr<scalar_t>());
+                aux.data_ptr<scalar_t>(), keep ? dist.data_ptr<scalar_t>() : nullptr);
   });
-  return {mu, lse, aux};
+  return {mu, lse, aux, dist};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> stf_backward_cuda(
     const at::Tensor& grad_mu, const at::Tensor& grad_lse, const at::Tensor& x, const at::Tensor& sigma,
     const at::Tensor& ref, const at::Tensor& centre, const at::Tensor& mu, const at::Tensor& aux,
-    int64_t chunk_size, c10::string_view precision, bool ref_grad) {
+    const at::Tensor& dist, int64_t chunk_size, c10::string_view precision, bool ref_grad) {
   const char* op = "stf_backward (cuda)";
-  const int prec = contract::stf_backward(op, grad_mu, grad_lse, x, sigma, ref, centre, mu, aux, chunk_size, precision);
+  const int prec =
+      contract::stf_backward(op, grad_mu, grad_lse, x, sigma, ref, centre, mu, aux, dist, chunk_size, precision);
   cdm::cuda::check_cuda(x, op);
   check_precision(op, x, prec);
   const c10::DeviceGuard guard(x.device());
@@ -184,7 +185,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stf_backward_cuda(
     Carver cv{reinterpret_cast<char*>(ws.data_ptr()), 0};
     CudaExec ex(x.device(), op, x.options());
     const BackwardInputs<scalar_t> in{grad_mu.data_ptr<scalar_t>(), grad_lse.data_ptr<scalar_t>(),
-                                      mu.data_ptr<scalar_t>(), aux.data_ptr<scalar_t>()};
+                                      mu.data_ptr<scalar_t>(), aux.data_ptr<scalar_t>(),
+                                      dist.numel() != 0 ? dist.data_ptr<scalar_t>() : nullptr};
     backward_run(ex, p, in, BackwardWorkspace<scalar_t>::carve(cv, p, ref_grad), grad_x.data_ptr<scalar_t>(),
                  grad_sigma.data_ptr<scalar_t>(), ref_grad ? grad_ref.data_ptr<scalar_t>() : nullptr);
   });

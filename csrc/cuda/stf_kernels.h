@@ -411,7 +411,8 @@ struct BackwardPlanes {
 };
 
 // Thread t = i PARTS + p, columns j = p, p + PARTS, ... of the chunk: from S_ij = x'_i . r'_j and
-// C_ij = g_i . r'_j, the distance, w = exp(-(d - m) k - log l), the x coefficient xc = w (c - mg)
+// C_ij = g_i . r'_j (with `given`, S_ij is the forward's kept distance itself), the distance,
+// w = exp(-(d - m) k - log l), the x coefficient xc = w (c - mg)
 // (written to E_ij in the mode, as ChunkUpdate writes its weights; lo to S_lo in "tf32x3") and the
 // part's sums of xc, w (d - d_bar)(c - mg), w (d - d_bar) to partsum. With ref_grad, also a_ij
 // (stf_math.h, backward_ref_coef) to A and w over C_ij. final = false: only the sums of xc (the ref
@@ -423,6 +424,7 @@ struct BackwardTerms {
   int prec;
   bool final_sweep;
   bool ref_grad;
+  bool given;
   const T* xn;
   const T* rn;
   const T* k;
@@ -430,7 +432,7 @@ struct BackwardTerms {
   const T* aux;
   const Acc* mg;
   const T* grad_lse;
-  T* S;     // (B, c)
+  const T* S;  // (B, c): x' . r', or with `given` the distances
   T* C;     // (B, c)
   Operand<T> E;  // (B, c): x coefficients out
   T* S_lo;  // (B, c), "tf32x3" only
@@ -444,7 +446,7 @@ struct BackwardTerms {
     Acc s = Acc(0), cov = Acc(0), dev = Acc(0);
     for (int64_t j = p; j < c; j += PARTS) {
       const int64_t ij = i * c + j;
-      const T d = reduced_dist(xn[i], rn[j], S[ij]);
+      const T d = given ? S[ij] : reduced_dist(xn[i], rn[j], S[ij]);
       const Acc w = backward_weight(d, ai[AUX_M], ai[AUX_LOGL], k[i]);
       const Acc cij = C[ij];
       const Acc xc = backward_x_coef(w, cij, mgi);
@@ -804,9 +806,12 @@ void add_product(Exec& ex, const Problem<T>& p, const Common<T>& cm, const Opera
 }
 
 // The forward pass: mu (B, D), lse (B,), aux (B, AUX_COLS) into out pointers; mu doubles as the
-// accumulator.
+// accumulator. With `dist` (B n) not null, each chunk's distances are kept there for the backward, a
+// (B, c) tile after the other: the product writes into it and ChunkMin turns it into distances in
+// place, and the weights go to cm.E (their own tile then, never the kept one).
 template <typename T, class Exec>
-void forward_run(Exec& ex, const Problem<T>& p, const ForwardWorkspace<T>& ws, T* mu, T* lse, T* aux) {
+void forward_run(Exec& ex, const Problem<T>& p, const ForwardWorkspace<T>& ws, T* mu, T* lse, T* aux,
+                 T* dist = nullptr) {
   const Common<T>& cm = ws.cm;
   const int64_t W = operand_width(p.D, p.prec);
   prepare_queries(ex, p, cm, &ws.state);
@@ -814,9 +819,10 @@ void forward_run(Exec& ex, const Problem<T>& p, const ForwardWorkspace<T>& ws, T
   for (int64_t k = 0; k < feed.chunks; ++k) {
     const int64_t start = feed.start(k), c = feed.count(k);
     const int s = feed.take(k);
-    ex.gemm(operand_gemm(p.B, c, W, cm.xop, W, cm.rop[s], W, true, cm.S, c, false, p.prec != PREC_IEEE));
-    ex.run(ChunkMin<T>{p.B * PARTS, c, cm.xn, cm.rn[s], cm.S, ws.partmin, ws.partarg});
-    ex.run(ChunkUpdate<T>{p.B * PARTS, c, p.prec, ws.state, ws.partmin, cm.k, cm.S, cm.E, cm.S_lo, cm.partsum});
+    T* S = dist != nullptr ? dist + p.B * start : cm.S;
+    ex.gemm(operand_gemm(p.B, c, W, cm.xop, W, cm.rop[s], W, true, S, c, false, p.prec != PREC_IEEE));
+    ex.run(ChunkMin<T>{p.B * PARTS, c, cm.xn, cm.rn[s], S, ws.partmin, ws.partarg});
+    ex.run(ChunkUpdate<T>{p.B * PARTS, c, p.prec, ws.state, ws.partmin, cm.k, S, cm.E, cm.S_lo, cm.partsum});
     ex.run(RowMerge<T>{p.B, ws.state, ws.partmin, ws.partarg, start, cm.k, cm.partsum, ws.alpha});
     add_product(ex, p, cm, cm.rop[s], c, ws.alpha, k == 0, mu);
     feed.done(k);
@@ -832,6 +838,7 @@ struct BackwardInputs {
   const T* grad_lse;  // (B,)
   const T* mu;        // (B, D)
   const T* aux;       // (B, AUX_COLS)
+  const T* dist = nullptr;  // (B n): the forward's kept distances (forward_run), or null
 };
 
 template <typename T>
@@ -875,12 +882,18 @@ void backward_sweep(Exec& ex, const Problem<T>& p, const BackwardInputs<T>& in, 
     const int64_t start = feed.start(k), c = feed.count(k);
     const int s = feed.take(k);
     // S = X' R'^T and C = G R'^T from the stacked (2B, W) operands: one product into the (2B, c)
-    // tile whose rows B..2B-1 are C.
-    T* S = cm.S;
+    // tile whose rows B..2B-1 are C; with the forward's kept distances, C = G R'^T alone.
+    const bool given = in.dist != nullptr;
+    const T* S = given ? in.dist + p.B * start : cm.S;
     T* C = cm.S + p.B * c;
-    ex.gemm(operand_gemm(2 * p.B, c, W, cm.xop, W, cm.rop[s], W, true, S, c, false, p.prec != PREC_IEEE));
-    ex.run(BackwardTerms<T>{p.B * PARTS, c, p.prec, final_sweep, ref_grad && final_sweep, cm.xn, cm.rn[s], cm.k,
-                            p.sigma, in.aux, ws.mg, in.grad_lse, S, C, cm.E, cm.S_lo, ws.A, cm.partsum});
+    if (given) {
+      const Operand<T> gop = cm.xop.from(p.B * W);
+      ex.gemm(operand_gemm(p.B, c, W, gop, W, cm.rop[s], W, true, C, c, false, p.prec != PREC_IEEE));
+    } else {
+      ex.gemm(operand_gemm(2 * p.B, c, W, cm.xop, W, cm.rop[s], W, true, cm.S, c, false, p.prec != PREC_IEEE));
+    }
+    ex.run(BackwardTerms<T>{p.B * PARTS, c, p.prec, final_sweep, ref_grad && final_sweep, given, cm.xn, cm.rn[s],
+                            cm.k, p.sigma, in.aux, ws.mg, in.grad_lse, S, C, cm.E, cm.S_lo, ws.A, cm.partsum});
     ex.run(RowSums{p.B, cm.partsum, ws.rows});
     if (final_sweep) add_product(ex, p, cm, cm.rop[s], c, static_cast<const T*>(nullptr), k == 0, ws.px);
     feed.done(k);  // the slot's last reader: the products above
