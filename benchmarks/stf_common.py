@@ -116,20 +116,26 @@ def _matmul_traffic(B: int, n: int, D: int, backward: bool) -> float:
     return FLOAT32 * ((4 if backward else 2) * n * D + 4 * B * D)
 
 
-def _library_method(backend: str) -> Method:
+def library_method(backend: str, keep_distances: bool | None = None) -> Method:
+    """This library's stable target on `backend`; with keep_distances=False (a method of its own,
+    named so) its backward recomputes the distances even where the default keeps them."""
+
     # The library takes no norms: its kernels compute the centred references' norms in the pass.
     def fn(x, sigma, ref, ref_sqnorm, prep):
-        return cdm_kernels.stf_target(x, sigma, ref, backend=backend)
+        return cdm_kernels.stf_target(x, sigma, ref, backend=backend, keep_distances=keep_distances)
 
     def extra(B, n, D, backward):
         # The (B, chunk) logit tiles, the (B, D) accumulators and the outputs (the reference backend
-        # keeps a few more chunk-sized temporaries than the fused kernel).
+        # keeps a few more chunk-sized temporaries than the fused kernel), and with a gradient the
+        # B x n distances where they are kept.
         c = default_chunk_size(B, n, D)
-        return FLOAT32 * ((4 if backward else 3) * B * c + (6 if backward else 4) * B * D)
+        kept = backward and (B * n <= (B + c) * D if keep_distances is None else keep_distances)
+        return FLOAT32 * ((4 if backward else 3) * B * c + (6 if backward else 4) * B * D + (B * n if kept else 0))
 
+    suffix = "" if keep_distances is None else f", keep_distances={keep_distances}"
     return Method(
-        f"cdm_kernels[{backend}]",
-        f"this library, backend {backend!r}: streaming over reference chunks with the log-sum-exp merge",
+        f"cdm_kernels[{backend}{suffix}]",
+        f"this library, backend {backend!r}{suffix}: streaming over reference chunks with the log-sum-exp merge",
         fn,
         extra,
         _matmul_traffic,
@@ -254,7 +260,7 @@ def all_methods(device: str = "cpu") -> list[Method]:
     # interpreter checks kernels, it is not a way to run them, so it is not a method to time.
     interpreted = torch.device(device).type == "cpu"
     methods = [
-        _library_method(b)
+        library_method(b)
         for b in cdm_kernels.available_backends("stf_target", device)
         if not (interpreted and b == "triton")
     ]
