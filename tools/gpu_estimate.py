@@ -1,8 +1,8 @@
 """The count behind docs/gpu_design.md's forward+backward estimate for the H200 (a plan, not a
 measurement): the stable target's forward+backward time, gradients of x and sigma, of the `cuda`
-backend in each precision mode against its eager PyTorch peer, as this design does it (five
-products, two shift passes), with the chunk pipeline, and with the forward's reduced distances kept
-for the backward (four products), and with both.
+backend in each precision mode against its eager PyTorch peer, as this design does it by default
+(two shift passes; five products, or four where the forward keeps its distances for the backward,
+B n <= (B + chunk) D), with the chunk pipeline, with keep_distances=True at every size, and with both.
 
     python tools/gpu_estimate.py
 
@@ -46,19 +46,20 @@ def eager(B: int, n: int, D: int, peer: str) -> float:
 
 def ours(B: int, n: int, D: int, mode: str, variant: str) -> float:
     """This design: `variant` is "default", or names "pipeline" (shifts hidden when there is more
-    than one chunk) and/or "kept" (the forward's distances kept: one product fewer)."""
+    than one chunk) and/or "keep_distances=True" (the forward's distances kept at every size)."""
     _, rate, factor, width = MODES[mode]
     chunk = default_chunk_size(B, n, D)
+    kept = "keep_distances=True" in variant or B * n <= (B + chunk) * D
     chunks = -(-n // chunk)
     read = 0 if chunk * D * 4 <= L2_BYTES else n * D * width / HBM
     p = max(factor * 2 * B * n * D / RATE[rate], read)
     shifts = 0 if "pipeline" in variant and chunks > 1 else 2 * n * D * (4 + width) / HBM
-    products = 4 if "kept" in variant else 5
+    products = 4 if kept else 5
     return products * p + shifts + 2 * 12 * B * n / L2 + 2 * chunks * KERNELS_PER_CHUNK * GAP
 
 
 def main() -> None:
-    for variant in ("default", "pipeline", "kept", "kept + pipeline"):
+    for variant in ("default", "pipeline", "keep_distances=True", "keep_distances=True + pipeline"):
         print(f"\n{variant}: forward+backward, eager peer's time / this design's time")
         print("| B, n, D | eager fp32 / TF32 / bf16 | " + " | ".join(MODES) + " |")
         print("|---|---|" + "---:|" * len(MODES))
