@@ -1,7 +1,8 @@
 """Pure-PyTorch reference of the stable target (docs/math.md): the spec every backend is judged by.
 
 Readable, chunked over the references with the exact merge of partial states, any device, any float
-dtype (run it in float64 to judge). Memory is O((B + chunk) D): no B x n tensor beyond one chunk.
+dtype (run it in float64 to judge). Memory is O((B + chunk) D): no B x n tensor beyond one chunk,
+but for the distances the forward keeps for the backward when asked (`keep`).
 It is also the `reference` backend's launcher pair (`stf_forward`, `stf_backward`; the launcher
 contract is cdm_kernels/contract.py), and it emulates every precision mode of the GPU backends
 exactly: operands rounded to the mode's input format (`operands`), products of the rounded values

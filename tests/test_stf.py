@@ -492,6 +492,26 @@ def _saved_numels(fn) -> list[int]:
 
 
 @pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3", "tf32", "bf16"])
+def test_keeping_the_distances_leaves_the_forward_bits(case, precision):
+    # The kept distances are stored beside the forward's own work, which is the same with or without
+    # them: a call that records a gradient returns what a no_grad call returns, to the bit.
+    if precision not in cdm_kernels.registry.precisions("stf_target", case.backend, case.device):
+        pytest.skip(f"{case} has no precision {precision!r}")
+    x, sigma, ref = (t.to(case.device) for t in cluster_problem(13, 67, 300, seed=4))
+    outs = []
+    for keep in (False, True):
+        xg = x.clone().requires_grad_()
+        outs.append(stf_target(xg, sigma, ref, chunk_size=64, precision=precision, backend=case.backend,
+                               return_lse=True, keep_distances=keep))
+    with torch.no_grad():
+        outs.append(stf_target(x, sigma, ref, chunk_size=64, precision=precision, backend=case.backend,
+                               return_lse=True))
+    for name, recomputed, kept, plain in zip(("mu", "lse"), *outs):
+        assert torch.equal(recomputed, kept) and torch.equal(kept, plain), f"{precision}: keeping changes {name}"
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_distances_are_kept_for_the_backward_only_within_the_streaming_memory(case):
     # keep_distances=None keeps the forward's B x n distances when B n <= (B + chunk) D: memory stays
     # O((B + chunk) D) whatever n is. True keeps them, False does not, and nothing is kept (or saved)
@@ -651,16 +671,19 @@ def test_many_references_and_chunks_on_the_gpu(case):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["ieee", "tf32x3", "tf32", "bf16"])
-def test_the_chunk_pipeline_gives_the_one_stream_bits_on_the_gpu(precision, monkeypatch):
+@pytest.mark.parametrize("keep", [False, True])
+def test_the_chunk_pipeline_gives_the_one_stream_bits_on_the_gpu(precision, keep, monkeypatch):
     # CDM_STF_OVERLAP=1 shifts the next chunk on a side stream beside this chunk's products (the
     # CUDA backend's chunk pipeline): the same arithmetic in the same order on each stream, so the
-    # same bits as one stream, forward and every gradient, over many chunks.
+    # same bits as one stream, forward and every gradient, over many chunks, with the distances kept
+    # for the backward or recomputed.
     x, sigma, ref = (t.cuda() for t in cluster_problem(37, 3072, 20_000, seed=5))
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(6)).cuda()
 
     def run():
         xr, sr, rr = (t.clone().requires_grad_() for t in (x, sigma, ref))
-        mu, lse = stf_target(xr, sr, rr, chunk_size=1024, precision=precision, backend="cuda", return_lse=True)
+        mu, lse = stf_target(xr, sr, rr, chunk_size=1024, precision=precision, backend="cuda", return_lse=True,
+                             keep_distances=keep)
         return (mu, lse, *torch.autograd.grad((mu * g).sum() + lse.sum(), (xr, sr, rr)))
 
     monkeypatch.delenv("CDM_STF_OVERLAP", raising=False)

@@ -69,13 +69,14 @@ def variants(quick: bool = False) -> list[Variant]:
                 {"PREC": p, "REF_LAYOUT": ref_layout, "HAS_CENTRE": True, "WITH_NORMS": True,
                  "BLOCK_R": bs["rows"], "BLOCK_D": bs["d"]},
             ))
-        for first in ([False] if quick else [True, False]):
+        updates = [(False, True)] if quick else [(first, keep) for first in (True, False) for keep in (False, True)]
+        for first, keep in updates:
             out.append(Variant(
-                "_fwd_update_kernel", f"{label}{', first chunk' if first else ''}",
-                {"S_ptr": f"*{ty}", "E_ptr": f"*{od}", **_ptr(["S_lo_ptr", "xn_ptr", "rn_ptr", "k_ptr"], ty),
-                 "state_ptr": "*fp64",
+                "_fwd_update_kernel", f"{label}{', first chunk' if first else ''}{', kept distances' if keep else ''}",
+                {"S_ptr": f"*{ty}", "keep_ptr": f"*{ty}", "E_ptr": f"*{od}",
+                 **_ptr(["S_lo_ptr", "xn_ptr", "rn_ptr", "k_ptr"], ty), "state_ptr": "*fp64",
                  "arg_ptr": "*i64", "acc_ptr": f"*{ty}", "alpha_ptr": f"*{ty}", **_ints(["B", "c", "D", "start"])},
-                {"IS_FIRST": first, "RESCALE": mode != "bf16", "PREC": p, "BLOCK_B": bs["rows"],
+                {"IS_FIRST": first, "RESCALE": mode != "bf16", "KEEP": keep, "PREC": p, "BLOCK_B": bs["rows"],
                  "BLOCK_C": bs["cols"], "BLOCK_D": bs["d"]},
             ))
         sweeps = [(True, False)] if quick else [(True, False), (True, True), (False, True)]

@@ -150,6 +150,7 @@ def _shift_rows_kernel(
 @triton.jit
 def _fwd_update_kernel(
     S_ptr,  # (B, c): products in
+    keep_ptr,  # (B, c): the distances out, kept for the backward, if KEEP
     E_ptr,  # (B, c): the mode's weights out (S itself, or bfloat16 for "bf16")
     S_lo_ptr,  # (B, c): weights' lo ("tf32x3")
     xn_ptr,  # (B,)
@@ -165,6 +166,7 @@ def _fwd_update_kernel(
     start,  # the chunk's first reference
     IS_FIRST: tl.constexpr,
     RESCALE: tl.constexpr,
+    KEEP: tl.constexpr,
     PREC: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -185,6 +187,8 @@ def _fwd_update_kernel(
         offs = r64[:, None] * c + cols[None, :]
         d = _reduced_dist(S_ptr, rn_ptr, xn, offs, cols, mask, c)
         tl.store(S_ptr + offs, d, mask=mask)
+        if KEEP:
+            tl.store(keep_ptr + offs, d, mask=mask)
         dv = tl.where(mask & (d == d), d, float("inf"))  # NaN is flagged apart (reductions may drop it)
         bmin = tl.min(dv, axis=1)
         mn_arg = tl.where(bmin < mn, j0 + tl.argmin(dv, axis=1).to(tl.int64), mn_arg)  # first of equal ones
@@ -490,8 +494,8 @@ def _chunks(n: int, chunk: int):
 
 def stf_forward(x: Tensor, sigma: Tensor, ref: Tensor, centre: Tensor, chunk_size: int, precision: str, keep: bool):
     """(mu, lse, aux, dist) of `stf_reference.stf_forward`, with the same arithmetic (module docstring);
-    with `keep` the products write into dist's (B, c) tiles, which the update kernel turns into
-    distances in place, and the weights go to their own tile."""
+    with `keep` the update kernel also stores each chunk's distances into dist, a (B, c) tile after
+    the other."""
     B, D = x.shape
     n = ref.shape[0]
     prec = PRECISIONS.index(precision)
@@ -513,15 +517,15 @@ def stf_forward(x: Tensor, sigma: Tensor, ref: Tensor, centre: Tensor, chunk_siz
     grid = (triton.cdiv(B, bs["rows"]),)
     for start, c in _chunks(n, chunk):
         rop, rn = _shift(ref[start : start + c], centre, prec, True, True, rop_buf[:c])
-        S = (dist[B * start : B * (start + c)] if keep else S_buf[: B * c]).view(B, c)
+        S = S_buf[: B * c].view(B, c)
         with _products(prec != _IEEE, x.device):
             _mm(xop, rop.T, S)
         E = E_buf[: B * c].view(B, c)
         S_lo = S_lo_buf[: B * c].view(B, c)
         _fwd_update_kernel[grid](
-            S, E, S_lo, xn, rn, k, state, arg, mu, mu if alpha is None else alpha, B, c, D, start,
-            IS_FIRST=start == 0, RESCALE=prec != _BF16, PREC=prec, BLOCK_B=bs["rows"], BLOCK_C=bs["cols"],
-            BLOCK_D=bs["d"],
+            S, dist[B * start : B * (start + c)] if keep else S, E, S_lo, xn, rn, k, state, arg, mu,
+            mu if alpha is None else alpha, B, c, D, start, IS_FIRST=start == 0, RESCALE=prec != _BF16, KEEP=keep,
+            PREC=prec, BLOCK_B=bs["rows"], BLOCK_C=bs["cols"], BLOCK_D=bs["d"],
         )
         _accumulate(mu, E, S_lo, rop, D, prec, start > 0, tile, alpha)
     lse, aux = x.new_empty(B), x.new_empty(B, AUX_COLS)

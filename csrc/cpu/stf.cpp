@@ -18,6 +18,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -111,15 +112,14 @@ inline float exp_weight(float v) {
 
 inline double exp_weight(double v) { return wexp(v); }
 
-// The weights of a chunk, rows [i0, i1) of a (c, B) tile of reduced distances `dist` into the same
-// rows of `out` (`dist` itself, or another tile when the distances are kept): e_ij =
+// The weights of a chunk, rows [i0, i1) of a (c, B) tile of reduced distances, in place: e_ij =
 // exp(-(delta_ij - m_i) k_i) against the rows' rebased states, and the states' sums (stf_math.h,
 // state_add: l, l2, t in double) over the chunk, column after column so that the loops run along
-// the rows (contiguous, vectorised; an element is read before it is written, so the tiles may be one).
+// the rows (contiguous, vectorised).
 template <typename T>
-__attribute__((always_inline)) inline void add_chunk_weights_impl(const T* dist, T* out, int64_t c, int64_t B,
-                                                                  int64_t i0, int64_t i1,
-                                                                  std::vector<RowState<double>>& state, const T* k) {
+__attribute__((always_inline)) inline void add_chunk_weights_impl(T* tile, int64_t c, int64_t B, int64_t i0,
+                                                                  int64_t i1, std::vector<RowState<double>>& state,
+                                                                  const T* k) {
   const int64_t rows = i1 - i0;
   std::vector<T> m(rows), kk(rows);
   std::vector<double> l(rows, 0.0), l2(rows, 0.0), t(rows, 0.0);
@@ -133,13 +133,12 @@ __attribute__((always_inline)) inline void add_chunk_weights_impl(const T* dist,
   double* __restrict l2p = l2.data();
   double* __restrict tpp = t.data();
   for (int64_t j = 0; j < c; ++j) {
-    const T* row = dist + j * B + i0;
-    T* row_out = out + j * B + i0;
+    T* __restrict row = tile + j * B + i0;
 #pragma omp simd
     for (int64_t i = 0; i < rows; ++i) {
       const T dm = row[i] - mp[i];
       const T e = exp_weight(-dm * kp[i]);
-      row_out[i] = e;
+      row[i] = e;
       lp[i] += double(e);
       l2p[i] += double(e) * double(e);
       tpp[i] += double(e) * double(dm);
@@ -161,14 +160,14 @@ __attribute__((always_inline)) inline void add_chunk_weights_impl(const T* dist,
 #define CDM_STF_CLONES
 #endif
 
-CDM_STF_CLONES void add_chunk_weights(const float* dist, float* out, int64_t c, int64_t B, int64_t i0, int64_t i1,
+CDM_STF_CLONES void add_chunk_weights(float* tile, int64_t c, int64_t B, int64_t i0, int64_t i1,
                                       std::vector<RowState<double>>& state, const float* k) {
-  add_chunk_weights_impl(dist, out, c, B, i0, i1, state, k);
+  add_chunk_weights_impl(tile, c, B, i0, i1, state, k);
 }
 
-CDM_STF_CLONES void add_chunk_weights(const double* dist, double* out, int64_t c, int64_t B, int64_t i0, int64_t i1,
+CDM_STF_CLONES void add_chunk_weights(double* tile, int64_t c, int64_t B, int64_t i0, int64_t i1,
                                       std::vector<RowState<double>>& state, const double* k) {
-  add_chunk_weights_impl(dist, out, c, B, i0, i1, state, k);
+  add_chunk_weights_impl(tile, c, B, i0, i1, state, k);
 }
 #undef CDM_STF_CLONES
 
@@ -250,8 +249,8 @@ struct RowSums {
   const T* data() const { return t.data_ptr<T>(); }
 };
 
-// With a non-empty `dist` (B n,), the chunks' distance tiles are kept there for the backward, chunk
-// after chunk, each (c, B) as the loop lays it out; the weights then go to the workspace tile.
+// With a non-empty `dist` (B n,), the chunks' distance tiles are also copied there for the backward,
+// chunk after chunk, each (c, B) as the loop lays it out; everything else is as without it.
 template <typename T>
 void forward_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Tensor& ref, const at::Tensor& centre,
                   int64_t chunk_size, at::Tensor& mu, at::Tensor& lse, at::Tensor& aux, at::Tensor& dist) {
@@ -275,9 +274,9 @@ void forward_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Tensor
     // than X' R'_c^T for B in the hundreds. Rows are then walked with j outer and i inner, so each
     // thread's slice of queries is read contiguously.
     at::Tensor tile = tile_buf.narrow(0, 0, c * B).view({c, B});
-    at::Tensor dtile = dist.numel() != 0 ? dist.narrow(0, start * B, c * B).view({c, B}) : tile;
-    at::mm_out(dtile, rs, q.xs.t());  // dtile[j, i] = x'_i . r'_j, then the distances
-    T* tp = dtile.data_ptr<T>();
+    at::mm_out(tile, rs, q.xs.t());  // tile[j, i] = x'_i . r'_j
+    T* tp = tile.data_ptr<T>();
+    T* keep = dist.numel() != 0 ? dist.data_ptr<T>() + start * B : nullptr;
     at::parallel_for(0, B, std::max<int64_t>(8, row_grain(c)), [&](int64_t i0, int64_t i1) {
       // Restrict-qualified views: without them the compiler must assume the tile aliases the row
       // minima and keeps this loop scalar.
@@ -293,6 +292,9 @@ void forward_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Tensor
           mt[i] = nan_min(mt[i], d);
         }
       }
+      if (keep != nullptr) {  // the distances for the backward, while the rows are in cache
+        for (int64_t j = 0; j < c; ++j) std::memcpy(keep + j * B + i0, tp + j * B + i0, (i1 - i0) * sizeof(T));
+      }
       for (int64_t i = i0; i < i1; ++i) {
         RowState<double>& s = state[i];
         if (double(m_tile[i]) < s.m) {  // a new minimum: its first reference in the chunk
@@ -302,7 +304,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& sigma, const at::Tensor
         }
         alpha[i] = T(state_rebase(s, nan_min(s.m, double(m_tile[i])), double(q.k[i])));
       }
-      add_chunk_weights(tp, tile.data_ptr<T>(), c, B, i0, i1, state, q.k.data());  // the tile now holds e_ij
+      add_chunk_weights(tp, c, B, i0, i1, state, q.k.data());  // the tile now holds e_ij
     });
     if (start > 0) acc.scale(alpha.data());  // rebase the accumulator: a_i by alpha_i
     acc.add(rs, tile);                         // a_i += sum_j e_ij r'_j

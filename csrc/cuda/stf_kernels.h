@@ -217,8 +217,9 @@ struct QueryRows {
 };
 
 // Thread t = i PARTS + p: the reduced distance delta_ij = reduced_dist(||x'_i||^2, ||r'_j||^2, S_ij)
-// written over S_ij, and the minimum of the part's distances to partmin[t] (+inf for a part without
-// columns) with the chunk column of its first occurrence to partarg[t].
+// written over S_ij (and to keep_ij, when the distances are kept for the backward), and the minimum
+// of the part's distances to partmin[t] (+inf for a part without columns) with the chunk column of
+// its first occurrence to partarg[t].
 template <typename T>
 struct ChunkMin {
   int64_t threads;  // B * PARTS
@@ -228,6 +229,7 @@ struct ChunkMin {
   T* S;             // (B, c): products in, distances out
   T* partmin;       // (B, PARTS)
   int64_t* partarg; // (B, PARTS)
+  T* keep;          // (B, c): the distances kept for the backward, or null
   CDM_HD void operator()(int64_t t) const {
     const int64_t i = t / PARTS, p = t % PARTS;
     T mn = pos_inf<T>();
@@ -235,6 +237,7 @@ struct ChunkMin {
     for (int64_t j = p; j < c; j += PARTS) {
       const T d = reduced_dist(xn[i], rn[j], S[i * c + j]);
       S[i * c + j] = d;
+      if (keep != nullptr) keep[i * c + j] = d;
       if (d < mn) arg = j;
       mn = nan_min(mn, d);
     }
@@ -807,8 +810,8 @@ void add_product(Exec& ex, const Problem<T>& p, const Common<T>& cm, const Opera
 
 // The forward pass: mu (B, D), lse (B,), aux (B, AUX_COLS) into out pointers; mu doubles as the
 // accumulator. With `dist` (B n) not null, each chunk's distances are kept there for the backward, a
-// (B, c) tile after the other: the product writes into it and ChunkMin turns it into distances in
-// place, and the weights go to cm.E (their own tile then, never the kept one).
+// (B, c) tile after the other, stored by ChunkMin beside its own: every other step, and so every
+// result, is that of a call that keeps nothing.
 template <typename T, class Exec>
 void forward_run(Exec& ex, const Problem<T>& p, const ForwardWorkspace<T>& ws, T* mu, T* lse, T* aux,
                  T* dist = nullptr) {
@@ -819,10 +822,10 @@ void forward_run(Exec& ex, const Problem<T>& p, const ForwardWorkspace<T>& ws, T
   for (int64_t k = 0; k < feed.chunks; ++k) {
     const int64_t start = feed.start(k), c = feed.count(k);
     const int s = feed.take(k);
-    T* S = dist != nullptr ? dist + p.B * start : cm.S;
-    ex.gemm(operand_gemm(p.B, c, W, cm.xop, W, cm.rop[s], W, true, S, c, false, p.prec != PREC_IEEE));
-    ex.run(ChunkMin<T>{p.B * PARTS, c, cm.xn, cm.rn[s], S, ws.partmin, ws.partarg});
-    ex.run(ChunkUpdate<T>{p.B * PARTS, c, p.prec, ws.state, ws.partmin, cm.k, S, cm.E, cm.S_lo, cm.partsum});
+    T* keep = dist != nullptr ? dist + p.B * start : nullptr;
+    ex.gemm(operand_gemm(p.B, c, W, cm.xop, W, cm.rop[s], W, true, cm.S, c, false, p.prec != PREC_IEEE));
+    ex.run(ChunkMin<T>{p.B * PARTS, c, cm.xn, cm.rn[s], cm.S, ws.partmin, ws.partarg, keep});
+    ex.run(ChunkUpdate<T>{p.B * PARTS, c, p.prec, ws.state, ws.partmin, cm.k, cm.S, cm.E, cm.S_lo, cm.partsum});
     ex.run(RowMerge<T>{p.B, ws.state, ws.partmin, ws.partarg, start, cm.k, cm.partsum, ws.alpha});
     add_product(ex, p, cm, cm.rop[s], c, ws.alpha, k == 0, mu);
     feed.done(k);
