@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 import cdm_kernels
-from cdm_kernels.stf import default_chunk_size
+from cdm_kernels.stf import default_chunk_size, keeps_distances
 
 FLOAT32 = 4  # bytes per element: every benchmark here runs in float32
 
@@ -129,7 +129,7 @@ def library_method(backend: str, keep_distances: bool | None = None) -> Method:
         # keeps a few more chunk-sized temporaries than the fused kernel), and with a gradient the
         # B x n distances where they are kept.
         c = default_chunk_size(B, n, D)
-        kept = backward and (B * n <= (B + c) * D if keep_distances is None else keep_distances)
+        kept = backward and keeps_distances(B, n, D, c, keep_distances)
         return FLOAT32 * ((4 if backward else 3) * B * c + (6 if backward else 4) * B * D + (B * n if kept else 0))
 
     suffix = "" if keep_distances is None else f", keep_distances={keep_distances}"

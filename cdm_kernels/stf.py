@@ -52,6 +52,13 @@ def default_chunk_size(batch: int, n: int, dim: int) -> int:
     return max(1, min(n, chunk))
 
 
+def keeps_distances(batch: int, n: int, dim: int, chunk_size: int, keep_distances: bool | None = None) -> bool:
+    """Whether a forward that records a gradient keeps its B x n distances for the backward:
+    `keep_distances` when given, else where they take no more memory than the streaming itself,
+    B n <= (B + chunk) D."""
+    return batch * n <= (batch + chunk_size) * dim if keep_distances is None else keep_distances
+
+
 # ----------------------------------------------------------------------------------------------
 # The registered ops
 # ----------------------------------------------------------------------------------------------
@@ -309,7 +316,7 @@ def stf_target(
             mu, lse, aux, _ = registry.launchers("stf_target", name, x.device.type).stf_forward(*args, False)
         else:
             grad = torch.is_grad_enabled() and (x2.requires_grad or sig.requires_grad or r2.requires_grad)
-            keep = grad and (B * n <= (B + chunk_size) * D if keep_distances is None else keep_distances)
+            keep = grad and keeps_distances(B, n, D, chunk_size, keep_distances)
             mu, lse, aux, _ = _stf_forward(*args, keep, name)
     out = [mu.reshape(x.shape).to(x.dtype)]
     if return_lse:

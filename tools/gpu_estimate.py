@@ -18,7 +18,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cdm_kernels.stf import default_chunk_size  # noqa: E402
+from cdm_kernels.stf import default_chunk_size, keeps_distances  # noqa: E402
 
 SIZES = ((512, 4096, 3072), (512, 50000, 3072), (256, 262144, 3072), (64, 16384, 12288))
 RATE = {"fp32": 48e12, "tf32": 276e12, "bf16": 550e12}  # flop/s
@@ -49,7 +49,7 @@ def ours(B: int, n: int, D: int, mode: str, variant: str) -> float:
     than one chunk) and/or "keep_distances=True" (the forward's distances kept at every size)."""
     _, rate, factor, width = MODES[mode]
     chunk = default_chunk_size(B, n, D)
-    kept = "keep_distances=True" in variant or B * n <= (B + chunk) * D
+    kept = keeps_distances(B, n, D, chunk, True if "keep_distances=True" in variant else None)
     chunks = -(-n // chunk)
     read = 0 if chunk * D * 4 <= L2_BYTES else n * D * width / HBM
     p = max(factor * 2 * B * n * D / RATE[rate], read)

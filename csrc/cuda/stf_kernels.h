@@ -415,11 +415,11 @@ struct BackwardPlanes {
 
 // Thread t = i PARTS + p, columns j = p, p + PARTS, ... of the chunk: from S_ij = x'_i . r'_j and
 // C_ij = g_i . r'_j (with `given`, S_ij is the forward's kept distance itself), the distance,
-// w = exp(-(d - m) k - log l), the x coefficient xc = w (c - mg)
-// (written to E_ij in the mode, as ChunkUpdate writes its weights; lo to S_lo in "tf32x3") and the
-// part's sums of xc, w (d - d_bar)(c - mg), w (d - d_bar) to partsum. With ref_grad, also a_ij
-// (stf_math.h, backward_ref_coef) to A and w over C_ij. final = false: only the sums of xc (the ref
-// gradient's first sweep, which moves mg by them).
+// w = exp(-(d - m) k - log l), the x coefficient xc = w (c - mg) (written to E_ij in the mode, as
+// ChunkUpdate writes its weights; lo to S_lo in "tf32x3") and the part's sums of xc,
+// w (d - d_bar)(c - mg), w (d - d_bar) to partsum. With ref_grad, also a_ij (stf_math.h,
+// backward_ref_coef) to A and w over C_ij. final = false: only the sums of xc (the ref gradient's
+// first sweep, which moves mg by them).
 template <typename T>
 struct BackwardTerms {
   int64_t threads;  // B * PARTS
