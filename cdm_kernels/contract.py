@@ -98,9 +98,12 @@ def stf_backward(grad_mu, grad_lse, x, sigma, ref, centre, mu, aux, dist, chunk_
     B, D = x.shape
     if not isinstance(dist, Tensor):
         raise ContractError(f"stf_backward: dist must be a tensor ((0,) when nothing was kept), got {dist!r}")
-    kept = B * ref.shape[0] if dist.numel() else 0
     _tensors("stf_backward", x, (("grad_mu", grad_mu, (B, D)), ("grad_lse", grad_lse, (B,)), ("mu", mu, (B, D)),
-                                 ("aux", aux, (B, AUX_COLS)), ("dist", dist, (kept,))))
+                                 ("aux", aux, (B, AUX_COLS)), ("dist", dist, tuple(dist.shape))))
+    kept = B * ref.shape[0]
+    if dist.dim() != 1 or dist.shape[0] not in (0, kept):  # csrc/contract.h words this the same
+        raise ContractError(f"stf_backward: dist must be the forward's kept distances (B n,) = ({kept},) or empty "
+                            f"(0,), got {tuple(dist.shape)}")
     return device
 
 
