@@ -246,7 +246,7 @@ def _first_use(op: str, device, backend: str, precision: str | None, dtype: torc
         rec = selfcheck.verdict(op, device, name, precision if _check_op(op).has_precision else None, dtype)
         if rec is None:  # it cannot run now (compile tracing, graph capture, ...): not cached, a later call checks
             return name
-        if not rec.passed:
+        if rec.status == "failed":
             if backend != "auto":
                 raise selfcheck.SelfCheckError(rec.message())
             selfcheck.fallback_warning(rec)

@@ -57,7 +57,9 @@ class SelfCheckWarning(RuntimeWarning):
 
 @dataclass
 class Record:
-    """The outcome of one self-check: status "passed", "failed" or "not run" (with why in `detail`)."""
+    """The outcome of one self-check, status "passed", "failed", "not run" (it could not run at that
+    moment: tried again at the next call) or "unchecked" (the reference could not run: the backend is
+    used unchecked), with the worst quantity or the reason in `detail`."""
 
     op: str
     device: torch.device
@@ -111,7 +113,7 @@ def status_lines() -> list[str]:
         elif r.status == "failed":
             rows.append(f"  {r.combination()}: FAILED, backend='auto' uses 'reference' ({r.detail})")
         else:
-            rows.append(f"  {r.combination()}: not run ({r.detail})")
+            rows.append(f"  {r.combination()}: {r.status} ({r.detail})")
     checked = {(r.op, r.backend, r.precision, r.dtype) for r in records()}
     for op, device, backend, precision, dtype in list(_TRACED):
         if (op, backend, precision, dtype) not in checked:
@@ -129,9 +131,8 @@ def _canonical(device) -> torch.device:
 
 
 def not_now(device: torch.device) -> str | None:
-    """Why a check cannot run at this moment (None: it can), in the words of its record."""
-    if torch.compiler.is_compiling():
-        return "inside torch.compile tracing; checked at the first call outside it"
+    """Why a check cannot run at this moment (None: it can), in the words of its record (torch.compile
+    tracing is `verdict`'s own case: there nothing but a dict store may run)."""
     if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
         return "inside a torch dispatch or function mode (fake tensors, tracing); checked at the first call outside it"
     if torch._C._are_functorch_transforms_active() or torch._C._get_tracing_state() is not None:
@@ -144,7 +145,7 @@ def not_now(device: torch.device) -> str | None:
 
 def verdict(op: str, device, backend: str, precision: str | None, dtype: torch.dtype) -> Record | None:
     """The self-check's record of a combination, running the check on its first use; None where it
-    cannot run now (`not_now`, out of memory: noted, and tried again at the next call)."""
+    cannot run now (compile tracing, `not_now`, out of memory: noted, and tried again at the next call)."""
     if torch.compiler.is_compiling():  # traced by dynamo: nothing but a plain dict store (no lock, no check)
         _TRACED[(op, device, backend, precision, dtype)] = None
         return None
@@ -175,7 +176,7 @@ def fallback_warning(rec: Record) -> None:
         if rec.warned:
             return
         rec.warned = True
-    warnings.warn(rec.message(), SelfCheckWarning, stacklevel=4)
+    warnings.warn(rec.message(), SelfCheckWarning, stacklevel=5)  # the caller of the public function
 
 
 def _note(key: tuple, why: str) -> None:
@@ -203,12 +204,13 @@ def _check(op, device, backend, precision, dtype) -> Record:
         return Record(op, device, backend, precision, dtype, "failed", f"it raised {type(err).__name__}: {err}",
                       time.perf_counter() - start)
     except Exception as exc:  # the reference or the problem could not be set up: the backend is not judged
-        return Record(op, device, backend, precision, dtype, "not run",
+        return Record(op, device, backend, precision, dtype, "unchecked",
                       f"the reference could not run ({type(exc).__name__}: {exc}); the backend is used unchecked")
     seconds = time.perf_counter() - start
     worst = max(rows, key=lambda r: r[1] / r[2] if r[1] == r[1] else math.inf)
     name, err, tol = worst
-    text = f"{name} relative error {err:.2e} against the float64 reference, budget {tol:.2e}"
+    judge = "the reference" if op == "randn" else "the float64 reference"
+    text = f"{name} relative error {err:.2e} against {judge}, budget {tol:.2e}"
     ok = all(e <= t for _, e, t in rows)  # NaN fails
     if ok:
         return Record(op, device, backend, precision, dtype, "passed", "worst: " + text, seconds, tuple(rows))

@@ -336,7 +336,7 @@ def test_auto_warns_once_and_takes_the_reference_explicit_raises(fresh):
     want = cdm_kernels.stf_target(x, s, r, backend="reference")
     with pytest.warns(SelfCheckWarning) as caught:
         got = cdm_kernels.stf_target(x, s, r)
-    assert len(caught) == 1
+    assert len(caught) == 1 and caught[0].filename == __file__  # at the caller's line
     text = str(caught[0].message)
     assert re.search(r"backend 'triton' on cpu, stf_target precision 'ieee', float32 is outside its error budget on "
                      r"its first use: w_max relative error \d\.\d\de-\d\d against the float64 reference, budget "
@@ -414,7 +414,7 @@ def test_off_with_CDM_SELFCHECK_0(fresh, monkeypatch):
     assert "self-check of the GPU backends on first use: off (CDM_SELFCHECK=0)" in cdm_kernels.extension_status()
 
 
-def test_a_backend_that_raises_fails_and_out_of_memory_is_tried_again(fresh):
+def test_a_backend_that_raises_fails_and_out_of_memory_is_tried_again(fresh, monkeypatch):
     def raising(*args):
         raise IndexError("index 7 is out of bounds")
 
@@ -438,6 +438,18 @@ def test_a_backend_that_raises_fails_and_out_of_memory_is_tried_again(fresh):
         fresh._CHOSEN
     cdm_kernels.stf_target(x, s, r)  # tried again
     assert [r.status for r in selfcheck.records()] == ["passed"]
+    # Where the reference itself cannot run, the backend is used unchecked, once and for all.
+    _register_stf(fresh)
+
+    def no_problem(*args):
+        raise RuntimeError("the reference cannot run here")
+
+    monkeypatch.setattr(selfcheck, "_stf_problem", no_problem)
+    for _ in range(2):
+        cdm_kernels.stf_target(x, s, r)
+    ((status, detail),) = [(r.status, r.detail) for r in selfcheck.records()]
+    assert status == "unchecked" and "the reference could not run (RuntimeError: the reference cannot run here)" in detail
+    assert fresh._CHOSEN[("stf_target", CPU, "auto", "ieee", F32)] == "triton"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -468,6 +480,7 @@ def test_compile_tracing_runs_it_unchecked_until_an_eager_call_checks_it(fresh):
     torch._dynamo.reset()
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:FutureWarning")
 def test_dispatch_modes_and_traces_see_no_check(fresh):
     from matrix import RecordOps
 
