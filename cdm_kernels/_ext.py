@@ -1,9 +1,5 @@
-"""The compiled extension `cdm_kernels._C`, optional at import.
-
-Without it the package still works: the `reference` backend on any device and the `triton` backend
-on a GPU. `extension_status()` says whether it loaded and, if not, why (and what the GPU backends'
-self-check found).
-"""
+"""The compiled extension `cdm_kernels._C`, optional at import (without it the reference and Triton
+backends work); `extension_status()` says what it provides and what the GPU backends' self-check found."""
 
 from __future__ import annotations
 

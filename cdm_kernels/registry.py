@@ -1,38 +1,6 @@
-"""The one seam every backend plugs into: op families, backends, "auto" order, capabilities.
-
-An *op family* is one public operation of the package; each family names the launchers a backend
-must provide for it (the same names in every backend):
-
-    op family         launchers                                             precisions
-    stf_target        stf_forward, stf_backward                             PRECISIONS
-    rollout_step      rollout_step                                          -
-    martingale_loss   martingale_loss_forward, martingale_loss_backward    -
-    randn             philox_randn                                          -
-
-A *backend* ("reference", "cpu", "cuda", "triton") registers, for the device types it runs on, an
-implementation of some families: a module (or the dotted name of one, imported on first use) that
-defines those launchers. `cdm_kernels.backends` makes every registration of the package, in one
-place. The registry wraps each launcher once, at registration, with what every backend needs:
-
-  * the launcher contract (`cdm_kernels.contract`): the normalised arguments the public function
-    promises (shapes, one compute dtype, contiguity, one device), checked once per call, so a
-    kernel trusts its inputs;
-  * a device guard: the launcher runs with its tensors' GPU as the current device (Triton and the
-    CUDA runtime launch on the current device, which need not be the tensors' own on a multi-GPU
-    machine).
-
-A backend whose launchers do both themselves is registered with `checks_contract=True` and its
-launchers are used as they are: the compiled ops check the same contract in C++ (csrc/contract.h,
-a ValueError) and take a c10::DeviceGuard, since they can also be called directly, and checking it
-twice cost about 4 us a call, a fifth of a CIFAR-size rollout step's host time.
-
-User-facing errors (which argument is wrong and what was expected) stay in the public functions.
-
-"auto" takes the first backend of the device type's preference order (AUTO_ORDER) that implements
-the family and supports the requested precision; a backend registered beyond that order (the Triton
-interpreter or the CUDA emulation on CPU tensors, test vehicles) is never chosen automatically.
-Resolutions are cached per (family, device type, backend, precision); registering clears the cache.
-"""
+"""The one seam every backend plugs into: op families, backends, "auto" order, capabilities, and the
+launcher contract and device guard each launcher gets; the public functions resolve their backend
+here (docs/contributing.md, "The registry")."""
 
 from __future__ import annotations
 
