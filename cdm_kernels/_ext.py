@@ -1,8 +1,5 @@
-"""The compiled extension `cdm_kernels._C`, optional at import.
-
-Without it the package still works: the `reference` backend on any device and the `triton` backend
-on a GPU. `extension_status()` says whether it loaded and, if not, why.
-"""
+"""The compiled extension `cdm_kernels._C`, optional at import (without it the reference and Triton
+backends work); `extension_status()` says what it provides and what the GPU backends' self-check found."""
 
 from __future__ import annotations
 
@@ -35,8 +32,14 @@ def has_cuda_kernels() -> bool:
 
 
 def extension_status() -> str:
-    """One line: what the extension provides, or why it is absent."""
+    """What the extension provides, or why it is absent (the first line); then what the first-use
+    self-check of the GPU backends checked, what fell back to the reference and what it could not
+    run (cdm_kernels/selfcheck.py), one line each."""
+    from . import selfcheck
+
     if _C is None:
-        return f"cdm_kernels._C not loaded ({_ERROR}); using the reference/triton backends"
-    cuda = f"CUDA kernels for {_C.cuda_archs()}" if _C.built_with_cuda() else "no CUDA kernels"
-    return f"cdm_kernels._C loaded: CPU kernels, {cuda}"
+        line = f"cdm_kernels._C not loaded ({_ERROR}); using the reference/triton backends"
+    else:
+        cuda = f"CUDA kernels for {_C.cuda_archs()}" if _C.built_with_cuda() else "no CUDA kernels"
+        line = f"cdm_kernels._C loaded: CPU kernels, {cuda}"
+    return "\n".join([line, *selfcheck.status_lines()])

@@ -1,19 +1,5 @@
-"""Every backend registration of the package, in one place (the seam: cdm_kernels/registry.py).
-
-    backend     device types                 what implements its launchers
-    reference   cpu, cuda                    stf_reference, rollout_reference, random (PyTorch)
-    cpu         cpu                          the compiled ops torch.ops.cdm_kernels_C.* (CPU kernels)
-    cuda        cuda                         the same ops (CUDA kernels), when built with nvcc
-    triton      cuda (and cpu under the      cdm_kernels.triton.stf / .rollout, imported on first use
-                Triton interpreter)
-
-A backend implements an op family by defining its launchers under the family's launcher names
-(`registry.OPS`); a compiled op of cdm_kernels_C has the launcher's name and schema, with one
-implementation per dispatch key, so the "cpu" and "cuda" backends share one namespace of launchers;
-they check the launcher contract in C++ (csrc/contract.h), so the registry does not wrap them.
-The Triton kernels run on CPU tensors only when TRITON_INTERPRET=1 was set before triton was first
-imported: a test vehicle, which "auto" never picks.
-"""
+"""Every backend registration of the package, in one place: which backend implements which op family
+on which device types (docs/contributing.md, "The registry")."""
 
 from __future__ import annotations
 

@@ -1,9 +1,5 @@
-"""User-facing argument checks shared by the public functions of every op family.
-
-The messages name the argument, what it got and what was expected; they are raised before anything
-is launched. (The launcher contract, checked after the public functions have normalised the
-arguments, is cdm_kernels/contract.py.)
-"""
+"""User-facing argument checks shared by the public functions of every op family, raised before anything
+is launched, with messages that name the argument, what it got and what was expected."""
 
 from __future__ import annotations
 

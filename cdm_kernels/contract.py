@@ -1,23 +1,6 @@
-"""The launcher contract of every op family: what a backend's launcher may assume of its arguments.
-
-One function per launcher name (`cdm_kernels.registry.OPS`), called by the registry's wrapper before
-every launch, whatever the backend: the public functions normalise the user's arguments to this form
-(and raise the user-facing errors), this module checks that they did, once, and the kernels trust it.
-Each check returns the device of the call (for the registry's device guard).
-
-The forms (one compute dtype T = float32 or float64 throughout a call, one device, contiguous):
-    stf_forward(x (B, D), sigma (B,), ref (n >= 1, D), centre (D,), chunk_size >= 1, precision, keep)
-        -> (mu, lse, aux, dist): dist the reduced distances (B n,) kept for the backward when `keep`,
-           in the backend's own layout (only its own stf_backward reads them), else (0,)
-    stf_backward(grad_mu (B, D), grad_lse (B,), x, sigma, ref, centre, mu (B, D), aux (B, AUX_COLS),
-                 dist ((B n,) from the same backend's forward, or (0,): recomputed), chunk_size,
-                 precision, ref_grad)
-    rollout_step(x (B, M), denoised (B, M), t_cur (B,), t_next (B,), x_euler, denoised_euler,
-                 noise (each (B, M) or None), seed, offset, kind in KINDS, s_noise)
-    martingale_loss_forward(D0, D1a, D1b, y (each (B, M)), weight (B,) or (B, M), lambda_m)
-    martingale_loss_backward(grad (B, M), D0, D1a, D1b, y, weight, lambda_m)
-    philox_randn(anchor (an empty tensor on the device), shape, seed, offset)
-"""
+"""The launcher contract of every op family: one check per launcher name of what a backend's launcher
+may assume of its arguments, called by the registry's wrapper before every launch (the forms:
+docs/contributing.md, "What every backend gets from the registry")."""
 
 from __future__ import annotations
 

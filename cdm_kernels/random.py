@@ -137,7 +137,7 @@ def randn(
     numel = int(np.prod(shape)) if shape else 1
     check_seed_offset(seed, offset, numel, "randn")
     device = torch.device(device)
-    name = registry.resolve_backend("randn", device, backend)
+    name = registry.backend_for("randn", device, backend, None, torch.float32)
     if numel == 0:
         return torch.empty(shape, device=device, dtype=dtype)
     out = _philox_randn(torch.empty(0, device=device), shape, seed, offset, name)

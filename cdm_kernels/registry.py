@@ -1,38 +1,6 @@
-"""The one seam every backend plugs into: op families, backends, "auto" order, capabilities.
-
-An *op family* is one public operation of the package; each family names the launchers a backend
-must provide for it (the same names in every backend):
-
-    op family         launchers                                             precisions
-    stf_target        stf_forward, stf_backward                             PRECISIONS
-    rollout_step      rollout_step                                          -
-    martingale_loss   martingale_loss_forward, martingale_loss_backward    -
-    randn             philox_randn                                          -
-
-A *backend* ("reference", "cpu", "cuda", "triton") registers, for the device types it runs on, an
-implementation of some families: a module (or the dotted name of one, imported on first use) that
-defines those launchers. `cdm_kernels.backends` makes every registration of the package, in one
-place. The registry wraps each launcher once, at registration, with what every backend needs:
-
-  * the launcher contract (`cdm_kernels.contract`): the normalised arguments the public function
-    promises (shapes, one compute dtype, contiguity, one device), checked once per call, so a
-    kernel trusts its inputs;
-  * a device guard: the launcher runs with its tensors' GPU as the current device (Triton and the
-    CUDA runtime launch on the current device, which need not be the tensors' own on a multi-GPU
-    machine).
-
-A backend whose launchers do both themselves is registered with `checks_contract=True` and its
-launchers are used as they are: the compiled ops check the same contract in C++ (csrc/contract.h,
-a ValueError) and take a c10::DeviceGuard, since they can also be called directly, and checking it
-twice cost about 4 us a call, a fifth of a CIFAR-size rollout step's host time.
-
-User-facing errors (which argument is wrong and what was expected) stay in the public functions.
-
-"auto" takes the first backend of the device type's preference order (AUTO_ORDER) that implements
-the family and supports the requested precision; a backend registered beyond that order (the Triton
-interpreter or the CUDA emulation on CPU tensors, test vehicles) is never chosen automatically.
-Resolutions are cached per (family, device type, backend, precision); registering clears the cache.
-"""
+"""The one seam every backend plugs into: op families, backends, "auto" order, capabilities, and the
+launcher contract and device guard each launcher gets; the public functions resolve their backend
+here (docs/contributing.md, "The registry")."""
 
 from __future__ import annotations
 
@@ -53,6 +21,7 @@ __all__ = [
     "OPS",
     "PRECISIONS",
     "available_backends",
+    "backend_for",
     "launchers",
     "precisions",
     "register",
@@ -94,6 +63,7 @@ class _Entry:
 _UNSET = object()
 _REGISTRY: dict[tuple[str, str, str], _Entry] = {}  # (op, backend, device type) -> entry
 _RESOLVED: dict[tuple, str] = {}
+_CHOSEN: dict[tuple, str] = {}  # (op, device, backend, precision, dtype) -> the backend the public function uses
 
 
 def _check_op(op: str) -> OpSpec:
@@ -118,6 +88,8 @@ def register(
     checks_contract: the launchers check the launcher contract (raising a ValueError) and make
     their tensors' device the current one themselves, so the registry does not wrap them.
     """
+    from . import selfcheck  # (imports this module)
+
     if backend not in BACKEND_NAMES:
         raise ValueError(f"backend name must be one of {BACKEND_NAMES}, got {backend!r}")
     precisions = dict(precisions or {})
@@ -129,9 +101,11 @@ def register(
             raise ValueError(f"precisions of {op!r} must be among {PRECISIONS}, got {bad}")
         for dt in device_types:
             _REGISTRY[(op, backend, dt)] = _Entry(impl, modes, checks_contract)
+            selfcheck.forget(op, backend, dt)  # a new implementation is checked anew
     if precisions:
         raise ValueError(f"precisions given for op families without an implementation: {sorted(precisions)}")
     _RESOLVED.clear()
+    _CHOSEN.clear()
 
 
 def registrations(op: str | None = None) -> list[tuple[str, str, str]]:
@@ -184,11 +158,17 @@ def precisions(op: str, backend: str, device: torch.device | str) -> tuple[str, 
     return _entry(op, backend, _device_type(device)).precisions
 
 
-def resolve_backend(op: str, device=_UNSET, backend=_UNSET, precision=_UNSET) -> str:
+def resolve_backend(op: str, device=_UNSET, backend=_UNSET, precision=_UNSET, *, dtype: torch.dtype | None = None) -> str:
     """The backend the public function of `op` uses for tensors on `device` (default "cpu") when
     asked for `backend` (default "auto") and, for the stable target, `precision` (default "ieee");
     "auto" takes the first backend of the device type's preference order that implements the family
-    and supports the precision."""
+    and supports the precision. With `dtype` (the compute dtype, float32 or float64), the answer
+    after the first-use self-check of a GPU backend (`backend_for`, which may run it here); without,
+    the registry's answer, before any self-check."""
+    if dtype is not None:
+        mode = ("ieee" if precision is _UNSET else precision) if _check_op(op).has_precision else None
+        return backend_for(op, "cpu" if device is _UNSET else device, "auto" if backend is _UNSET else backend, mode,
+                           dtype)
     if _legacy(op, "resolve_backend"):
         # The 0.1 form resolve_backend(device, backend, precision): every positional argument
         # moves one place to the right.
@@ -207,6 +187,39 @@ def resolve_backend(op: str, device=_UNSET, backend=_UNSET, precision=_UNSET) ->
     name = _resolve(op, _device_type(device), backend, precision)
     if isinstance(backend, str) and isinstance(precision, str):
         _RESOLVED[key] = name
+    return name
+
+
+def backend_for(op: str, device, backend: str = "auto", precision: str | None = None,
+                dtype: torch.dtype = torch.float32) -> str:
+    """The backend that the public function of `op` runs for tensors of compute dtype `dtype` on
+    `device`, asked for `backend` and `precision` (None for a family without modes): the
+    registry's answer (`resolve_backend`) once a GPU backend has passed its first-use self-check
+    (cdm_kernels/selfcheck.py, run here on the combination's first use); after a failed check
+    "reference" for "auto", and a SelfCheckError for the backend asked for by name.
+
+    After the first call a dict lookup: the public functions call it on every call."""
+    try:
+        return _CHOSEN[(op, device, backend, precision, dtype)]
+    except (KeyError, TypeError):  # TypeError: an unhashable argument, which resolve_backend reports
+        pass
+    return _first_use(op, device, backend, precision, dtype)
+
+
+def _first_use(op: str, device, backend: str, precision: str | None, dtype: torch.dtype) -> str:
+    from . import selfcheck
+
+    name = resolve_backend(op, device, backend, "ieee" if precision is None else precision)
+    if name in selfcheck.CHECKED and selfcheck.enabled():
+        rec = selfcheck.verdict(op, device, name, precision if _check_op(op).has_precision else None, dtype)
+        if rec is None:  # it cannot run now (compile tracing, graph capture, ...): not cached, a later call checks
+            return name
+        if rec.status == "failed":
+            if backend != "auto":
+                raise selfcheck.SelfCheckError(rec.message())
+            selfcheck.fallback_warning(rec)
+            name = "reference"
+    _CHOSEN[(op, device, backend, precision, dtype)] = name
     return name
 
 

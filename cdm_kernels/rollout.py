@@ -330,7 +330,7 @@ def rollout_step(
     if x.dim() < 1:
         raise ValueError("x must have shape (B, *S) with at least one dimension, got a 0-d tensor")
     B, dtype = x.shape[0], compute_dtype(x.dtype)
-    name = registry.resolve_backend("rollout_step", x.device, backend)
+    name = registry.backend_for("rollout_step", x.device, backend, None, dtype)
     # Tensor levels on a GPU kernel are checked in the kernel (cdm_kernels/level_status.py), and
     # here only what an earlier call recorded is reported; levels given as numbers are checked here.
     on_host = name not in KERNEL_CHECKED or not (isinstance(t_cur, Tensor) or isinstance(t_next, Tensor))
@@ -476,7 +476,7 @@ def consistency_rollout(
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
         raise ValueError(f"num_steps must be an int >= 2 (the schedule includes both endpoints), got {num_steps!r}")
     B, K = x_t.shape[0], num_trajectories
-    name = registry.resolve_backend("rollout_step", x_t.device, backend)
+    name = registry.backend_for("rollout_step", x_t.device, backend, None, compute_dtype(x_t.dtype))
     t = _rollout_schedule(x_t, sigma, sigma_min, num_steps, rho, name)  # (B, N)
     if labels is not None:
         if not isinstance(labels, Tensor) or labels.dim() < 1 or labels.shape[0] != B:
@@ -572,7 +572,7 @@ def martingale_loss(
         else:
             w = weight.expand(D0.shape).reshape(B, M).to(dtype)
         w = w.contiguous()
-    name = registry.resolve_backend("martingale_loss", D0.device, backend)
+    name = registry.backend_for("martingale_loss", D0.device, backend, None, dtype)
 
     def flat(t):
         return t.reshape(B, M).to(dtype).contiguous()

@@ -302,7 +302,7 @@ def stf_target(
         raise ValueError(f"keep_distances must be None, True or False, got {keep_distances!r}")
     dtype = compute_dtype(x.dtype)
     chunk_size = check_chunk_and_precision(chunk_size, precision, dtype, B, n, D, x.device)
-    name = registry.resolve_backend("stf_target", x.device, backend, precision)
+    name = registry.backend_for("stf_target", x.device, backend, precision, dtype)
     sig = check_sigma(sigma, B, x, dtype, on_device=name in KERNEL_CHECKED)
     _deprecated_norms(ref_sqnorm, n)
     x2 = x.reshape(B, D).to(dtype).contiguous()

@@ -10,15 +10,19 @@ import pytest
 import torch
 
 import cdm_kernels
-from cdm_kernels import backends, contract, registry, stf_reference
+from cdm_kernels import backends, contract, registry, selfcheck, stf_reference
 from cdm_kernels.contract import ContractError
 
 
 @pytest.fixture
 def scratch_registry(monkeypatch):
-    """An empty registry for the test (the package's registrations come back afterwards)."""
+    """An empty registry and no self-check record for the test (the package's registrations and
+    records come back afterwards)."""
     monkeypatch.setattr(registry, "_REGISTRY", {})
     monkeypatch.setattr(registry, "_RESOLVED", {})
+    monkeypatch.setattr(registry, "_CHOSEN", {})
+    monkeypatch.setattr(selfcheck, "_RECORDS", {})
+    monkeypatch.setattr(selfcheck, "_TRACED", {})
     return registry
 
 
@@ -65,6 +69,7 @@ def test_auto_takes_the_first_backend_of_the_order_with_the_precision(scratch_re
         cdm_kernels.resolve_backend("stf_target", "cpu", "cuda", "tf32")
     del scratch_registry._REGISTRY[("stf_target", "triton", "cpu")]
     scratch_registry._RESOLVED.clear()
+    scratch_registry._CHOSEN.clear()
     with pytest.raises(ValueError, match=r"precision 'bf16' is not supported by any backend that 'auto' picks"):
         cdm_kernels.stf_target(x, s, r, precision="bf16")
 
@@ -83,6 +88,19 @@ def test_resolution_is_cached_and_registration_clears_the_cache(scratch_registry
     scratch_registry.register("cpu", ("cpu",), {"randn": cdm_kernels.random})
     assert not scratch_registry._RESOLVED
     assert scratch_registry.resolve_backend("randn", "cpu") == "cpu"
+
+
+def test_registering_again_clears_the_choices_and_the_self_check_records(scratch_registry, monkeypatch):
+    # A GPU backend's choice is cached per (op, device, backend, precision, dtype) after its self-check
+    # (cdm_kernels/selfcheck.py); a new implementation is chosen and checked anew.
+    monkeypatch.setitem(registry.AUTO_ORDER, "cpu", ("triton", "reference"))
+    scratch_registry.register("reference", ("cpu",), {"randn": cdm_kernels.random})
+    scratch_registry.register("triton", ("cpu",), {"randn": cdm_kernels.random})
+    assert cdm_kernels.randn(3, 1).shape == (3,)
+    assert scratch_registry._CHOSEN == {("randn", torch.device("cpu"), "auto", None, torch.float32): "triton"}
+    assert [(r.op, r.backend, r.status) for r in selfcheck.records()] == [("randn", "triton", "passed")]
+    scratch_registry.register("triton", ("cpu",), {"randn": cdm_kernels.random})
+    assert not scratch_registry._CHOSEN and selfcheck.records() == []
 
 
 def test_registration_errors(scratch_registry):

@@ -700,14 +700,14 @@ def test_device_cuda_runs_every_op_of_a_step_on_a_gpu_backend(tmp_path, monkeypa
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    resolved, resolve = [], registry.resolve_backend
+    resolved, resolve = [], registry.backend_for
 
-    def recording(op, device="cpu", *args, **kwargs):
-        name = resolve(op, device, *args, **kwargs)
+    def recording(op, device, *args):
+        name = resolve(op, device, *args)
         resolved.append((op, torch.device(device).type, name))
         return name
 
-    monkeypatch.setattr(registry, "resolve_backend", recording)
+    monkeypatch.setattr(registry, "backend_for", recording)
     run = set_up(parse_args(["--data", "digits", "--loss", "stf+cdm", "--device", "cuda", "--batch", "8",
                              "--rbatch", "32", "--cdm-steps", "3", "--channels", "8", "--channel-mult", "1,2", "--steps", "1",
                              "--attn", "4", "--outdir", str(tmp_path / "run"), "--grid", "0"]))
