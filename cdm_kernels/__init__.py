@@ -1,12 +1,6 @@
 """cdm_kernels: fused kernels for the stable target (STF) and consistency (CDM) diffusion objectives.
 
-Public API:
-    stf_target, stf_score, STFStats               the stable target (docs/math.md)
-    resolve_backend, available_backends           which backend an op family runs on, per device
-    extension_status                              whether the compiled kernels are loaded
-    EDMLoss, STFLoss, CDMLoss, STFCDMLoss         training losses (docs/math.md sections 2 and 3)
-    ReferenceBank                                 references for the STF losses
-    stf_target_sharded                            the stable target over references split across processes
+The public API is `__all__` below; docs/usage.md describes every op, loss and argument.
 """
 
 from . import backends as _backends  # noqa: F401  (every backend registration, in one place)

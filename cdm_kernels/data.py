@@ -1,18 +1,6 @@
 """Image data sets for the training loop, held in memory, and a resumable, shardable batch order.
 
-Sources (`load_dataset`):
-  "digits"              the 8x8 digits that ship inside scikit-learn (1797 images, 1 channel, labels
-                        0-9; no download), pixel values 0..16 mapped to [-1, 1].
-  a folder              image files (png, jpg, jpeg, bmp, gif, tif, tiff, webp) found recursively,
-                        with an optional dataset.json at its top.
-  a .zip file           the same inside a zip (the layout of EDM's / StyleGAN's dataset_tool).
-  a .npy / .npz file    uint8 (0..255) or float ([-1, 1]) images of shape (N, H, W), (N, H, W, C) or
-                        (N, C, H, W) with C in {1, 3, 4}; an .npz holds them under "images" (or "x",
-                        or its only array) and optional integer labels under "labels" (or "y").
-
-dataset.json is EDM's format: {"labels": [[relative/path.png, int label], ...]}; every image must
-have exactly one label. Images are square or not, but all of one size; gray images give 1 channel,
-anything else is converted to RGB (alpha dropped).
+The sources `load_dataset` reads (digits, folders, zips, .npy/.npz) are listed in docs/training.md.
 """
 
 from __future__ import annotations

@@ -1,9 +1,5 @@
-"""The stable target over references sharded across processes (docs/math.md, "Streaming").
-
-With data-parallel training each process can hold its own slice of a large reference set. The
-stable target of a query must still be taken over the union of all slices; the exact merge of
-partial states makes that possible with a handful of collectives and no process ever holding the
-union (`stf_target_sharded` says how).
+"""The stable target over references sharded across processes: each process's partial state,
+merged exactly through collectives (docs/math.md, "Streaming in distance space").
 """
 
 from __future__ import annotations

@@ -1,12 +1,5 @@
-"""EDM preconditioning, a small U-Net and EDM's Heun sampler (Karras et al. 2022; docs/math.md section 2).
-
-  D(x; sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x; c_noise(sigma), class_labels)
-
-with sigma_data = 0.5 for images in [-1, 1]. `UNet` is F: residual blocks with a noise-level
-embedding (adaptive scale and shift of the second normalisation), self-attention at the listed
-resolutions, optional class conditioning; it follows the layout of EDM's DDPM++ network, sized down
-by options so that it trains on a CPU. `edm_sampler` integrates the probability-flow ODE with Heun's
-method (optionally with churn) from sigma_max down to 0.
+"""EDM's preconditioning, a small U-Net in the layout of EDM's DDPM++ network and EDM's Heun sampler
+(Karras et al. 2022; docs/math.md section 2), sized by options so that it trains on a CPU.
 """
 
 from __future__ import annotations

@@ -1,17 +1,6 @@
-"""Training losses: EDM denoising score matching, the stable target (STF), the consistency
-(martingale) loss (CDM) and both together (docs/math.md sections 2 and 3).
-
-Each loss is a callable in the style of EDM's training/loss.py:
-
-    loss = loss_fn(net, images, labels=None, augment_pipe=None, *, generator=None, ...)
-
-returning the per-element loss, unreduced, of the shape of `images` (the training loop sums or
-averages it). `net(x, sigma, labels, augment_labels=None)` is an EDM-preconditioned denoiser
-D(x; sigma) with x of shape (B, *S) and sigma of shape (B, 1, ..., 1); `augment_pipe(images)`
-returns (y, augment_labels). Every random draw of a loss (ln sigma, the noise n, the CDM eps, the
-reference sample of a bank, the Philox seed of the CDM trajectories' noise) comes from `generator`
-when one is given, else from torch's global generator, in the order documented on each class, so a
-test can replay them.
+"""Training losses in the style of EDM's training/loss.py: EDM's denoising loss, the stable target
+(STF), the consistency loss (CDM) and both together (docs/math.md sections 2 and 3); each returns the
+per-element loss unreduced and draws its randomness from `generator` in an order its class states.
 """
 
 from __future__ import annotations

@@ -1,10 +1,5 @@
-"""Progress of a long loop, for a terminal and for a log file alike.
-
-On a terminal, tqdm's bar. Anywhere else (output redirected to a file, a pipe, a CI log) a bar
-would be one endless line of carriage returns, so a plain line is printed every `every` updates
-instead (a round number: about `lines` lines for the whole loop), and once more at the end.
-Both have the part of tqdm's interface the training loop and the benchmarks use: `update`,
-`set_postfix`, `set_postfix_str` and `close`.
+"""Progress of a long loop: tqdm's bar on a terminal, a plain line every so often anywhere else (a
+log file, a pipe, CI), with the part of tqdm's interface the training loop and benchmarks use.
 """
 
 from __future__ import annotations

@@ -1,20 +1,5 @@
-"""Counter-based Gaussian noise: Philox 4x32-10 with the Box-Muller transform, as Triton's tl.randn.
-
-Element i of `randn(shape, seed, offset)` is a pure function of (seed, offset + i):
-
-    (c0, c1, c2, c3) = (lo32(offset + i), hi32(offset + i), 0, 0),  key (k0, k1) = (lo32(seed), hi32(seed))
-    (r0, r1, _, _)   = Philox4x32-10(c, k)
-    u_j = float32(int32(r_j) < 0 ? ~int32(r_j) : int32(r_j)) * 4.6566127342e-10   (in [0, 1))
-    z   = sqrt(-2 log(max(u_0, 1e-7))) cos(2 pi u_1)                              (float32)
-
-which is exactly the construction of `triton.language.randn(seed, offsets)` (triton/language/
-random.py), so a Triton kernel, the CUDA kernel (csrc/philox.h) and the CPU kernel draw the same
-numbers, and a fused step's noise can be reproduced outside the kernel for testing. Results agree
-between backends bit for bit in the integer part and to a few float32 ulps after log/cos (each
-platform's libm).
-
-Backends: "cpu" (C++, csrc/philox.h), "cuda", "triton", and "reference" (numpy, below: the spec,
-whose launcher `philox_randn` is the reference backend's for the op family "randn").
+"""Counter-based Gaussian noise, Philox 4x32-10 with Box-Muller as Triton's tl.randn (docs/math.md,
+"The noise"): the public `randn` and the numpy reference every backend's noise is tested against.
 """
 
 from __future__ import annotations

@@ -1,21 +1,6 @@
-"""Consistency rollouts (Daras et al. 2023; docs/math.md section 3) and EDM's sampler steps as fused ops.
-
-Layers, as for every op of the package:
-  kernel    csrc/cpu/rollout.cpp, csrc/cuda/rollout.cu (arithmetic in csrc/rollout_math.h,
-            noise in csrc/philox.h), cdm_kernels/triton/rollout.py, rollout_reference.py
-  launcher  `rollout_step`, `martingale_loss_forward`, `martingale_loss_backward` of each backend
-            (contract: cdm_kernels/contract.py; registered in cdm_kernels/backends.py)
-  op        `cdm_kernels::rollout_step`, `cdm_kernels::martingale_loss` and
-            `cdm_kernels::martingale_loss_backward` (torch.library: one schema each, a kernel per
-            device type, a fake implementation, the autograd formula)
-  public    `rollout_step`, `consistency_rollout`, `martingale_loss` below: checks, shapes, dtypes.
-            In plain eager mode with no gradient to record (rollouts and samplers run under
-            no_grad), `rollout_step` calls the launcher the op would call, without the op's
-            Python dispatch; see `cdm_kernels.registry.plain_call`.
-
-A fused step reads x and D(x) once, draws its noise in the kernel from Philox keyed by
-(seed, offset + flat element index), and writes x' once. `cdm_kernels.randn(x.shape, seed, offset)`
-reproduces that noise outside the kernel.
+"""Consistency rollouts (Daras et al. 2023; docs/math.md section 3) and EDM's sampler steps as fused
+ops: the public `rollout_step`, `consistency_rollout` and `martingale_loss`, their checks and the
+registered ops `cdm_kernels::rollout_step` and `cdm_kernels::martingale_loss` (docs/contributing.md).
 """
 
 from __future__ import annotations

@@ -1,17 +1,6 @@
-"""Pure-PyTorch reference of the rollout steps and the martingale loss (docs/math.md sections 2 and 3).
-
-The spec every fused backend is tested against: separate tensor operations, any device, any float
-dtype, computed in the dtype it is given (run it in float64 to judge). Per-sample noise levels
-`t_cur`, `t_next` are (B,) and broadcast over the trailing dimensions of x here. It is also the
-`reference` backend of the op families rollout_step and martingale_loss: the launchers
-`rollout_step`, `martingale_loss_forward` and `martingale_loss_backward` at the end (their contract:
-cdm_kernels/contract.py).
-
-Step formulas (h = t_next - t_cur):
-    sde    x' = x + 2 h (x - D) / t_cur + sqrt(2 |h| t_cur) z              (reverse SDE, Euler-Maruyama)
-    euler  x' = x + h (x - D) / t_cur                                         (probability-flow ODE)
-    heun   x' = x + h/2 ((x - D) / t_cur + (x_e - D_e) / t_next)             (EDM's 2nd-order correction)
-    churn  x_hat = x + sqrt(t_hat^2 - t_cur^2) S_noise z                      (EDM's stochastic churn)
+"""Pure-PyTorch reference of the rollout steps and the martingale loss (docs/math.md sections 2 and 3):
+the spec every fused backend is tested against, computed in the dtype it is given (float64 to
+judge), and the `reference` backend's launchers of the rollout op families.
 """
 
 from __future__ import annotations

@@ -1,7 +1,5 @@
-"""EDM's rho noise schedule (Karras et al. 2022; docs/math.md section 2), per sample.
-
-The consistency rollout (docs/math.md section 3 step 3) needs one schedule per sample, from that
-sample's own sigma down to its own sigma_min, so both endpoints may be tensors.
+"""EDM's rho noise schedule (Karras et al. 2022; docs/math.md section 2), one per sample, as the
+consistency rollout needs (docs/math.md section 3 step 3).
 """
 
 from __future__ import annotations

@@ -1,14 +1,6 @@
-"""The stable target (Xu et al., ICLR 2023; docs/math.md) as one registered op family with autograd.
-
-Layers, the same for every op family of the package (docs/contributing.md):
-  kernel    csrc/cpu/stf.cpp, csrc/cuda/stf.cu, cdm_kernels/triton/stf.py, stf_reference.py
-  launcher  `stf_forward` / `stf_backward` of each backend (their contract: cdm_kernels/contract.py),
-            registered in cdm_kernels/backends.py and looked up through cdm_kernels/registry.py
-  op        `cdm_kernels::stf_forward` / `cdm_kernels::stf_backward` (torch.library: one schema each,
-            a kernel per device type, a fake implementation, and the autograd formula)
-  public    `stf_target`, `stf_score` below: input checks, shapes, dtypes, backend choice. With no
-            gradient to record, in plain eager mode, `stf_target` calls the launcher the op would
-            call, without the op's Python dispatch (`cdm_kernels.registry.plain_call`).
+"""The stable target (Xu et al., ICLR 2023; docs/math.md section 1) as one registered op family
+with autograd: the public `stf_target` and `stf_score`, their input checks and the op pair
+`cdm_kernels::stf_forward` / `stf_backward` (the layers: docs/contributing.md).
 """
 
 from __future__ import annotations

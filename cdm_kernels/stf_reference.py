@@ -1,33 +1,6 @@
-"""Pure-PyTorch reference of the stable target (docs/math.md): the spec every backend is judged by.
-
-Readable, chunked over the references with the exact merge of partial states, any device, any float
-dtype (run it in float64 to judge). Memory is O((B + chunk) D): no B x n tensor beyond one chunk,
-but for the distances the forward keeps for the backward when asked (`keep`).
-It is also the `reference` backend's launcher pair (`stf_forward`, `stf_backward`; the launcher
-contract is cdm_kernels/contract.py), and it emulates every precision mode of the GPU backends
-exactly: operands rounded to the mode's input format (`operands`), products of the rounded values
-in the compute dtype, as the tensor cores compute them up to the order of the float32 sums.
-
-The arithmetic (docs/math.md, "Exact distances" and "Streaming in distance space"):
-  * distances from shifted operands: x' = x - c, r' = r - c with the caller's centre c (any c gives
-    the same d_ij; one near the data keeps the products' rounding at the data's spread instead of
-    its offset from the origin), streamed as the reduced distance
-    delta_ij = ||r'_j||^2 - 2 x'_i . r'_j = d_ij - ||x'_i||^2 (clamped at -||x'_i||^2, d >= 0): the
-    row constant ||x'_i||^2, large when x is far from the data, enters once per row at the end;
-  * the softmax state of a row in distance space: m = min_j delta_ij, l = sum_j e_ij,
-    l2 = sum_j e_ij^2, t = sum_j e_ij (delta_ij - m), a = sum_j e_ij r'_j,
-    e_ij = exp(-(delta_ij - m) k_i), k_i = 1 / (2 sigma_i^2) (clamped to the dtype's largest number:
-    a sigma whose 1/sigma^2 overflows gives the nearest-reference limit instead of NaN);
-  * mu = a / l + c, lse = log l - d_min k, d_bar = d_min + t / l, n_eff = l^2 / l2, w_max = 1 / l,
-    with d_min = ||x_i - r_j*||^2 computed exactly for the reference j* at the state's minimum
-    (tracked while streaming): as ||x'||^2 + m it would cancel and lose lse's digits at small sigma.
-
-Row sums (the state's l, l2, t and the backward's sums) accumulate in float64, as every kernel's do:
-a float32 sum that starts at the dominant weight 1 rounds every later small weight at 1's ulp. The
-same partial states serve the sharded (multi-process) stable target: `partial_state` on each shard,
-`merge_states` across shards, `finalize` once.
-
-Shapes: x (B, D), sigma (B,), ref (n, D), centre (D,).
+"""Pure-PyTorch reference of the stable target (docs/math.md section 1): readable, chunked with the exact
+merge, any device and float dtype (float64 to judge), every GPU precision mode emulated exactly. It is
+also the `reference` backend's launcher pair and the partial states of the sharded stable target.
 """
 
 from __future__ import annotations
