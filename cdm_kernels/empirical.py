@@ -183,7 +183,7 @@ class EmpiricalDenoiser(torch.nn.Module):
             sigma = sigma.to(x.device)
         sig = check_sigma(sigma, B, x, dtype)
         classes = self._sample_classes(class_labels, B)
-        xc = x.reshape(B, -1).to(dtype)
+        xc = x.reshape(B, self.refs.shape[1]).to(dtype)
         kw = dict(chunk_size=self.chunk, backend=self.backend, precision=self.precision)
         if classes is None:
             mu = stf_target(xc, sig, self.refs, **kw)
