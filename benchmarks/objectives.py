@@ -25,23 +25,11 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `cdm_ker
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import cdm_kernels  # noqa: E402
 from benchmarks import stf_common as sc  # noqa: E402
-from cdm_kernels import CDMLoss, consistency_rollout, edm_sampler, load_dataset, martingale_loss  # noqa: E402
+from cdm_kernels import (  # noqa: E402
+    CDMLoss, EmpiricalDenoiser, consistency_rollout, edm_sampler, load_dataset, martingale_loss,
+)
 from cdm_kernels.train import TrainConfig, train  # noqa: E402
-
-try:
-    from cdm_kernels import EmpiricalDenoiser  # noqa: E402
-except ImportError:  # until the library has it: the posterior mean over a set is its stable target
-    class EmpiricalDenoiser:
-        def __init__(self, images, labels=None, *, sigma_min=0.002, sigma_max=80.0, chunk=None, backend="auto",
-                     precision="ieee"):
-            self.images, self.chunk, self.backend, self.precision = images, chunk, backend, precision
-
-        def __call__(self, x, sigma, class_labels=None):
-            s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0]).contiguous()
-            return cdm_kernels.stf_target(x, s, self.images.to(x.dtype), chunk_size=self.chunk,
-                                          backend=self.backend, precision=self.precision)
 
 LOSSES = ("edm", "stf", "cdm", "stf+cdm")
 EXACT = "exact"  # the empirical denoiser of the training split, as a model row

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from benchmarks import objectives as ob
+from cdm_kernels import EmpiricalDenoiser
 
 TINY = ["--images", "64", "--seeds", "2", "--channels", "4", "--sigmas", "3", "--eval-images", "8",
         "--mart-images", "4", "--samples", "6", "--sample-steps", "2", "--rbatch", "96", "--threads", "1"]
@@ -60,7 +61,7 @@ def test_error_to_truth_is_the_mse_to_the_posterior_mean(sigma):
     g = torch.Generator().manual_seed(0)
     refs = torch.rand(30, 1, 8, 8, generator=g) * 2 - 1
     images = refs[:7]
-    truth = ob.EmpiricalDenoiser(refs)
+    truth = EmpiricalDenoiser(refs)
 
     def zero(x, s):
         return torch.zeros_like(x)
@@ -75,7 +76,7 @@ def test_martingale_violation_sees_an_inconsistent_denoiser():
     # The exact denoiser is a martingale along the reverse SDE (up to the discretisation); adding
     # 10 sigma to it makes D1 - D0 = -10 eps per element, eps ~ U[0, 0.05]: E = 100 E[eps^2] = 1/12.
     tr_x = ob.split_digits(0.2, seed=0)[0][:200]
-    truth = ob.EmpiricalDenoiser(tr_x)
+    truth = EmpiricalDenoiser(tr_x)
 
     def shifted(x, s, class_labels=None):
         s = torch.as_tensor(s, dtype=x.dtype).reshape(-1, 1, 1, 1)
