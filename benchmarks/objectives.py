@@ -303,7 +303,7 @@ def plot(path: str, cfg: Config, summary: dict, sigmas: list[float], heldout_nn:
         ax.set_xlabel("sigma")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8)  # the panel with every model (the exact row is 0 in the first)
     ax = axes[3]
     ms = models(cfg)
     x = np.arange(len(ms))
@@ -313,8 +313,9 @@ def plot(path: str, cfg: Config, summary: dict, sigmas: list[float], heldout_nn:
         ax.bar(x + (j - 1) * 0.27, mean, 0.27, yerr=std, capsize=2, label=label)
     ax.axhline(heldout_nn, color="k", lw=0.8, ls=":", label="nn distance of held-out digits")
     ax.set_xticks(x, ms)
+    ax.set_ylim(0, 1.45)
     ax.set_title("samples", fontsize=10)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", ncol=2)
     ax.grid(alpha=0.3, axis="y")
     fig.suptitle(f"EDM, STF, CDM, STF+CDM on the digits: {cfg.images} images, {len(cfg.seeds)} seeds "
                  f"(error bars: std over seeds){', --quick' if cfg.quick else ''}", fontsize=11)
