@@ -43,7 +43,7 @@ class Config:
 
     losses: tuple[str, ...] = LOSSES
     seeds: tuple[int, ...] = (0, 1, 2)
-    images: int = 51_200              # training images per run (the same for every objective)
+    images: int = 38_400              # training images per run (the same for every objective)
     batch: int = 64
     lr: float = 2e-3
     model_channels: int = 16
@@ -401,7 +401,7 @@ def parse_args(argv=None) -> Config:
     ap.add_argument("--threads", type=_positive_int("--threads"), default=None, help="torch's CPU threads")
     ap.add_argument("--losses", default=",".join(LOSSES), help="subset of edm,stf,cdm,stf+cdm (default: all)")
     ap.add_argument("--seeds", type=_positive_int("--seeds"), default=None, help="number of seeds (3; --quick 2)")
-    ap.add_argument("--images", type=_positive_int("--images"), default=None, help="training images a run (51200; --quick 9600)")
+    ap.add_argument("--images", type=_positive_int("--images"), default=None, help="training images a run (38400; --quick 9600)")
     ap.add_argument("--batch", type=_positive_int("--batch"), default=None, help="batch (64)")
     ap.add_argument("--rbatch", type=_positive_int("--rbatch"), default=None, help="STF reference batch (1024)")
     ap.add_argument("--channels", type=_positive_int("--channels"), default=None, help="U-Net channels (16)")
