@@ -2,7 +2,7 @@
 denoiser: error per sigma, martingale violation, sample quality and memorisation (docs/objectives.md).
 
     python -m benchmarks.objectives --quick --threads 1 --out benchmarks/results   # under 10 minutes on 2 cores
-    python -m benchmarks.objectives --threads 2                                     # the full run, under an hour
+    python -m benchmarks.objectives --threads 1                                     # the full run, under an hour
 """
 
 from __future__ import annotations
