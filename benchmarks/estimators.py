@@ -63,7 +63,7 @@ class Config:
     cdm_samples: int = 2000
     cdm_steps: tuple = (2, 6, 20)
     mis_scales: tuple = (0.5, 0.8)  # the exact denoiser evaluated at these multiples of sigma
-    train_steps: int = 400
+    train_steps: int = 300
     seed: int = 0
     quick: bool = False
     out: str = sc.default_out("estimators")
@@ -344,7 +344,7 @@ def plot(out: str, stf: list[dict], cdm: list[dict]) -> None:
 def parse_args(argv=None) -> Config:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="reduced sizes (about a minute on 2 cores)")
-    ap.add_argument("--train-steps", type=int, help="steps of the small EDMLoss network (default 400, quick 60)")
+    ap.add_argument("--train-steps", type=int, help="steps of the small EDMLoss network (default 300, quick 40)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=sc.default_out("estimators"),
                     help="folder of the outputs (default: %(default)s; the committed ones: benchmarks/results)")
