@@ -57,7 +57,7 @@ class Config:
     digits_refs: tuple = (64, 128, 256, 512, 1024, 1536, 1797)  # n on the digits (1797: the whole set)
     gmm_dim: int = 3072
     gmm_components: int = 10
-    gmm_refs: tuple = (64, 256, 1024, 4096, 16384)
+    gmm_refs: tuple = (32, 256, 1024, 4096, 16384)  # from B = gmm_batch
     gmm_batch: int = 32
     cdm_sigmas: tuple = (0.1, 0.3, 1.0, 3.0, 10.0)
     cdm_samples: int = 2000
@@ -70,7 +70,7 @@ class Config:
 
 
 QUICK = dict(sigmas=(0.002, 0.05, 0.2, 0.5, 1.0, 2.0, 5.0, 80.0), batch=32, batches=4,
-             digits_refs=(32, 128, 512, 1797), gmm_dim=3072, gmm_refs=(32, 256, 2048), gmm_batch=16,
+             digits_refs=(32, 128, 512, 1797), gmm_dim=3072, gmm_refs=(16, 256, 2048), gmm_batch=16,
              cdm_sigmas=(0.3, 1.0, 3.0), cdm_samples=300, cdm_steps=(2, 6, 20), train_steps=40)
 
 
@@ -262,10 +262,11 @@ def write_markdown(path: str, cfg: Config, stf: list[dict], cdm: list[dict], env
     for ds in dict.fromkeys(r["dataset"] for r in stf):
         rs = [r for r in stf if r["dataset"] == ds]
         ns = list(dict.fromkeys(r["n"] for r in rs))
-        lines += [f"### {ds} (D = {rs[0]['D']}, B = {rs[0]['B']}, R = {rs[0]['R']} reference batches)", "",
+        B, R = rs[0]["B"], max(r["R"] for r in rs)
+        lines += [f"### {ds} (D = {rs[0]['D']}, B = {B}, R = {R} reference batches per x)", "",
                   "relative RMS error sqrt(MSE / mean(mu*^2)) of the DSM target y and of the stable target with n "
-                  "references; then n for 1%, and the squared bias's share of the stable target's MSE at n = "
-                  f"{ns[1]} (at n = B = {ns[0]} the batch is the minibatch alone: no variance)", "",
+                  "references; then n for 1% (the smallest n of the grid), and the squared bias's share of the "
+                  f"stable target's MSE at n = {ns[1]} (at n = B the batch is the minibatch alone: no variance)", "",
                   "| sigma | DSM | " + " | ".join(f"n={n}" for n in ns) + " | n for 1% | bias^2 / MSE at n=" + str(ns[1]) + " |",
                   "|---" * (len(ns) + 4) + "|"]
         for sigma in dict.fromkeys(r["sigma"] for r in rs):
@@ -293,6 +294,9 @@ def plot(out: str, stf: list[dict], cdm: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def pos(v: float) -> float:  # log axes: zero or a negative estimate is left out of the line
+        return v if v > 0 else float("nan")
+
     datasets = list(dict.fromkeys(r["dataset"] for r in stf))
     fig, axes = plt.subplots(2, len(datasets), figsize=(6 * len(datasets), 8), squeeze=False)
     for col, ds in enumerate(datasets):
@@ -301,19 +305,18 @@ def plot(out: str, stf: list[dict], cdm: list[dict]) -> None:
         ns = list(dict.fromkeys(r["n"] for r in rs))
         ax, ax2 = axes[0][col], axes[1][col]
         dsm = [next(r["mse_dsm"] for r in rs if r["sigma"] == s) for s in sig]
-        ax.loglog(sig, dsm, "k--", label="DSM target y")
+        ax.loglog(sig, [pos(v) for v in dsm], "k--", label="DSM target y")
         cmap = plt.get_cmap("viridis")
         for i, n in enumerate(ns):
             colour = cmap(i / max(len(ns) - 1, 1))
             m = [next(r for r in rs if r["sigma"] == s and r["n"] == n) for s in sig]
-            ax.loglog(sig, [max(r["mse_stf"], 1e-30) for r in m], "-o", ms=3, color=colour, label=f"STF n={n}")
-            ax2.loglog(sig, [max(r["bias2"], 1e-30) for r in m], "-o", ms=3, color=colour, label=f"bias^2 n={n}")
-            ax2.loglog(sig, [max(r["var"], 1e-30) for r in m], ":", color=colour)
+            ax.loglog(sig, [pos(r["mse_stf"]) for r in m], "-o", ms=3, color=colour, label=f"STF n={n}")
+            ax2.loglog(sig, [pos(r["bias2"]) for r in m], "-o", ms=3, color=colour, label=f"bias^2 n={n}")
+            ax2.loglog(sig, [pos(r["var"]) for r in m], ":", color=colour)
         ax.set_title(f"{ds} (D = {rs[0]['D']}): MSE against E[x0|x] per element")
         ax2.set_title("squared bias (solid) and variance (dotted) of the stable target")
         for a in (ax, ax2):
             a.set_xlabel("sigma")
-            a.set_ylim(bottom=1e-12)
             a.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=7)
         ax2.legend(fontsize=7)
@@ -321,21 +324,28 @@ def plot(out: str, stf: list[dict], cdm: list[dict]) -> None:
     fig.savefig(os.path.join(out, "estimators_stf.png"), dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for name in dict.fromkeys(r["denoiser"] for r in cdm):
         rs = [r for r in cdm if r["denoiser"] == name]
         for steps in dict.fromkeys(r["num_steps"] for r in rs):
             m = [r for r in rs if r["num_steps"] == steps]
-            ax.errorbar([r["sigma"] for r in m], [r["martingale"] for r in m], yerr=[2 * r["se"] for r in m],
-                        fmt="-o", ms=3, capsize=3, label=f"{name}, {steps} steps")
-    ax.axhline(0, color="k", lw=0.8)
+            label = f"{name}, {steps} steps"
+            ax.plot([r["sigma"] for r in m], [r["z"] for r in m], "-o", ms=3, label=label)
+            ax2.errorbar([r["sigma"] for r in m], [pos(r["martingale"]) for r in m], yerr=[r["se"] for r in m],
+                         fmt="-o", ms=3, capsize=3, label=label)
+    ax.axhspan(-2, 2, color="0.85", label="|z| < 2")
     ax.set_xscale("log")
-    ax.set_yscale("symlog", linthresh=1e-5)
-    ax.set_xlabel("sigma (rollout to sigma / 2)")
-    ax.set_ylabel("mean of (D1a - D0)(D1b - D0), +- 2 SE")
-    ax.set_title("CDM's martingale term on the digits")
+    ax.set_yscale("symlog", linthresh=4)
+    ax.set_ylabel("z = mean / its Monte Carlo error")
+    ax.set_title("CDM's martingale term on the digits: significance")
+    ax2.set_xscale("log")
+    ax2.set_yscale("log")
+    ax2.set_ylabel("mean of (D1a - D0)(D1b - D0) per element, +- SE (positive means)")
+    ax2.set_title("its size")
+    for a in (ax, ax2):
+        a.set_xlabel("sigma (rollout to sigma / 2)")
+        a.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
-    ax.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "estimators_cdm.png"), dpi=110)
     plt.close(fig)
