@@ -273,3 +273,13 @@ def test_estimators_script_at_tiny_sizes(tmp_path):
     assert md.count("| 0.05 | ") == 2 and "n for 1%" in md and "EDMLoss net (2 steps)" in md
     assert (tmp_path / "estimators_stf.png").stat().st_size > 0 and (tmp_path / "estimators_cdm.png").stat().st_size > 0
     assert est.refs_for_one_percent(stf)[("digits", 1.0)] in (8, 64, 1797)
+
+
+def test_small_images_compute_in_float64_unless_a_tensor_core_mode_is_asked():
+    from cdm_kernels.empirical import arithmetic_dtype
+
+    assert arithmetic_dtype(torch.float32, 64) == torch.float64
+    assert arithmetic_dtype(torch.float16, 1023) == torch.float64
+    assert arithmetic_dtype(torch.float32, 1024) == torch.float32
+    assert arithmetic_dtype(torch.float64, 3072) == torch.float64
+    assert arithmetic_dtype(torch.float32, 64, "tf32") == torch.float32
