@@ -283,3 +283,25 @@ def test_small_images_compute_in_float64_unless_a_tensor_core_mode_is_asked():
     assert arithmetic_dtype(torch.float32, 1024) == torch.float32
     assert arithmetic_dtype(torch.float64, 3072) == torch.float64
     assert arithmetic_dtype(torch.float32, 64, "tf32") == torch.float32
+
+
+@pytest.mark.parametrize("labelled", [False, True])
+def test_the_losses_drive_it_as_a_network(labelled):
+    images, labels = _data(37, (1, 3, 5), classes=4)
+    net = EmpiricalDenoiser(images, labels if labelled else None)
+    gen = torch.Generator().manual_seed(3)
+    batch = images[:6]
+    given = labels[:6] if labelled else None
+    cdm = cdm_kernels.CDMLoss(num_steps=4)(net, batch, given, generator=gen)
+    edm = cdm_kernels.EDMLoss()(net, batch, given, generator=torch.Generator().manual_seed(3))
+    assert cdm.shape == edm.shape == batch.shape and bool(torch.isfinite(cdm).all())
+    # The exact denoiser minimises EDM's loss: on the same draws of sigma and noise, a denoiser
+    # evaluated at a wrong noise level does worse.
+    many = images[torch.randint(0, 37, (2000,), generator=gen)]
+
+    def wrong(x, sigma, class_labels=None, augment_labels=None):
+        return net(x, 0.7 * sigma, class_labels)
+
+    exact_loss = cdm_kernels.EDMLoss()(net, many, generator=torch.Generator().manual_seed(4)).mean()
+    wrong_loss = cdm_kernels.EDMLoss()(wrong, many, generator=torch.Generator().manual_seed(4)).mean()
+    assert float(exact_loss) < float(wrong_loss)
