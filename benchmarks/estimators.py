@@ -314,9 +314,11 @@ def plot(out: str, stf: list[dict], cdm: list[dict]) -> None:
             ax2.loglog(sig, [pos(r["bias2"]) for r in m], "-o", ms=3, color=colour, label=f"bias^2 n={n}")
             ax2.loglog(sig, [pos(r["var"]) for r in m], ":", color=colour)
         ax.set_title(f"{ds} (D = {rs[0]['D']}): MSE against E[x0|x] per element")
+        floor = 1e-9  # below: rounding (the whole set on the digits) or a posterior on one image
         ax2.set_title("squared bias (solid) and variance (dotted) of the stable target")
         for a in (ax, ax2):
             a.set_xlabel("sigma")
+            a.set_ylim(bottom=floor)
             a.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=7)
         ax2.legend(fontsize=7)
@@ -342,6 +344,7 @@ def plot(out: str, stf: list[dict], cdm: list[dict]) -> None:
     ax2.set_yscale("log")
     ax2.set_ylabel("mean of (D1a - D0)(D1b - D0) per element, +- SE (positive means)")
     ax2.set_title("its size")
+    ax2.set_ylim(bottom=1e-7)  # below: the posterior sits on one image
     for a in (ax, ax2):
         a.set_xlabel("sigma (rollout to sigma / 2)")
         a.grid(True, alpha=0.3)
