@@ -4,6 +4,7 @@ The public API is `__all__` below; docs/usage.md describes every op, loss and ar
 """
 
 from . import backends as _backends  # noqa: F401  (every backend registration, in one place)
+from . import selfcheck as _selfcheck  # noqa: F401  (the GPU backends' first-use check, installed in the registry)
 from ._ext import extension_status, has_cpu_kernels, has_cuda_kernels
 from .registry import available_backends, resolve_backend
 from .stf import STFStats, ref_sqnorm, stf_score, stf_target
