@@ -44,7 +44,6 @@ and the exit status is 1.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import math
 import os
@@ -62,6 +61,7 @@ import torch  # noqa: E402
 import cdm_kernels  # noqa: E402
 from benchmarks import stf_common as sc  # noqa: E402
 from cdm_kernels import registry, stf_reference  # noqa: E402
+from cdm_kernels.matmul_mode import products  # noqa: E402
 from cdm_kernels.stf import default_chunk_size  # noqa: E402
 
 SIZES = ((64, 4096, 3072), (512, 4096, 3072), (512, 50000, 3072), (256, 262144, 3072), (64, 16384, 12288))
@@ -82,14 +82,9 @@ class Config:
     device: str = "cuda"
 
 
-@contextlib.contextmanager
 def tf32(enabled: bool):
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
+    """torch's float32 products with TF32 on or off for the eager peers (cdm_kernels.matmul_mode)."""
+    return products(enabled, torch.device("cuda"))
 
 
 # ----------------------------------------------------------------------------------------------
