@@ -15,10 +15,10 @@ from .options import (
     _ints, _or_exit, _Parser, build_parser, parse_args,
 )
 from .profiling import _profile, _profile_config, profile_training
-from .run import Run, _check_backend, _load_data, build_loss, build_model, set_up
+from .run import Run, _check_backend, _load_data, build_loss, build_model, build_references, set_up
 from .snapshots import _plot_losses, _read_log, _sample, _truncate_log, sample_checkpoint, sample_grid, snapshot
 
 __all__ = [
-    "LOSSES", "RESUME_MAY_CHANGE", "Run", "TrainConfig", "build_loss", "build_model", "fit", "main", "parse_args",
-    "process_seed", "set_up", "snapshot", "train", "train_step",
+    "LOSSES", "RESUME_MAY_CHANGE", "Run", "TrainConfig", "build_loss", "build_model", "build_references", "fit",
+    "main", "parse_args", "process_seed", "set_up", "snapshot", "train", "train_step",
 ]

@@ -46,6 +46,16 @@ def build_loss(c: TrainConfig, num_refs: int, local_batch: int, group=None, shar
     return STFCDMLoss(**cdm, **stf)
 
 
+def build_references(c: TrainConfig, num_refs: int, local_batch: int, rank: int = 0,
+                     world_size: int = 1) -> ReferenceDraw | None:
+    """The STF losses' draw of each step's other references from a pool of `num_refs` images
+    (`data.ReferenceDraw`: rbatch - local_batch of them, outside the global batch), None for the
+    losses without references."""
+    if c.loss not in ("stf", "stf+cdm"):
+        return None
+    return ReferenceDraw(num_refs, c.rbatch - local_batch, c.batch, c.seed, rank, world_size)
+
+
 def build_model(c: TrainConfig, resolution: int, channels: int, label_dim: int) -> EDMPrecond:
     return EDMPrecond(
         resolution,
@@ -149,9 +159,7 @@ def set_up(c: TrainConfig) -> Run:
     if c.xflip:
         bank_images = torch.cat([bank_images, bank_images.flip(-1)])
     loss_fn = build_loss(c, bank_images.shape[0], local_batch, group=dd.group, sharded=dd.active)
-    refs = None
-    if c.loss in ("stf", "stf+cdm"):
-        refs = ReferenceDraw(bank_images.shape[0], c.rbatch - local_batch, c.batch, c.seed, dd.rank, dd.world)
+    refs = build_references(c, bank_images.shape[0], local_batch, dd.rank, dd.world)
 
     run = Run(c, device, dd, ds, net, ema, net, opt, order, loss_fn, refs, bank_images, total_steps)
     if ckpt is not None:
