@@ -457,9 +457,9 @@ class Bench:
 
     def step_fn(self, case: Case, loss_fn) -> Callable[[], None]:
         """The loop's step of the shared run with the row's loss and its reference draw."""
-        c = train_config(self.cfg, case.loss, case.rbatch)
+        c = replace(self.run.c, loss=case.loss, rbatch=case.rbatch or self.cfg.batch)
         refs = build_references(c, self.run.bank_images.shape[0], self.run.local_batch)
-        run = replace(self.run, c=replace(self.run.c, loss=c.loss, rbatch=c.rbatch), loss_fn=loss_fn, refs=refs)
+        run = replace(self.run, c=c, loss_fn=loss_fn, refs=refs)
         return lambda: train_step(run)
 
     def persistent_bytes(self) -> float:
@@ -940,11 +940,10 @@ def _positive_int(name: str):
     return parse
 
 
-def parse_args(argv=None) -> tuple[Config, str, bool]:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_train_step", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny network, batch 4, rbatch 64/256: checks the script")
+    sc.add_quick_and_out(ap, "bench_train_step", "tiny network, batch 4, rbatch 64/256: checks the script")
     ap.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available, else cpu")
-    ap.add_argument("--out", default=None, help="output folder (default: out/bench_train_step, git-ignored)")
     ap.add_argument("--batch", type=_positive_int("--batch"), default=None, help="batch size (64)")
     ap.add_argument("--rbatch", default=None, help="STF's two reference batches, small,large (4096,50000)")
     ap.add_argument("--losses", default=",".join(LOSS_ORDER), help="subset of edm,stf,cdm,stf+cdm (edm always runs)")
@@ -958,6 +957,11 @@ def parse_args(argv=None) -> tuple[Config, str, bool]:
     ap.add_argument("--threads", type=_positive_int("--threads"), default=None,
                     help="torch's CPU threads (default: torch's; --quick 1)")
     ap.add_argument("--no-progress", action="store_true", help="no progress output")
+    return ap
+
+
+def parse_args(argv=None) -> tuple[Config, str, bool]:
+    ap = build_parser()
     a = ap.parse_args(argv)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -993,8 +997,7 @@ def parse_args(argv=None) -> tuple[Config, str, bool]:
     if max(cfg.rbatches) > cfg.data or min(cfg.rbatches) < cfg.batch:
         ap.error(f"--rbatch: each reference batch must be between the batch ({cfg.batch}) and the data set's "
                  f"size ({cfg.data}), got {cfg.rbatches}")
-    out = a.out or os.path.join(ROOT, "out", "bench_train_step")
-    return cfg, out, not a.no_progress
+    return cfg, a.out, not a.no_progress
 
 
 def main(argv=None) -> int:
@@ -1007,6 +1010,7 @@ def main(argv=None) -> int:
     paths = write_outputs(res, out, command.strip())
     print(format_markdown(res, command.strip()))
     print("wrote " + ", ".join(paths))
+    print(f"results in {os.path.abspath(out)}")
     return 0
 
 

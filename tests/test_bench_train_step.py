@@ -189,7 +189,7 @@ def test_ddpmpp_network_has_edms_size():
 
 def test_cli_checks_arguments_and_default_output():
     cfg, out, _ = bts.parse_args(["--quick", "--device", "cpu"])
-    assert cfg.quick and cfg.batch == 4 and out == os.path.join(ROOT, "out", "bench_train_step")
+    assert cfg.quick and cfg.batch == 4 and out == os.path.join(ROOT, "out", "benchmarks", "bench_train_step")
     for bad in (["--rbatch", "5"], ["--rbatch", "64,999999"], ["--losses", "edm,foo"], ["--batch", "0"],
                 ["--steps", "1", "--min-steps", "3"]):
         with pytest.raises(SystemExit):
