@@ -560,12 +560,16 @@ def run(cfg: Config, res: Results, log=print) -> Results:
     return res
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=None, help="output folder (default out/benchmarks/gpu_targets)")
+    sc.add_quick_and_out(ap, "gpu_targets", "small shapes on any device: checks the script, no verdicts")
     ap.add_argument("--repeats", type=int, default=10, help="timed calls per method (median) (default 10)")
-    ap.add_argument("--quick", action="store_true", help="small shapes on any device: checks the script, no verdicts")
     ap.add_argument("--strict", action="store_true", help="exit status 1 when a verdict is FAIL")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     has_gpu = torch.cuda.is_available()
     if not has_gpu and not args.quick:
@@ -583,8 +587,7 @@ def main(argv=None) -> int:
     run(cfg, res)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     crit = res.criteria(cfg)
-    out = args.out or sc.default_out("gpu_targets")
-    csv_path, md_path = write_outputs(out, res, crit)
+    csv_path, md_path = write_outputs(args.out, res, crit)
     print(f"results in {csv_path}, {md_path}")
     pipeline = pipeline_table(res.rows)
     if pipeline:

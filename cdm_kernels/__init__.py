@@ -50,8 +50,8 @@ from .losses import CDMLoss, EDMLoss, ReferenceBank, STFCDMLoss, STFLoss
 
 __all__ += ["CDMLoss", "EDMLoss", "ReferenceBank", "STFCDMLoss", "STFLoss", "stf_target_sharded"]
 
-# EDM model, sampler and data sets. The training loop is the submodule cdm_kernels.train (not
-# imported here, so that `python -m cdm_kernels.train` runs it as __main__ without a second copy).
+# EDM model, sampler and data sets. The training loop is the package cdm_kernels.train, imported on
+# demand (`python -m cdm_kernels.train`, `from cdm_kernels.train import ...`).
 from .data import ImageDataset, load_dataset
 from .edm import EDMPrecond, UNet, edm_sampler
 
