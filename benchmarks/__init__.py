@@ -4,8 +4,10 @@
     python -m benchmarks.stf_cpu_targets          the fused CPU kernel's speed targets, pass/fail
     python -m benchmarks.bench_rollout            the fused rollout steps' speed targets, pass/fail
     python benchmarks/stf_precision_table.py      each precision mode's error against float64
+    python -m benchmarks.bench_train_step         one training step of each loss, against the authors' formulas
+    python -m benchmarks.gpu_targets              every GPU target in one run, pass/fail
 
-Each also runs as `python benchmarks/<name>.py`, and has a --quick mode that checks it in seconds.
+Each also runs as `python benchmarks/<name>.py`, and each has --quick (checks it in seconds) and --out.
 By default they write into out/benchmarks/<name> (ignored by git); the committed results in
 benchmarks/results/ change only when --out names that folder.
 

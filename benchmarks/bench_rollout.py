@@ -36,7 +36,7 @@ on a small case and is compared with the float64 reference (rollout_reference, f
 the Philox spec `philox_randn_reference` for the noise). A method that disagrees is reported
 `wrong: ...` with verdict `FAIL (wrong)` and is not timed.
 
-Outputs in --out (default out/benchmarks/rollout_bench in the checkout, which git ignores; the
+Outputs in --out (default out/benchmarks/bench_rollout in the checkout, which git ignores; the
 committed results in benchmarks/results/ change only when --out names that folder):
 rollout_bench.csv (one row per method and shape; device, versions, shapes, times, GB/s, fractions,
 target and verdict in every row) and rollout_bench.md. Exit status 0 unless --strict and a
@@ -510,7 +510,7 @@ def _csv_value(v):
 # ----------------------------------------------------------------------------------------------
 
 
-def parse_args(argv=None) -> tuple[Config, bool, bool]:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=None, help="B of the (B, 3, 32, 32) and (B, 3, 64, 64) states (256)")
     ap.add_argument("--repeats", type=int, default=None, help="timed samples per call (31; --quick 5)")
@@ -519,11 +519,14 @@ def parse_args(argv=None) -> tuple[Config, bool, bool]:
     ap.add_argument("--threads", default=None,
                     help="comma-separated thread counts, each a pass of every row; 0 = torch's default (1,0; --quick 0)")
     ap.add_argument("--methods", default="sde,noise,euler,heun", help="comma-separated subset")
-    ap.add_argument("--quick", action="store_true", help="B=16, few repeats: checks the script, no speed claims")
-    ap.add_argument("--out", default=sc.default_out("rollout_bench"),
-                    help="write rollout_bench.csv and rollout_bench.md into this directory (default: %(default)s)")
+    sc.add_quick_and_out(ap, "bench_rollout", "B=16, few repeats: checks the script, no speed claims")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a criterion fails (ignored with --quick)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return ap
+
+
+def parse_args(argv=None) -> tuple[Config, bool, bool]:
+    ap = build_parser()
     a = ap.parse_args(argv)
     cfg = Config(**QUICK) if a.quick else Config()
     over = {k: v for k, v in (("batch", a.batch), ("repeats", a.repeats), ("sample_ms", a.sample_ms)) if v is not None}

@@ -13,7 +13,7 @@ method whose median call exceeds --budget seconds stops growing n ("skipped: tim
 library's own methods (cdm_kernels[...]) have their own, larger --library-budget, so that their rows
 reach n = 1M where memory allows (they are what a user compares the peers with).
 
-Outputs in --out (default out/benchmarks/stf_bench in the checkout, which git ignores; the committed
+Outputs in --out (default out/benchmarks/bench_stf in the checkout, which git ignores; the committed
 results in benchmarks/results/ change only when --out names that folder): stf_bench.csv (one row per
 (pass, D, B, n, method), device and versions in every row), stf_gate.csv, stf_bench.md (tables),
 stf_throughput.png and stf_memory.png (log-log, one line per method), stf_command.txt. pykeops is
@@ -62,7 +62,7 @@ class SweepConfig:
     mem_limit_gb: float = 16.0  # GiB: inputs + predicted extra memory of one call
     methods: tuple[str, ...] | None = None  # None: all
     device: str = "cpu"
-    out: str = field(default_factory=lambda: sc.default_out("stf_bench"))
+    out: str = field(default_factory=lambda: sc.default_out("bench_stf"))
     time_wrong: bool = False  # time methods that failed the gate anyway (still marked wrong)
     quick: bool = False
 
@@ -344,9 +344,9 @@ def write_plots(out: str, rows: list[dict], methods: list[sc.Method], env: dict)
     return paths
 
 
-def parse_args(argv=None) -> SweepConfig:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="reduced sweep (D=1024, B=16, n=256..1024), under a minute")
+    sc.add_quick_and_out(ap, "bench_stf", "reduced sweep (D=1024, B=16, n=256..1024), under a minute")
     ap.add_argument("--dims", type=int, nargs="+", help="D values (default 3072 12288)")
     ap.add_argument("--batches", type=int, nargs="+", help="B values (default 64 256)")
     ap.add_argument("--n-min", type=int)
@@ -358,10 +358,12 @@ def parse_args(argv=None) -> SweepConfig:
     ap.add_argument("--mem-limit-gb", type=float, help="GiB per call, inputs included (default: min(16, 70%% of free))")
     ap.add_argument("--methods", nargs="+", help="subset of method names")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default=sc.default_out("stf_bench"),
-                    help="folder of the outputs (default: %(default)s; the committed ones: benchmarks/results)")
     ap.add_argument("--time-wrong", action="store_true", help="also time methods that fail the gate (marked)")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def parse_args(argv=None) -> SweepConfig:
+    a = build_parser().parse_args(argv)
     kw = dict(QUICK) if a.quick else {"mem_limit_gb": default_mem_limit_gb()}
     for name, value in (("dims", a.dims), ("batches", a.batches), ("n_min", a.n_min), ("n_max", a.n_max),
                         ("passes", a.passes), ("budget_s", a.budget), ("library_budget_s", a.library_budget),

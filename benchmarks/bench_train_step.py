@@ -5,68 +5,10 @@ formulas, at CIFAR-10 shape.
     python -m benchmarks.bench_train_step --device cuda           # the target's configuration, on a GPU
     python benchmarks/bench_train_step.py --device cpu --batch 4 --threads 1   # works as a script too
 
-Setting: images 3 x 32 x 32 drawn from a synthetic data set of 50,000 images (CIFAR-10's training set
-size, uniform in [-1, 1], kept on the device as the training loop keeps its bank); the loop's network
-(`cdm_kernels.train.build_model`) configured like EDM's CIFAR-10 DDPM++ (model_channels 128,
-channel_mult (2, 2, 2), 4 blocks a level, attention at 16 x 16, dropout 0.13), in training mode;
-Adam as the loop builds it; a batch of 64.
-
-Rows: EDM; STF with reference batches of 4096 and 50,000; CDM with 6 rollout points; STF+CDM with
-4096 references. Each loss twice:
-
-  library  the loss of `cdm_kernels.train.build_loss` (EDMLoss / STFLoss / CDMLoss / STFCDMLoss), as
-           the training loop runs it: the fused stable target, the fused reverse-SDE steps with
-           in-kernel Philox noise, the fused martingale loss.
-  authors  the same loss with two pieces swapped for the authors' formulas: the stable target by the
-           broadcast formula (a (B, n, D) difference tensor, softmax, weighted sum of the repeated
-           references, under no_grad: `stf_common.authors_broadcast`) and the rollout steps as float64
-           tensor operations with torch.randn_like noise (bench_rollout's peer, `authors_rollout`). The
-           network, the draws of sigma and sigma_min, the weighting, the reference batch and the
-           martingale loss (the fused op) are the library loss's own, so the difference isolates the
-           two formulas.
-
-One step = zero_grad, a fresh batch (and, for STF, the reference batch: the batch's images, then
-rbatch - B other images of the bank, gathered as the loop does), the loss, backward of
-sum(loss) / B, Adam's step. The loop's EMA update and gradient clean-up are the same for every loss
-and left out (they would only pull the ratios towards 1).
-
-Measurements (each row after its warm-up steps):
-  ms/step     median over the timed steps (at least --min-steps, more while they total under
-              --target-s, at most --steps); CUDA events on a GPU, time.perf_counter on the CPU.
-  x EDM       ms/step over the median of EDM steps timed in alternation with the row's steps (one
-              EDM step after each), so that a change of load or clocks hits both; "edm (end)" is
-              EDM timed again after every row, its ratio to the first EDM row the run's drift.
-  CPU time    on the CPU also the process's CPU time of each step (time.process_time) and its ratio
-              to the paired EDM steps': with one thread (--threads 1) the step's own cost, which
-              other processes on a shared machine do not inflate as they do the wall time.
-  peak memory one more step: GPU torch.cuda.max_memory_allocated (absolute) and its excess over what
-              was allocated before the step; CPU the allocator events of torch.profiler
-              (stf_common.peak_extra_bytes) for the excess, plus the persistent tensors (parameters,
-              Adam's state, the data set) for the total.
-  lib ops     --profile-steps steps under torch.profiler: the time of every registered op of this
-              library (names starting "cdm_kernels::", and "cdm_kernels_C::" called directly) that
-              is not inside another one, its children included: GPU time of the kernels it launched
-              on a GPU, CPU time on the CPU; share = that time over the profiled steps' own wall
-              time (CUDA events / perf_counter). The Python glue of the losses (norms,
-              concatenations) counts as "the rest".
-
-Correctness first: before any timing the stable target of the library and of the authors' formula are
-compared with a float64 judge on a small case (stf_common.gate_inputs: B = 8, n = 300, sigma from 0.5
-to 80, the images' D), tolerance FlashAttention's rule (stf_common.gate_tolerances), and the library's
-rollout with the authors' float64 rollout fed the same Philox noise (relative 1e-5). A formula that
-fails is reported "wrong: ..." in its rows and not timed.
-
-Memory: before each row runs, its peak is estimated (persistent tensors + the reference batch + the
-larger of the EDM step's measured excess x the batches that keep a graph and the stable target's own
-tensors, for the broadcast formula 3 B n D + 4 B n floats, stf_common's model + the rollout's
-states: `estimate_bytes`) and a row over the
-limit (--mem-limit-gb; default 95% of the GPU's free memory, 70% of the CPU's available memory, at
-the start) is recorded "OOM (needs X GiB)" without running; an out-of-memory error that happens
-anyway is caught and recorded "OOM (at run: ...)".
-
-Outputs in --out (default out/bench_train_step/, git-ignored): train_step.csv (one row per loss and
-method, plus the target row STF(50000)/EDM <= 1.10, a verdict only on a GPU at the target's sizes),
-train_step.md (tables, checks, network), train_step.png (ms/step per loss and method).
+The training loop's own step (`cdm_kernels.train.set_up` and `train_step`) on a run configured like
+EDM's CIFAR-10 DDPM++ network (`DDPMPP`), each loss with this library's ops (`library`) and with the
+authors' stable target and rollout swapped in (`authors`: `AuthorsLoss`). What each row runs, how it
+is checked, timed and its memory estimated, and the outputs: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -78,6 +20,7 @@ import os
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
@@ -86,11 +29,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `cdm_kernels` importable
     sys.path.insert(0, ROOT)
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import cdm_kernels  # noqa: E402
 from benchmarks import stf_common as sc  # noqa: E402
-from cdm_kernels.train import TrainConfig, build_loss, build_model  # noqa: E402
+from cdm_kernels.train import (  # noqa: E402
+    TrainConfig, build_loss, build_model, build_references, set_up, train_step,
+)
 
 GiB = float(1 << 30)
 FLOAT32, FLOAT64 = 4, 8
@@ -98,6 +44,27 @@ K = 2  # CDM trajectories per sample (CDMLoss uses two)
 EDM_DDPMPP_PARAMS_PAPER = 55.73e6  # EDM (Karras et al. 2022), Table 7: DDPM++ on CIFAR-10, "56M"
 TARGET_RATIO = 1.10  # target: STF with 50,000 references adds at most 10% to an EDM step (on the H200)
 LOSS_ORDER = ("edm", "stf", "cdm", "stf+cdm")
+# How each column is measured (each row after its warm-up steps), as the markdown output says it.
+MEASURED = """\
+  ms/step     median over the timed steps (at least --min-steps, more while they total under
+              --target-s, at most --steps); CUDA events on a GPU, time.perf_counter on the CPU.
+  x EDM       ms/step over the median of EDM steps timed in alternation with the row's steps (one
+              EDM step after each), so that a change of load or clocks hits both; "edm (end)" is
+              EDM timed again after every row, its ratio to the first EDM row the run's drift.
+  CPU time    on the CPU also the process's CPU time of each step (time.process_time) and its ratio
+              to the paired EDM steps': with one thread (--threads 1) the step's own cost, which
+              other processes on a shared machine do not inflate as they do the wall time.
+  peak memory one more step: GPU torch.cuda.max_memory_allocated (absolute) and its excess over what
+              was allocated before the step; CPU the allocator events of torch.profiler
+              (stf_common.peak_extra_bytes) for the excess, plus the persistent tensors (parameters,
+              the EMA's, Adam's state, the data set) for the total.
+  lib ops     --profile-steps steps under torch.profiler: the time of every registered op of this
+              library (names starting "cdm_kernels::", and "cdm_kernels_C::" called directly) that
+              is not inside another one, its children included: GPU time of the kernels it launched
+              on a GPU, CPU time on the CPU; share = that time over the profiled steps' own wall
+              time (CUDA events / perf_counter). The Python glue of the losses (norms,
+              concatenations) counts as "the rest".
+"""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,12 +148,13 @@ def cases(cfg: Config) -> list[Case]:
 # ----------------------------------------------------------------------------------------------
 
 
-def train_config(cfg: Config, loss: str = "edm", rbatch: int | None = None) -> TrainConfig:
+def train_config(cfg: Config, loss: str = "edm", rbatch: int | None = None, **kw) -> TrainConfig:
+    """The loop's options of a row: the loss, the sizes, the network; `kw` (data, outdir) as given."""
     n = cfg.net
     return TrainConfig(
         loss=loss, batch=cfg.batch, rbatch=rbatch or cfg.batch, cdm_steps=cfg.cdm_steps, device=cfg.device,
-        model_channels=n.model_channels, channel_mult=n.channel_mult, num_blocks=n.num_blocks,
-        attn_resolutions=n.attn_resolutions, dropout=n.dropout,
+        seed=cfg.seed, model_channels=n.model_channels, channel_mult=n.channel_mult, num_blocks=n.num_blocks,
+        attn_resolutions=n.attn_resolutions, dropout=n.dropout, grid=0, progress=False, **kw,
     )
 
 
@@ -474,42 +442,36 @@ def is_oom(exc: BaseException) -> bool:
 
 
 class Bench:
-    """The network, its optimizer and the data set, shared by every row (one model in memory)."""
+    """The training loop's run (`cdm_kernels.train.set_up`), shared by every row: one model in memory."""
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.device = torch.device(cfg.device)
-        C, H, _ = cfg.image
-        torch.manual_seed(cfg.seed)
-        self.net = build_model(train_config(cfg), H, C, 0).to(self.device).train()
-        self.params = sum(p.numel() for p in self.net.parameters())
-        self.opt = torch.optim.Adam(self.net.parameters(), lr=TrainConfig.lr, betas=(0.9, 0.999), eps=1e-8)
         g = torch.Generator().manual_seed(cfg.seed + 1)
-        self.data = (torch.rand(cfg.data, *cfg.image, generator=g) * 2 - 1).to(self.device)
+        pixels = torch.randint(0, 256, (cfg.data, *cfg.image), generator=g, dtype=torch.uint8).numpy()
+        with tempfile.TemporaryDirectory() as tmp:  # the loop loads the images into memory
+            data = os.path.join(tmp, "synthetic.npy")
+            np.save(data, pixels)
+            self.run = set_up(train_config(cfg, data=data, outdir=tmp))
+        self.device, self.net, self.opt = self.run.device, self.run.net, self.run.opt
+        self.params = sum(p.numel() for p in self.net.parameters())
 
-    def step_fn(self, loss_fn, rbatch: int | None) -> Callable[[], None]:
-        B, N, dev = self.cfg.batch, self.cfg.data, self.device
-
-        def step():
-            self.opt.zero_grad(set_to_none=True)
-            perm = torch.randperm(N, device=dev)
-            images = self.data[perm[:B]]
-            if rbatch:  # as the loop: the batch's own images, then rbatch - B others from outside it
-                ref = torch.cat([images, self.data[perm[B:rbatch]]])
-                loss = loss_fn(self.net, images, ref=ref)
-            else:
-                loss = loss_fn(self.net, images)
-            loss.sum().mul(1.0 / B).backward()
-            self.opt.step()
-
-        return step
+    def step_fn(self, case: Case, loss_fn) -> Callable[[], None]:
+        """The loop's step of the shared run with the row's loss and its reference draw."""
+        c = replace(self.run.c, loss=case.loss, rbatch=case.rbatch or self.cfg.batch)
+        refs = build_references(c, self.run.bank_images.shape[0], self.run.local_batch)
+        run = replace(self.run, c=c, loss_fn=loss_fn, refs=refs)
+        return lambda: train_step(run)
 
     def persistent_bytes(self) -> float:
-        """Parameters, buffers, Adam's state and the data set: what lives between steps (grads do not:
-        zero_grad(set_to_none=True) frees them, and the step allocates them again)."""
-        tensors = [*self.net.parameters(), *self.net.buffers(), self.data]
-        tensors += [v for s in self.opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-        return float(sum(t.numel() * t.element_size() for t in tensors))
+        """Parameters and buffers of the network and its EMA, Adam's state, the data set and the bank of
+        references on the device: what lives between steps (grads do not: zero_grad(set_to_none=True)
+        frees them, and the step allocates them again)."""
+        r = self.run
+        tensors = [*r.net.parameters(), *r.net.buffers(), *r.ema.parameters(), *r.ema.buffers(), r.ds.images,
+                   r.bank_images]
+        tensors += [v for s in r.opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+        unique = {(t.device, t.data_ptr()): t for t in tensors if t.device == self.device}  # the bank may be the data
+        return float(sum(t.numel() * t.element_size() for t in unique.values()))
 
     def sync(self):
         if self.device.type == "cuda":
@@ -691,7 +653,7 @@ def run_case(bench: Bench, case: Case, progress: Progress, edm_step: Callable[[]
     """Warm-up, the memory step, the profiled steps and the timed steps of one row (in alternation
     with EDM's step, except for EDM's own row)."""
     cfg = bench.cfg
-    step = bench.step_fn(make_loss(cfg, case), case.rbatch)
+    step = bench.step_fn(case, make_loss(cfg, case))
     warm_up(step, cfg.warmup, progress.tick)
     bench.sync()
     peak, extra = memory_of_step(bench, step)
@@ -732,7 +694,7 @@ def _run(cfg: Config, progress: bool) -> dict:
     D = math.prod(cfg.image)
     todo = cases(cfg)
     prog = Progress(len(todo) + 1, progress)  # and EDM again at the end
-    edm_step = bench.step_fn(make_loss(cfg, todo[0]), None)
+    edm_step = bench.step_fn(todo[0], make_loss(cfg, todo[0]))
     edm_step()  # Adam's state exists from here on: persistent
     bench.sync()
     persistent = bench.persistent_bytes()
@@ -857,10 +819,11 @@ def format_markdown(res: dict, command: str) -> str:
         "",
         f"Command: `{command}`",
         "",
-        f"Images {'x'.join(map(str, cfg.image))} from a synthetic data set of {cfg.data} (uniform in [-1, 1]); "
+        f"The loop's own step (cdm_kernels.train.train_step). Images {'x'.join(map(str, cfg.image))} from a "
+        f"synthetic data set of {cfg.data} (uniform uint8 pixels, loaded by the loop's data loader); "
         f"batch {cfg.batch}; network: the loop's UNet with model_channels {net.model_channels}, channel_mult "
         f"{net.channel_mult}, {net.num_blocks} blocks a level, attention at {net.attn_resolutions}, dropout "
-        f"{net.dropout}: {res['params']:,} parameters; Adam; CDM with {cfg.cdm_steps} rollout points, 2 "
+        f"{net.dropout}: {res['params']:,} parameters; Adam and the EMA; CDM with {cfg.cdm_steps} rollout points, 2 "
         f"trajectories. Per row: {cfg.warmup} warm-up step(s), 1 memory step, {cfg.profile_steps} profiled "
         f"step(s), then {cfg.min_steps} to {cfg.max_steps} timed steps (more while under {cfg.target_s:g} s). "
         f"Memory limit for the estimates: {res['limit'] / GiB:.1f} GiB.",
@@ -897,8 +860,7 @@ def format_markdown(res: dict, command: str) -> str:
     for r in res["rows"][:-1]:
         if r.get("lib_ops"):
             lines.append(f"- {r['loss']} {r['method']} {r['rbatch']}: {r['lib_ops']}")
-    how = __doc__.split("Measurements (each row after its warm-up steps):\n")[1].split("\n\nCorrectness first")[0]
-    lines += ["", "## How each column is measured", "", "```", how, "```"]
+    lines += ["", "## How each column is measured", "", "```", MEASURED.rstrip("\n"), "```"]
     return "\n".join(lines) + "\n"
 
 
@@ -978,11 +940,10 @@ def _positive_int(name: str):
     return parse
 
 
-def parse_args(argv=None) -> tuple[Config, str, bool]:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_train_step", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny network, batch 4, rbatch 64/256: checks the script")
+    sc.add_quick_and_out(ap, "bench_train_step", "tiny network, batch 4, rbatch 64/256: checks the script")
     ap.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available, else cpu")
-    ap.add_argument("--out", default=None, help="output folder (default: out/bench_train_step, git-ignored)")
     ap.add_argument("--batch", type=_positive_int("--batch"), default=None, help="batch size (64)")
     ap.add_argument("--rbatch", default=None, help="STF's two reference batches, small,large (4096,50000)")
     ap.add_argument("--losses", default=",".join(LOSS_ORDER), help="subset of edm,stf,cdm,stf+cdm (edm always runs)")
@@ -996,6 +957,11 @@ def parse_args(argv=None) -> tuple[Config, str, bool]:
     ap.add_argument("--threads", type=_positive_int("--threads"), default=None,
                     help="torch's CPU threads (default: torch's; --quick 1)")
     ap.add_argument("--no-progress", action="store_true", help="no progress output")
+    return ap
+
+
+def parse_args(argv=None) -> tuple[Config, str, bool]:
+    ap = build_parser()
     a = ap.parse_args(argv)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -1031,8 +997,7 @@ def parse_args(argv=None) -> tuple[Config, str, bool]:
     if max(cfg.rbatches) > cfg.data or min(cfg.rbatches) < cfg.batch:
         ap.error(f"--rbatch: each reference batch must be between the batch ({cfg.batch}) and the data set's "
                  f"size ({cfg.data}), got {cfg.rbatches}")
-    out = a.out or os.path.join(ROOT, "out", "bench_train_step")
-    return cfg, out, not a.no_progress
+    return cfg, a.out, not a.no_progress
 
 
 def main(argv=None) -> int:
@@ -1045,6 +1010,7 @@ def main(argv=None) -> int:
     paths = write_outputs(res, out, command.strip())
     print(format_markdown(res, command.strip()))
     print("wrote " + ", ".join(paths))
+    print(f"results in {os.path.abspath(out)}")
     return 0
 
 

@@ -44,7 +44,6 @@ and the exit status is 1.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import math
 import os
@@ -62,6 +61,7 @@ import torch  # noqa: E402
 import cdm_kernels  # noqa: E402
 from benchmarks import stf_common as sc  # noqa: E402
 from cdm_kernels import registry, stf_reference  # noqa: E402
+from cdm_kernels.matmul_mode import products  # noqa: E402
 from cdm_kernels.stf import default_chunk_size  # noqa: E402
 
 SIZES = ((64, 4096, 3072), (512, 4096, 3072), (512, 50000, 3072), (256, 262144, 3072), (64, 16384, 12288))
@@ -82,14 +82,9 @@ class Config:
     device: str = "cuda"
 
 
-@contextlib.contextmanager
 def tf32(enabled: bool):
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
+    """torch's float32 products with TF32 on or off for the eager peers (cdm_kernels.matmul_mode)."""
+    return products(enabled, torch.device("cuda"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -565,12 +560,16 @@ def run(cfg: Config, res: Results, log=print) -> Results:
     return res
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=None, help="output folder (default out/benchmarks/gpu_targets)")
+    sc.add_quick_and_out(ap, "gpu_targets", "small shapes on any device: checks the script, no verdicts")
     ap.add_argument("--repeats", type=int, default=10, help="timed calls per method (median) (default 10)")
-    ap.add_argument("--quick", action="store_true", help="small shapes on any device: checks the script, no verdicts")
     ap.add_argument("--strict", action="store_true", help="exit status 1 when a verdict is FAIL")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     has_gpu = torch.cuda.is_available()
     if not has_gpu and not args.quick:
@@ -588,8 +587,7 @@ def main(argv=None) -> int:
     run(cfg, res)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     crit = res.criteria(cfg)
-    out = args.out or sc.default_out("gpu_targets")
-    csv_path, md_path = write_outputs(out, res, crit)
+    csv_path, md_path = write_outputs(args.out, res, crit)
     print(f"results in {csv_path}, {md_path}")
     pipeline = pipeline_table(res.rows)
     if pipeline:

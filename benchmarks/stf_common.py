@@ -47,10 +47,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def default_out(name: str) -> str:
-    """Where a benchmark writes when --out is not given: out/benchmarks/<name> in the checkout, which
-    git ignores. benchmarks/results/ holds the committed results: it is written only when --out
-    names it."""
+    """Where benchmark `name` (its module: bench_stf, ...) writes when --out is not given:
+    out/benchmarks/<name> in the checkout, which git ignores. benchmarks/results/ holds the committed
+    results: it is written only when --out names it."""
     return os.path.join(REPO, "out", "benchmarks", name)
+
+
+def add_quick_and_out(ap, name: str, quick_help: str) -> None:
+    """The two options every benchmark has, in the same shape: --quick (`quick_help`: what it runs)
+    and --out (default `default_out(name)`)."""
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    ap.add_argument("--out", default=default_out(name), help="folder of the outputs (default: %(default)s, ignored "
+                    "by git; the committed results: --out benchmarks/results)")
 
 # ----------------------------------------------------------------------------------------------
 # Inputs

@@ -244,15 +244,18 @@ def format_table(crit: list[Criterion], info: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sc.add_quick_and_out(ap, "stf_cpu_targets", "the criteria on small shapes: checks the script in seconds, "
+                         "measures nothing")
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per method (median), after a warm-up")
     ap.add_argument("--time-wrong", action="store_true", help="time methods that fail the float64 gate anyway")
-    ap.add_argument("--out", default=sc.default_out("stf_cpu_targets"),
-                    help="write stf_cpu_targets.md and .csv into this directory (default: %(default)s)")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a criterion fails (not with --quick)")
-    ap.add_argument("--quick", action="store_true", help="the criteria on small shapes: checks the script in "
-                    "seconds, measures nothing")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     a = ap.parse_args(argv)
     if a.repeats < 1:
         ap.error(f"--repeats must be >= 1, got {a.repeats}")

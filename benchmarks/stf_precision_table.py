@@ -17,7 +17,8 @@ loses its digits there, the shifted operands do not).
     python benchmarks/stf_precision_table.py [--dim 3072] [--copies 32] [--centres 8] [--offset 0]
     python benchmarks/stf_precision_table.py --quick     # D = 64, a few rows: checks the script in seconds
 
-It prints the tables and writes no file.
+It prints the tables and writes them to stf_precision_table.md in --out (default
+out/benchmarks/stf_precision_table, ignored by git).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ if __package__ in (None, ""):  # run as `python benchmarks/stf_precision_table.p
 
 import torch  # noqa: E402
 
+from benchmarks import stf_common as sc  # noqa: E402
 from cdm_kernels import registry, stf_reference  # noqa: E402
 
 SIGMAS = (0.002, 0.005, 0.02, 0.1, 0.3, 1.0, 3.0, 10.0, 80.0)
@@ -131,8 +133,9 @@ def group_errors(out, exact, C):
     return rows
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sc.add_quick_and_out(ap, "stf_precision_table", "D = 64, 2 centres of 4 copies: checks the script")
     ap.add_argument("--dim", type=int, default=Config.dim)
     ap.add_argument("--centres", type=int, default=Config.centres)
     ap.add_argument("--copies", type=int, default=Config.copies)
@@ -140,8 +143,11 @@ def main(argv=None):
     ap.add_argument("--offset", type=float, default=Config.offset, help="added to every coordinate of the data")
     ap.add_argument("--backend", default="reference", choices=("reference", "triton"),
                     help="reference: each mode's exact emulation; triton: the Triton kernels under the interpreter")
-    ap.add_argument("--quick", action="store_true", help="D = 64, 2 centres of 4 copies: checks the script")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     cfg = Config(dim=args.dim, centres=args.centres, copies=args.copies, chunk_size=args.chunk_size,
                  offset=args.offset)
     if args.quick:
@@ -155,11 +161,11 @@ def main(argv=None):
         results[mode] = group_errors(out, exact, C)
     names = list(results)
     how = "stf_reference's emulation of each mode" if args.backend == "reference" else "the Triton interpreter"
-    print(
+    lines = [
         f"Stable target vs float64: B = {x.shape[0]} ({C} per sigma), n = {ref.shape[0]}, D = {cfg.dim}, "
         f"data offset {cfg.offset:g}, chunk = {cfg.chunk_size}; modes by {how}; torch {torch.__version__}, "
         f"python {platform.python_version()}, {platform.machine()}\n"
-    )
+    ]
     titles = (
         "max |mu - mu64| (images in [-1, 1] before the offset)",
         "max |lse - lse64| / |lse64|",
@@ -167,15 +173,21 @@ def main(argv=None):
         "||grad_sigma - grad_sigma64|| / ||grad_sigma64||",
     )
     for q, title in enumerate(titles):
-        print(f"**{title}**\n")
-        print("| sigma | median n_eff | " + " | ".join(names) + " |")
-        print("|---:|---:|" + "---:|" * len(names))
+        lines.append(f"**{title}**\n")
+        lines.append("| sigma | median n_eff | " + " | ".join(names) + " |")
+        lines.append("|---:|---:|" + "---:|" * len(names))
         for k, s in enumerate(SIGMAS):
             ne = neff[k * C : (k + 1) * C].median().item()
             cells = " | ".join(f"{results[name][k][q]:.1e}" for name in names)
-            print(f"| {s:g} | {ne:.1f} | {cells} |")
+            lines.append(f"| {s:g} | {ne:.1f} | {cells} |")
         worst = " | ".join(f"**{max(r[q] for r in results[name]):.1e}**" for name in names)
-        print(f"| worst | | {worst} |\n")
+        lines.append(f"| worst | | {worst} |\n")
+    text = "\n".join(lines)
+    print(text)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "stf_precision_table.md"), "w") as f:
+        f.write(text)
+    print(f"results in {os.path.abspath(args.out)}")
     return results
 
 

@@ -4,6 +4,7 @@ The public API is `__all__` below; docs/usage.md describes every op, loss and ar
 """
 
 from . import backends as _backends  # noqa: F401  (every backend registration, in one place)
+from . import selfcheck as _selfcheck  # noqa: F401  (the GPU backends' first-use check, installed in the registry)
 from ._ext import extension_status, has_cpu_kernels, has_cuda_kernels
 from .registry import available_backends, resolve_backend
 from .stf import STFStats, ref_sqnorm, stf_score, stf_target
@@ -49,8 +50,8 @@ from .losses import CDMLoss, EDMLoss, ReferenceBank, STFCDMLoss, STFLoss
 
 __all__ += ["CDMLoss", "EDMLoss", "ReferenceBank", "STFCDMLoss", "STFLoss", "stf_target_sharded"]
 
-# EDM model, sampler and data sets. The training loop is the submodule cdm_kernels.train (not
-# imported here, so that `python -m cdm_kernels.train` runs it as __main__ without a second copy).
+# EDM model, sampler and data sets. The training loop is the package cdm_kernels.train, imported on
+# demand (`python -m cdm_kernels.train`, `from cdm_kernels.train import ...`).
 from .data import ImageDataset, load_dataset
 from .edm import EDMPrecond, UNet, edm_sampler
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .checks import check_float, compute_dtype
@@ -23,9 +22,10 @@ __all__ = ["EmpiricalDenoiser"]
 SMALL_DIM = 1024
 
 
-def arithmetic_dtype(dtype: torch.dtype, dim: int) -> torch.dtype:
-    """The dtype the denoiser computes in for images of `dtype` with `dim` features each."""
-    return torch.float64 if dim < SMALL_DIM else compute_dtype(dtype)
+def arithmetic_dtype(dtype: torch.dtype, dim: int, precision: str = "ieee") -> torch.dtype:
+    """The dtype the denoiser computes in for images of `dtype` with `dim` features each (a
+    tensor-core precision mode asks for float32 products: it keeps float32)."""
+    return torch.float64 if dim < SMALL_DIM and precision == "ieee" else compute_dtype(dtype)
 
 
 def _check_limit(value, name: str) -> float:
@@ -46,8 +46,8 @@ class EmpiricalDenoiser(torch.nn.Module):
     Args:
         images: (n, C, H, W) floating tensor, n >= 1, finite (images in [-1, 1] by EDM's convention).
             The arithmetic is float64 for float64 images and for images of fewer than 1024 features
-            (C H W < 1024, where float32's matmul form would lose digits and float64 costs little),
-            else float32.
+            (C H W < 1024, where float32's matmul form would lose digits and float64 costs little)
+            unless `precision` is a tensor-core mode, else float32.
         labels: None, (n,) int64 class ids in [0, label_dim), or (n, label_dim) one-hot rows.
         sigma_min, sigma_max: the noise range a sampler should use (attributes, as EDM's networks').
         chunk: references per streaming chunk of `stf_target` (None picks one).
@@ -86,7 +86,7 @@ class EmpiricalDenoiser(torch.nn.Module):
         n, C, H, W = images.shape
         self.n, self.img_channels, self.img_resolution = n, C, H
         self.img_shape = (C, H, W)
-        dtype = arithmetic_dtype(images.dtype, C * H * W)
+        dtype = arithmetic_dtype(images.dtype, C * H * W, precision)
         imgs = images.detach().to(dtype)
 
         classes = self._check_labels(labels, n, images.device)

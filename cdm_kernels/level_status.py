@@ -1,30 +1,6 @@
-"""Checks of noise levels on the GPU paths, reported without a host synchronisation.
-
-A noise level that is not valid gives silently wrong results, so every op checks them; but checking
-a tensor of levels on the host means reading it back, a synchronisation that costs more than a
-CIFAR-size rollout step itself and that a CUDA graph capture forbids. So where the backend is a GPU
-one ("cuda" or "triton") and the levels come as tensors, the check runs on the device:
-
-  * `rollout_step`: inside the kernel (csrc/rollout_math.h, `levels_ok`: 0 < t_cur < inf and
-    0 <= t_next <= t_cur, t_next > 0 for Heun, t_hat >= t_cur for churn). The sample's row of x'
-    is NaN, never a plausible value.
-  * `consistency_rollout`: sigma and sigma_min (finite, 0 < sigma_min <= sigma) by one check kernel
-    where its schedule is made; the sample's trajectories are NaN.
-  * `stf_target`: sigma (positive and finite) by one check kernel; the sample's target is NaN.
-  The check kernel is the CUDA extension's where it is built (launched, with the word's copy, from
-  C++), else a Triton one.
-
-Each records the first bad sample since the last report in the device's status word [source,
-sample, value, value] (int64; the values as float64 bits), which is copied asynchronously to pinned
-host memory after the work that wrote it. The next call of one of these ops on that device, once the
-copy has landed, which is at the latest after the caller's next synchronisation (`.item()`, a copy
-to the CPU, ...), raises the ValueError the host check would have raised, naming the op, the sample
-and its values, and clears the word. `check_pending(device)` raises it now (it synchronises).
-Under CUDA graph capture the checks record as usual; the CUDA extension's copies are part of the
-graph, the Triton check's copy waits for the next call outside a capture.
-
-Levels given as Python numbers, and every level on the CPU backends and the reference, are checked
-on the host before any launch, and the error is raised at once.
+"""Checks of noise levels on the GPU paths, recorded on the device and raised at a later call without a
+host synchronisation; the rules and where each op checks: docs/usage.md ("Noise levels on the GPU")
+and docs/gpu_design.md.
 """
 
 from __future__ import annotations
@@ -79,7 +55,7 @@ class LevelStatus:
         """Queues the copy of the device word to the host, behind the work queued so far."""
         if self.device.type != "cuda":
             self.host.copy_(self.dev)
-        elif not torch.cuda.is_current_stream_capturing():  # else: copied by the next call outside it
+        elif not _capturing(self.device):  # else: copied by the next call outside the capture
             self.host.copy_(self.dev, non_blocking=True)
 
     def check(self, source: int, a: Tensor, b: Tensor | None = None) -> Tensor:
@@ -91,7 +67,7 @@ class LevelStatus:
         a, b = a.contiguous(), None if b is None else b.to(a.dtype).contiguous()
         if self._compiled_check is not None:
             return self._compiled_check(a, b, source)
-        from .triton.rollout import check_levels
+        from .triton.levels import check_levels
 
         out = check_levels(a, b, self.dev, source)
         self.publish()
@@ -101,6 +77,13 @@ class LevelStatus:
         """Raises the ValueError of the first bad sample recorded since the last report, if the
         record has reached the host (with `wait`, after synchronising the device); clears it."""
         if self._view[0] == 0 and not wait:
+            return
+        if self.device.type == "cuda" and _capturing(self.device):
+            # A capture forbids the synchronisation and the copies: the record waits for the next
+            # call outside it (an explicit check_pending cannot be honoured, so it says so).
+            if wait:
+                raise RuntimeError(f"check_pending({self.device}) cannot synchronise while a CUDA graph is being "
+                                   "captured on it; call it after the capture")
             return
         if self.device.type == "cuda":  # the error path may wait: read the word whole, after its copy
             torch.cuda.synchronize(self.device)
@@ -116,6 +99,14 @@ class LevelStatus:
             f"an earlier {op} on {self.device} got noise levels that are not valid (checked on the device, "
             f"without a synchronisation): sample {sample} has {values}; it needs {rule}"
         )
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether the current stream of `device` is capturing a CUDA graph."""
+    if device.index is None or device.index == torch.cuda.current_device():  # the launchers' case: no guard
+        return torch.cuda.is_current_stream_capturing()
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
 
 
 def status_of(device: torch.device) -> LevelStatus:

@@ -64,6 +64,18 @@ _UNSET = object()
 _REGISTRY: dict[tuple[str, str, str], _Entry] = {}  # (op, backend, device type) -> entry
 _RESOLVED: dict[tuple, str] = {}
 _CHOSEN: dict[tuple, str] = {}  # (op, device, backend, precision, dtype) -> the backend the public function uses
+# The first-use check of the GPU backends (cdm_kernels/selfcheck.py installs itself here when the
+# package loads, so that this module needs no import of it): forget(op, backend, device type) and
+# choose(op, device, backend asked, backend resolved, precision, dtype) -> the backend, or None for
+# "not now" (not cached).
+_FIRST_USE = None
+
+
+def set_first_use_check(check) -> None:
+    """Installs the first-use check that `backend_for` consults (None: none)."""
+    global _FIRST_USE
+    _FIRST_USE = check
+    _CHOSEN.clear()
 
 
 def _check_op(op: str) -> OpSpec:
@@ -88,8 +100,6 @@ def register(
     checks_contract: the launchers check the launcher contract (raising a ValueError) and make
     their tensors' device the current one themselves, so the registry does not wrap them.
     """
-    from . import selfcheck  # (imports this module)
-
     if backend not in BACKEND_NAMES:
         raise ValueError(f"backend name must be one of {BACKEND_NAMES}, got {backend!r}")
     precisions = dict(precisions or {})
@@ -101,7 +111,8 @@ def register(
             raise ValueError(f"precisions of {op!r} must be among {PRECISIONS}, got {bad}")
         for dt in device_types:
             _REGISTRY[(op, backend, dt)] = _Entry(impl, modes, checks_contract)
-            selfcheck.forget(op, backend, dt)  # a new implementation is checked anew
+            if _FIRST_USE is not None:
+                _FIRST_USE.forget(op, backend, dt)  # a new implementation is checked anew
     if precisions:
         raise ValueError(f"precisions given for op families without an implementation: {sorted(precisions)}")
     _RESOLVED.clear()
@@ -207,18 +218,13 @@ def backend_for(op: str, device, backend: str = "auto", precision: str | None = 
 
 
 def _first_use(op: str, device, backend: str, precision: str | None, dtype: torch.dtype) -> str:
-    from . import selfcheck
-
     name = resolve_backend(op, device, backend, "ieee" if precision is None else precision)
-    if name in selfcheck.CHECKED and selfcheck.enabled():
-        rec = selfcheck.verdict(op, device, name, precision if _check_op(op).has_precision else None, dtype)
-        if rec is None:  # it cannot run now (compile tracing, graph capture, ...): not cached, a later call checks
+    if _FIRST_USE is not None:
+        chosen = _FIRST_USE.choose(op, device, backend, name, precision if _check_op(op).has_precision else None,
+                                   dtype)
+        if chosen is None:  # it cannot run now (compile tracing, graph capture, ...): a later call checks
             return name
-        if rec.status == "failed":
-            if backend != "auto":
-                raise selfcheck.SelfCheckError(rec.message())
-            selfcheck.fallback_warning(rec)
-            name = "reference"
+        name = chosen
     _CHOSEN[(op, device, backend, precision, dtype)] = name
     return name
 

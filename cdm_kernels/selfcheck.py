@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import threading
 import time
 import warnings
@@ -163,6 +164,23 @@ def verdict(op: str, device, backend: str, precision: str | None, dtype: torch.d
     return None if rec.status == "not run" else rec
 
 
+def choose(op: str, device, asked: str, name: str, precision: str | None, dtype: torch.dtype) -> str | None:
+    """The backend that `registry.backend_for` uses where `asked` resolved to `name`: `name` once it
+    passed (or is not checked), "reference" after a failed check for "auto" (one warning), a
+    SelfCheckError for a backend asked for by name; None when the check cannot run now."""
+    if name not in CHECKED or not enabled():
+        return name
+    rec = verdict(op, device, name, precision, dtype)
+    if rec is None:
+        return None
+    if rec.status == "failed":
+        if asked != "auto":
+            raise SelfCheckError(rec.message())
+        fallback_warning(rec)
+        return "reference"
+    return name
+
+
 def forget(op: str, backend: str, device_type: str) -> None:
     """Drops the records of a backend's family on a device type (it was registered again)."""
     with _LOCK:
@@ -176,7 +194,7 @@ def fallback_warning(rec: Record) -> None:
         if rec.warned:
             return
         rec.warned = True
-    warnings.warn(rec.message(), SelfCheckWarning, stacklevel=5)  # the caller of the public function
+    warnings.warn(rec.message(), SelfCheckWarning, stacklevel=6)  # the caller of the public function (via choose, _first_use, backend_for)
 
 
 def _note(key: tuple, why: str) -> None:
@@ -371,3 +389,5 @@ def _check_randn(device, backend, precision, dtype) -> list:
 
 _CHECKS = {"stf_target": _check_stf, "rollout_step": _check_rollout, "martingale_loss": _check_martingale,
            "randn": _check_randn}
+
+registry.set_first_use_check(sys.modules[__name__])

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .contract import AUX_COLS, AUX_DBAR, AUX_DMIN, AUX_LOGL, AUX_M, AUX_NEFF, AUX_WMAX  # noqa: F401 (re-exported)
+from .matmul_mode import products
 
 __all__ = [
     "State",
@@ -86,10 +87,11 @@ def product(a: tuple[Tensor, ...], b: tuple[Tensor, ...]) -> Tensor:
     """sum_k a[i, k] b[k, j] of operands from `operands`: one product, or for (hi, lo) splits the
     three products hi hi + hi lo + lo hi (the 3xTF32 scheme; lo lo is below float32's rounding) summed
     in one float32 accumulation, as the kernels do (one product over the concatenated K axis)."""
-    if len(a) == 1:
-        return a[0] @ b[0]
-    (ah, al), (bh, bl) = a, b
-    return torch.cat([ah, ah, al], dim=1) @ torch.cat([bh, bl, bh], dim=0)
+    with products(False, a[0].device):  # exact float32 on a GPU, whatever the user's TF32 setting
+        if len(a) == 1:
+            return a[0] @ b[0]
+        (ah, al), (bh, bl) = a, b
+        return torch.cat([ah, ah, al], dim=1) @ torch.cat([bh, bl, bh], dim=0)
 
 
 def _sqnorms(t: Tensor, ops: tuple[Tensor, ...], precision: str) -> Tensor:
@@ -286,7 +288,8 @@ def stf_backward(
         dev += wd.sum(1)
         if ref_grad:
             a = ((xc + w * grad_lse.double()[:, None]) / s2.double()[:, None]).to(dt)
-            grad_ref[start : start + rs.shape[0]] = w.to(dt).T @ grad_mu + a.T @ xs - a.sum(0)[:, None] * rs
+            with products(False, x.device):
+                grad_ref[start : start + rs.shape[0]] = w.to(dt).T @ grad_mu + a.T @ xs - a.sum(0)[:, None] * rs
     s64, gl64 = s2.double(), grad_lse.double()
     grad_x = (px.double() - s_sum[:, None] * mus.double() + gl64[:, None] * (mus - xs).double()) / s64[:, None]
     grad_sigma = (cov - s_sum * dev + gl64 * dbar.double()) / (s64 * sigma.double())

@@ -92,6 +92,33 @@ def test_quick_run_writes_markdown_and_plot(quick_run):
         assert im.format == "PNG" and im.size[0] > 300 and im.size[1] > 200
 
 
+def test_each_row_times_the_loops_own_step(monkeypatch):
+    # The rows step the run that cdm_kernels.train.set_up built, through the loop's train_step, each
+    # with its own loss and reference draw swapped in; the loop's EMA update is part of the step.
+    seen = []
+    real = bts.train_step
+
+    def spy(run):
+        record = real(run)
+        seen.append((run.c.loss, run.refs.k if run.refs is not None else 0, record))
+        return record
+
+    monkeypatch.setattr(bts, "train_step", spy)
+    bench = bts.Bench(QUICK_CFG)
+    net = QUICK_CFG.net
+    assert (bench.run.c.model_channels, bench.run.c.channel_mult, bench.run.c.num_blocks) == (
+        net.model_channels, net.channel_mult, net.num_blocks)
+    assert bench.run.bank_images.shape == (QUICK_CFG.data, *QUICK_CFG.image)
+    ema_before = [p.clone() for p in bench.run.ema.parameters()]
+    small = QUICK_CFG.rbatches[0]
+    for case in (bts.Case("edm", "-", None), bts.Case("stf", "library", small), bts.Case("stf", "authors", small)):
+        bench.step_fn(case, bts.make_loss(QUICK_CFG, case))()
+    assert [(loss, k) for loss, k, _ in seen] == [("edm", 0), ("stf", small - QUICK_CFG.batch),
+                                                  ("stf", small - QUICK_CFG.batch)]
+    assert all(math.isfinite(record["loss"]) and record["step"] == 1 for _, _, record in seen)
+    assert any(not torch.equal(a, b) for a, b in zip(ema_before, bench.run.ema.parameters()))
+
+
 def test_formulas_agree_before_timing():
     D = math.prod(QUICK_CFG.image)
     lib, authors = bts.check_stable_target(D, "cpu")
@@ -162,7 +189,7 @@ def test_ddpmpp_network_has_edms_size():
 
 def test_cli_checks_arguments_and_default_output():
     cfg, out, _ = bts.parse_args(["--quick", "--device", "cpu"])
-    assert cfg.quick and cfg.batch == 4 and out == os.path.join(ROOT, "out", "bench_train_step")
+    assert cfg.quick and cfg.batch == 4 and out == os.path.join(ROOT, "out", "benchmarks", "bench_train_step")
     for bad in (["--rbatch", "5"], ["--rbatch", "64,999999"], ["--losses", "edm,foo"], ["--batch", "0"],
                 ["--steps", "1", "--min-steps", "3"]):
         with pytest.raises(SystemExit):

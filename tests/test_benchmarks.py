@@ -71,9 +71,9 @@ def _benchmark_scripts(root) -> list[str]:
 
 @pytest.fixture(scope="module")
 def quick_run(clone):
-    # As the README says, without --out: the results go to the ignored out/benchmarks/stf_bench.
+    # As the README says, without --out: the results go to the ignored out/benchmarks/bench_stf.
     stdout = _in_clone(clone, "-m", "benchmarks.bench_stf", "--quick")
-    out = clone / "out" / "benchmarks" / "stf_bench"
+    out = clone / "out" / "benchmarks" / "bench_stf"
     assert f"results in {out}" in stdout
     assert _git(clone, "status", "--porcelain", "--untracked-files=all") == ""
     with open(out / "stf_bench.csv") as f:
@@ -110,6 +110,23 @@ def test_every_benchmark_runs_both_ways_and_leaves_the_clone_clean(clone, quick_
     for op in ("stf_target", "rollout_step (euler)"):
         public, launcher, own = (float(v) for v in host.split(f"| {op} | cpu | ")[1].split(" |\n")[0].split(" | "))
         assert 0 < launcher < public and own == pytest.approx(public - launcher, abs=0.11), (op, host)
+
+
+def test_every_benchmark_takes_quick_and_out_with_the_same_default(tmp_path):
+    # One command-line shape: every script's parser has --quick and --out, and without --out each
+    # writes into out/benchmarks/<its name>, which git ignores (benchmarks/results/ only when asked).
+    import importlib
+
+    scripts = _benchmark_scripts(ROOT)
+    assert len(scripts) >= 6, scripts
+    for name in scripts:
+        parser = importlib.import_module(f"benchmarks.{name}").build_parser()
+        args = parser.parse_args(["--quick", "--out", str(tmp_path / name)])
+        assert args.quick is True and args.out == str(tmp_path / name), name
+        default = parser.parse_args([])
+        assert default.quick is False and default.out == os.path.join(ROOT, "out", "benchmarks", name), name
+    if shutil.which("git") is not None and os.path.exists(os.path.join(ROOT, ".git")):
+        assert _git(ROOT, "check-ignore", "-q", os.path.join("out", "benchmarks", "x")) == ""  # ignored (else it raises)
 
 
 def test_gpu_targets_cut_by_sigterm_writes_what_it_measured(tmp_path, monkeypatch):
@@ -414,9 +431,9 @@ def test_targets_runner_compares_and_flags_wrong_methods():
 def test_rollout_bench_quick_writes_checked_complete_rows(clone):
     from benchmarks import bench_rollout as br
 
-    # As a script, without --out: the results go to the ignored out/benchmarks/rollout_bench.
+    # As a script, without --out: the results go to the ignored out/benchmarks/bench_rollout.
     stdout = _in_clone(clone, os.path.join("benchmarks", "bench_rollout.py"), "--quick", "--no-progress")
-    out = clone / "out" / "benchmarks" / "rollout_bench"
+    out = clone / "out" / "benchmarks" / "bench_rollout"
     assert f"results in {out}" in stdout
     assert _git(clone, "status", "--porcelain", "--untracked-files=all") == ""
     for name in ("rollout_bench.csv", "rollout_bench.md"):

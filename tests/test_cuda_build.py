@@ -189,3 +189,34 @@ def test_cuda_ops_are_registered_for_the_cuda_key_only():
     x, sigma, ref = torch.randn(2, 3), torch.ones(2), torch.randn(4, 3)
     with pytest.raises(RuntimeError, match=r"stf_forward \(cpu\): the CPU kernels compute in precision 'ieee' only"):
         torch.ops.cdm_kernels_C.stf_forward(x, sigma, ref, ref.mean(0), 2, "tf32", False)
+
+
+def test_every_symbol_of_the_extension_resolves_at_load():
+    # The products call cuBLAS directly (csrc/cuda/blas_cuda.cpp), found through torch's own CUDA
+    # libraries: with lazy binding a missing one would show only at the first product, on a GPU.
+    # LD_BIND_NOW=1 resolves every symbol when the extension loads.
+    import subprocess
+
+    code = "import cdm_kernels, sys; sys.exit(0 if cdm_kernels.has_cpu_kernels() else 3)"
+    env = dict(os.environ, LD_BIND_NOW="1")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    import cdm_kernels
+
+    assert cdm_kernels.has_cpu_kernels(), cdm_kernels.extension_status()
+
+
+def test_no_code_reads_or_writes_torchs_global_tf32_switch():
+    # Each product's math is chosen per call in C++ (a cuBLAS compute type) and through
+    # cdm_kernels/matmul_mode.py in Python, the one place that touches torch's switch.
+    pattern = re.compile(r"allowTF32CuBLAS|setAllowTF32CuBLAS|setFloat32Precision|allow_tf32|fp32_precision")
+    found = []
+    for folder in ("csrc", "cdm_kernels"):
+        for base, _, files in os.walk(os.path.join(ROOT, folder)):
+            for name in files:
+                path = os.path.join(base, name)
+                if not name.endswith((".py", ".cpp", ".cu", ".h")) or path.endswith(os.path.join("cdm_kernels", "matmul_mode.py")):
+                    continue
+                with open(path, encoding="utf-8") as f:
+                    found += [f"{os.path.relpath(path, ROOT)}:{i}" for i, line in enumerate(f, 1) if pattern.search(line)]
+    assert not found, found

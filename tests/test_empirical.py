@@ -241,3 +241,67 @@ def test_martingale_remainder_of_a_one_step_rollout():
     net = EmpiricalDenoiser(images)
     mean, se = _martingale_term(net, images, 1.0, num_steps=2)
     assert mean > 6 * se, (mean, se)
+
+
+# ----------------------------------------------------------------------------------------------
+# The measurement script, at tiny sizes
+# ----------------------------------------------------------------------------------------------
+
+
+def test_estimators_script_at_tiny_sizes(tmp_path):
+    from benchmarks import estimators as est
+
+    cfg = est.Config(sigmas=(0.05, 1.0), batch=8, batches=3, digits_refs=(8, 64, 1797), gmm_dim=48,
+                     gmm_refs=(8, 32), gmm_batch=8, cdm_sigmas=(1.0,), cdm_samples=40, cdm_steps=(2, 4),
+                     train_steps=2, out=str(tmp_path))
+    stf, cdm = est.run(cfg)
+    assert len(stf) == 2 * 3 + 2 * 2 and len(cdm) == 2 + 2 + 1
+    for r in stf:
+        assert r["mse_stf"] == pytest.approx(r["bias2"] + r["var"], rel=1e-9, abs=1e-30)
+        assert r["var"] >= 0 and r["mse_dsm"] >= 0
+    whole = [r for r in stf if r["dataset"] == "digits" and r["n"] == 1797]
+    assert all(r["R"] == 1 and r["mse_stf"] < 1e-24 for r in whole)  # the whole set: the exact target
+    assert all(r["R"] == 1 and r["var"] == 0 for r in stf if r["n"] == cfg.batch and r["dataset"] == "digits")
+    exact = [r for r in cdm if r["denoiser"] == "exact"]
+    assert [r["num_steps"] for r in exact] == [2, 4] and all(r["mse_vs_exact"] == 0 for r in exact)
+    assert all(r["mse_vs_exact"] > 0 for r in cdm if r["denoiser"] != "exact")
+    env = {"device_name": "cpu", "torch": torch.__version__, "cdm_kernels": "test", "threads": "1", "quick": "True"}
+    est.write_csv(str(tmp_path / "stf.csv"), est.STF_FIELDS, stf, env)
+    est.write_markdown(str(tmp_path / "e.md"), cfg, stf, cdm, env, "test")
+    est.plot(str(tmp_path), stf, cdm)
+    md = (tmp_path / "e.md").read_text()
+    assert md.count("| 0.05 | ") == 2 and "n for 1%" in md and "EDMLoss net (2 steps)" in md
+    assert (tmp_path / "estimators_stf.png").stat().st_size > 0 and (tmp_path / "estimators_cdm.png").stat().st_size > 0
+    assert est.refs_for_one_percent(stf)[("digits", 1.0)] in (8, 64, 1797)
+
+
+def test_small_images_compute_in_float64_unless_a_tensor_core_mode_is_asked():
+    from cdm_kernels.empirical import arithmetic_dtype
+
+    assert arithmetic_dtype(torch.float32, 64) == torch.float64
+    assert arithmetic_dtype(torch.float16, 1023) == torch.float64
+    assert arithmetic_dtype(torch.float32, 1024) == torch.float32
+    assert arithmetic_dtype(torch.float64, 3072) == torch.float64
+    assert arithmetic_dtype(torch.float32, 64, "tf32") == torch.float32
+
+
+@pytest.mark.parametrize("labelled", [False, True])
+def test_the_losses_drive_it_as_a_network(labelled):
+    images, labels = _data(37, (1, 3, 5), classes=4)
+    net = EmpiricalDenoiser(images, labels if labelled else None)
+    gen = torch.Generator().manual_seed(3)
+    batch = images[:6]
+    given = labels[:6] if labelled else None
+    cdm = cdm_kernels.CDMLoss(num_steps=4)(net, batch, given, generator=gen)
+    edm = cdm_kernels.EDMLoss()(net, batch, given, generator=torch.Generator().manual_seed(3))
+    assert cdm.shape == edm.shape == batch.shape and bool(torch.isfinite(cdm).all())
+    # The exact denoiser minimises EDM's loss: on the same draws of sigma and noise, a denoiser
+    # evaluated at a wrong noise level does worse.
+    many = images[torch.randint(0, 37, (2000,), generator=gen)]
+
+    def wrong(x, sigma, class_labels=None, augment_labels=None):
+        return net(x, 0.7 * sigma, class_labels)
+
+    exact_loss = cdm_kernels.EDMLoss()(net, many, generator=torch.Generator().manual_seed(4)).mean()
+    wrong_loss = cdm_kernels.EDMLoss()(wrong, many, generator=torch.Generator().manual_seed(4)).mean()
+    assert float(exact_loss) < float(wrong_loss)

@@ -160,7 +160,7 @@ def test_the_compiled_check_agrees_with_the_triton_check(dtype):
     # record (the lowest bad sample, with its two values) as the Triton check it replaces.
     from cdm_kernels._ext import module
     from cdm_kernels.level_status import STF_TARGET, CONSISTENCY_ROLLOUT, status_of
-    from cdm_kernels.triton.rollout import check_levels
+    from cdm_kernels.triton.levels import check_levels
 
     dev = torch.device("cuda", torch.cuda.current_device())
     status = status_of(dev)
@@ -266,3 +266,35 @@ def test_the_compiled_check_refuses_what_is_not_a_cuda_vector_of_levels():
         with pytest.raises(ValueError, match=r"check_levels \(cuda\): a must be a contiguous 1-D float32 or "
                                              r"float64 CUDA tensor, got"):
             module().check_levels(a, None, STF_TARGET)
+
+
+def test_no_synchronisation_or_copy_while_a_cuda_graph_is_captured(monkeypatch):
+    # A CUDA graph capture forbids synchronising and synchronous copies: during one the word is
+    # neither copied nor read (the record waits for the next call outside the capture), and an
+    # explicit check_pending says why it cannot wait. A CUDA status word with CPU tensors stands in.
+    from cdm_kernels import level_status
+
+    status = object.__new__(level_status.LevelStatus)
+    status.device = torch.device("cuda", 0)
+    status.dev = torch.tensor([1, 3, 0, 0])  # a record on the device: source 1, sample 3
+    status.host = torch.zeros(4, dtype=torch.int64)
+    status._view = status.host.numpy()
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+
+    def no_sync(*_):
+        raise AssertionError("synchronised during a capture")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", no_sync)
+    status.publish()
+    assert status.host.tolist() == [0, 0, 0, 0], "copied during a capture"
+    status.host[0] = 1  # an earlier copy had landed before the capture began
+    status.raise_pending()  # nothing raised, nothing waited for
+    with pytest.raises(RuntimeError, match="cannot synchronise while a CUDA graph is being captured"):
+        status.raise_pending(wait=True)
+    assert status.dev.tolist() == [1, 3, 0, 0], "the record was cleared during a capture"
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *_: None)
+    with pytest.raises(ValueError, match="sample 3"):  # after the capture the record is reported
+        status.raise_pending()

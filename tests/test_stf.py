@@ -695,6 +695,39 @@ def test_the_chunk_pipeline_gives_the_one_stream_bits_on_the_gpu(precision, keep
         assert torch.equal(a, b), f"{precision}: the chunk pipeline changes {name}"
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [p for p in CASES if p.values[0].device == "cuda"])
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3", "tf32"])
+@pytest.mark.parametrize("user", ["new", "legacy"])
+def test_the_users_tf32_setting_changes_no_bit_on_the_gpu(case, precision, user):
+    # Each product runs in its mode's math whatever the user set: the same bits with torch's TF32 on
+    # (by either API) as with it off, and the user's setting reads the same afterwards.
+    x, sigma, ref = cluster_problem(37, 3072, 5000, seed=7)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(8))
+
+    def run():
+        xr, sr, rr = (t.clone().requires_grad_() for t in case.to(x, sigma, ref))
+        mu, lse = stf_target(xr, sr, rr, chunk_size=1024, precision=precision, backend=case.backend, return_lse=True)
+        return (mu, lse, *torch.autograd.grad((mu * case.to(g)[0]).sum() + lse.sum(), (xr, sr, rr)))
+
+    m = torch.backends.cuda.matmul
+    try:
+        m.fp32_precision = "ieee"
+        off = run()
+        if user == "new":
+            m.fp32_precision = "tf32"
+            on = run()
+            assert m.fp32_precision == "tf32"
+        else:
+            m.allow_tf32 = True
+            on = run()
+            assert m.allow_tf32 is True and m.fp32_precision == "tf32"
+    finally:
+        m.fp32_precision = "none"
+    for name, a, b in zip(("mu", "lse", "dL/dx", "dL/dsigma", "dL/dref"), off, on):
+        assert torch.equal(a, b), f"{case} {precision}: the user's TF32 setting changes {name}"
+
+
 def test_aux_has_its_documented_columns():
     x, ref = spread_case(3, 20, 4, 1.0)
     s = torch.tensor([0.3, 1.0, 3.0], dtype=torch.float64)

@@ -1,16 +1,6 @@
-"""Compiles every Triton kernel of the package for real GPUs, without a GPU, and reports ptxas's
-register, spill and shared-memory use (the Triton counterpart of nvcc's -Xptxas -v in CI).
-
-Each variant is compiled with the block sizes its launcher uses on a GPU (the stable target:
-`stf._blocks`; the rollout steps, noise and martingale loss: `rollout.BLOCK`) and Triton's default
-warps and stages, lowered to PTX by Triton, and assembled by ptxas.
-
-    python -m cdm_kernels.triton.compile_check [--arch 80 90] [--quick]
-
-Must run without TRITON_INTERPRET=1 (the interpreter replaces the kernels by Python functions).
-Exit status 1 if a variant fails to compile or spills more than SPILL_LIMIT bytes per thread (a
-few bytes, which ptxas sometimes chooses over more registers for the small-row-block tiles, are
-reported but cost nothing measurable).
+"""Compiles every Triton kernel of the package for real GPUs without a GPU and reports ptxas's register,
+spill and shared-memory use and any size argument multiplied in 32 bits (docs/contributing.md,
+"Compiling the Triton kernels without a GPU"). Usage: python -m cdm_kernels.triton.compile_check [--arch 80 90] [--quick]
 """
 
 from __future__ import annotations
@@ -120,7 +110,7 @@ def rollout_variants(quick: bool = False) -> list[Variant]:
     for ty, source, has_b in (("fp32", 3, False), ("fp64", 2, True)):  # stf_target's sigma, a schedule's ends
         out.append(Variant("_check_levels_kernel", f"{'two levels' if has_b else 'one level'}, {ty}",
                            {**_ptr(["a_ptr", "b_ptr", "out_ptr"], ty), "status_ptr": "*i64", "B": "i32"},
-                           {"SOURCE": source, "HAS_B": has_b, **blk}, "rollout"))
+                           {"SOURCE": source, "HAS_B": has_b, **blk}, "levels"))
     for ty in ("fp32",) if quick else ("fp32", "fp64"):
         label = "float32" if ty == "fp32" else "float64"
         for kind, code in rollout._KINDS.items():
@@ -153,15 +143,31 @@ def _ptxas() -> str:
     return found
 
 
+def size_products_in_32_bits(ptx: str, kernel: str, arg_names: list[str], signature: dict) -> list[str]:
+    """The PTX lines that multiply one of the kernel's 32-bit size arguments (every "i32" argument:
+    B, M, D, c, ...) in 32 bits (mul.lo / mad.lo .s32/.u32): an index product that wraps once
+    B M or n D passes 2^31. A widening product (mul.wide.s32) of a size is what int64 indices give."""
+    names = [k for k in arg_names if signature[k] != "constexpr"]  # the PTX parameters, in order
+    sizes = {m.group(1) for m in re.finditer(rf"ld\.param\.[bsu]32\s+(%r\d+),\s*\[{kernel}_param_(\d+)\]", ptx)
+             if signature[names[int(m.group(2))]] == "i32"}
+    out = []
+    for line in ptx.splitlines():
+        if re.search(r"\b(mul|mad)\.lo\.[su]32\b", line):
+            operands = re.findall(r"%r\d+", line)[1:]  # the first register is the result
+            if sizes.intersection(operands):
+                out.append(line.strip())
+    return out
+
+
 def compile_variant(v: Variant, arch: int) -> dict:
     """Compiles one variant for sm_<arch>; returns registers, spill bytes, shared bytes, mma kind."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from . import rollout, stf
+    from . import levels, rollout, stf
 
-    mod = {"stf": stf, "rollout": rollout}[v.module]
+    mod = {"stf": stf, "rollout": rollout, "levels": levels}[v.module]
     fn = getattr(mod, v.kernel)
     sig = {**v.signature, **{k: "constexpr" for k in v.constexprs}}
     src = ASTSource(fn, sig, v.constexprs)
@@ -180,11 +186,12 @@ def compile_variant(v: Variant, arch: int) -> dict:
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
     mma = "wgmma" if "wgmma" in ptx else ("mma" if re.search(r"\bmma\.sync", ptx) else "fma")
     return {"regs": regs, "spill_stores": int(spill.group(1)) if spill else 0,
-            "spill_loads": int(spill.group(2)) if spill else 0, "shared": k.metadata.shared, "mma": mma}
+            "spill_loads": int(spill.group(2)) if spill else 0, "shared": k.metadata.shared, "mma": mma,
+            "size_products_32": size_products_in_32_bits(ptx, v.kernel, fn.arg_names, sig)}
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description="Compiles every Triton kernel for sm_80 and sm_90 without a GPU; reports ptxas figures.")
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     ap.add_argument("--quick", action="store_true",
                     help="the stable target's bf16 per-chunk kernels and the float32 rollout kernels only")
@@ -193,14 +200,16 @@ def main(argv=None) -> int:
         print("compile_check: unset TRITON_INTERPRET (the interpreter has nothing to compile)", file=sys.stderr)
         return 2
     bad = 0
-    print("| kernel | variant | arch | registers | spill st/ld (bytes) | shared (bytes) | products |")
-    print("|---|---|---:|---:|---:|---:|---|")
+    print("| kernel | variant | arch | registers | spill st/ld (bytes) | shared (bytes) | products | 32-bit size products |")
+    print("|---|---|---:|---:|---:|---:|---|---:|")
     for arch in args.arch:
         for v in variants(args.quick):
             r = compile_variant(v, arch)
-            bad += r["spill_stores"] > SPILL_LIMIT or r["spill_loads"] > SPILL_LIMIT
+            bad += r["spill_stores"] > SPILL_LIMIT or r["spill_loads"] > SPILL_LIMIT or bool(r["size_products_32"])
             print(f"| {v.kernel} | {v.label} | sm_{arch} | {r['regs']} | {r['spill_stores']}/{r['spill_loads']} | "
-                  f"{r['shared']} | {r['mma']} |", flush=True)
+                  f"{r['shared']} | {r['mma']} | {len(r['size_products_32'])} |", flush=True)
+            for line in r["size_products_32"]:
+                print(f"  {v.kernel}: a size multiplied in 32 bits: {line}", file=sys.stderr)
     return 1 if bad else 0
 
 

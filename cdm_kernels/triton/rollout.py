@@ -1,14 +1,6 @@
-"""Triton kernels of the rollout steps, Philox noise and the martingale loss (docs/math.md): backend
-"triton" of the op families rollout_step, martingale_loss and randn.
-
-The same arithmetic as csrc/rollout_math.h, block by block: per row (one sample), the step's
-coefficients from t_cur, t_next (NaN for a sample whose levels are not valid, as rollout_math.h's
-step_coef: its row of x' is NaN, never a plausible value, and its levels are recorded for the
-deferred error of cdm_kernels/level_status.py); per element, a few multiply-adds. Noise
-is `tl.randn(seed, offset + flat index)`, the construction csrc/philox.h reproduces, so every backend
-draws the same numbers. The launchers (contract: cdm_kernels/contract.py) take (B, M) contiguous
-tensors of one float dtype; a grid of (B, cdiv(M, BLOCK)) programs, each reading x and D once and
-writing x' once. Under TRITON_INTERPRET=1 the kernels run on CPU tensors (how the tests run them).
+"""Triton kernels of the rollout steps, Philox noise and the martingale loss: backend "triton" of the op
+families rollout_step, martingale_loss and randn, the arithmetic of csrc/rollout_math.h (design:
+docs/gpu_design.md, "The rollout steps and the checks of noise levels").
 """
 
 from __future__ import annotations
@@ -18,6 +10,7 @@ import triton
 import triton.language as tl
 
 from ..level_status import status_of
+from .levels import _record_bad_levels
 
 BLOCK = 1024
 KIND_SDE, KIND_EULER, KIND_HEUN, KIND_CHURN = 0, 1, 2, 3
@@ -32,22 +25,12 @@ def _philox_randn_kernel(out_ptr, n, seed, offset, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _record_bad_levels(status_ptr, source, sample, a, b):
-    # cdm_kernels/level_status.py's word [source, sample, a bits, b bits]: whoever sets the source
-    # writes the rest (sample: int64).
-    if tl.atomic_cas(status_ptr, sample * 0, sample * 0 + source) == 0:
-        tl.store(status_ptr + 1, sample)
-        tl.store(status_ptr + 2, a.to(tl.float64).to(tl.int64, bitcast=True))
-        tl.store(status_ptr + 3, b.to(tl.float64).to(tl.int64, bitcast=True))
-
-
-@triton.jit
 def _rollout_step_kernel(
     x_ptr, d_ptr, xe_ptr, de_ptr, z_ptr, tc_ptr, tn_ptr, out_ptr, status_ptr, M, seed, offset, s_noise,
     KIND: tl.constexpr, HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    row = tl.program_id(0) // tl.cdiv(M, BLOCK)  # one grid axis: B cdiv(M, BLOCK) programs, row by row
+    cols = (tl.program_id(0) % tl.cdiv(M, BLOCK)) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < M
     idx = row.to(tl.int64) * M + cols
     t = tl.load(tc_ptr + row)
@@ -60,7 +43,7 @@ def _rollout_step_kernel(
         ok = ok & (tn > 0) & (tn <= t)
     else:
         ok = ok & (tn >= 0) & (tn <= t)
-    if (tl.program_id(1) == 0) & (~ok):  # the first invalid sample's record, source 1 (rollout_step)
+    if (tl.program_id(0) % tl.cdiv(M, BLOCK) == 0) & (~ok):  # the first invalid sample's record, source 1 (rollout_step)
         _record_bad_levels(status_ptr, 1, row.to(tl.int64), t, tn)
     t = tl.where(ok, t, float("nan"))
     h = tn - t
@@ -97,8 +80,8 @@ def _martingale_kernel(
     g_ptr, d0_ptr, da_ptr, db_ptr, y_ptr, w_ptr, out_ptr, ga_ptr, gb_ptr, M, lambda_m,
     PER_ROW: tl.constexpr, BACKWARD: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    row = tl.program_id(0) // tl.cdiv(M, BLOCK)
+    cols = (tl.program_id(0) % tl.cdiv(M, BLOCK)) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < M
     idx = row.to(tl.int64) * M + cols
     D0 = tl.load(d0_ptr + idx, mask=mask)
@@ -119,37 +102,6 @@ def _martingale_kernel(
         tl.store(gb_ptr + idx, g * lambda_m * ea, mask=mask)
     else:
         tl.store(out_ptr + idx, w * r * r + lambda_m * ea * eb, mask=mask)
-
-
-@triton.jit
-def _check_levels_kernel(a_ptr, b_ptr, out_ptr, status_ptr, B, SOURCE: tl.constexpr, HAS_B: tl.constexpr,
-                         BLOCK: tl.constexpr):
-    # cdm_kernels/level_status.py: a's values are valid when positive and finite (with b: both finite
-    # and 0 < b <= a). out = a with NaN where not valid; the block's first bad sample is recorded
-    # (the first block to record wins).
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < B
-    a = tl.load(a_ptr + offs, mask=m, other=1.0)
-    ok = (a > 0) & (a - a == 0)
-    if HAS_B:
-        b = tl.load(b_ptr + offs, mask=m, other=1.0)
-        ok = ok & (b > 0) & (b - b == 0) & (b <= a)
-    tl.store(out_ptr + offs, tl.where(ok, a, float("nan")), mask=m)
-    first = tl.min(tl.where(m & ~ok, offs, B), axis=0)
-    if first < B:
-        _record_bad_levels(status_ptr, SOURCE, first.to(tl.int64), tl.load(a_ptr + first), tl.load(b_ptr + first))
-
-
-def check_levels(a: torch.Tensor, b: torch.Tensor | None, status: torch.Tensor, source: int) -> torch.Tensor:
-    """a with NaN where a sample's levels are not valid, the first such sample recorded in `status`
-    (cdm_kernels/level_status.py); a and b are (B,) contiguous tensors of one float dtype."""
-    out = torch.empty_like(a)
-    B = a.numel()
-    if B:
-        blk = _block(B)
-        _check_levels_kernel[(triton.cdiv(B, blk),)](a, a if b is None else b, out, status, B, SOURCE=source,
-                                                    HAS_B=b is not None, BLOCK=blk)
-    return out
 
 
 def philox_randn(anchor: torch.Tensor, shape, seed: int, offset: int) -> torch.Tensor:
@@ -174,7 +126,7 @@ def rollout_step(x, denoised, t_cur, t_next, x_euler, denoised_euler, noise, see
     out = torch.empty_like(x)
     blk = _block(M)
     status = status_of(x.device)
-    _rollout_step_kernel[(B, triton.cdiv(M, blk))](
+    _rollout_step_kernel[(B * triton.cdiv(M, blk),)](
         x, denoised,
         x if x_euler is None else x_euler,
         x if denoised_euler is None else denoised_euler,
@@ -192,7 +144,7 @@ def _loss_launch(grad, D0, D1a, D1b, y, weight, lambda_m, backward):
     ga = torch.empty_like(D0) if backward else out
     gb = torch.empty_like(D0) if backward else out
     blk = _block(M)
-    _martingale_kernel[(B, triton.cdiv(M, blk))](
+    _martingale_kernel[(B * triton.cdiv(M, blk),)](
         D0 if grad is None else grad, D0, D1a, D1b, y, weight, out, ga, gb, M, float(lambda_m),
         PER_ROW=weight.dim() == 1, BACKWARD=backward, BLOCK=blk,
     )

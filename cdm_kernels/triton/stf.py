@@ -1,31 +1,9 @@
-"""Triton kernels of the stable target (docs/math.md): backend "triton" of op family stf_target.
-
-The launchers `stf_forward` / `stf_backward` (contract: cdm_kernels/contract.py) stream over the
-references in chunks like `stf_reference`; the matrix products go to cuBLAS through torch (exact
-float32 for "ieee", TF32 tensor cores for the modes whose operands the kernels rounded to TF32
-values, bf16 tensor cores with float32 sums for "bf16", whose operands the kernels store as
-bfloat16), and the work between them that no library fuses runs in Triton kernels:
-
-  `_shift_rows_kernel`   r'_j = round(r_j - c) in the mode's operand layout, and ||r'_j||^2
-  `_fwd_update_kernel`   per chunk: reduced distances, the chunk's row minima, the weights
-                         e_ij = exp(-(delta_ij - m_i) k_i) (rounded to the mode), the rebase of the row
-                         state and of the accumulator rows, all for a block of rows in one program
-  `_fwd_finish_kernel`   lse, aux and mu = a / l + c (with d_min of each row's nearest reference,
-                         taken exactly by `stf_reference.nearest_sqdist`: B rows, once)
-  `_bwd_terms_kernel`    per chunk: the backward's weights, x coefficients and row sums
-  `_bwd_finish_kernel`   dL/dx and dL/dsigma
-
-Row states and row sums are float64, as in the CUDA and CPU backends. Operand rounding is explicit
-(stf_math.h's round_tf32 / round_bf16 on the bits), so the products of rounded operands are exact up
-to their float32 sums on any hardware, and the Triton interpreter (which multiplies in numpy)
-reproduces every mode. "tf32x3" splits each operand into TF32 hi and lo: the logits product runs
-once over 3D columns ([hi | hi | lo] queries against [hi | lo | hi] references), the accumulation as
-three products.
+"""Triton kernels of the stable target: backend "triton" of op family stf_target, the arithmetic of
+`stf_reference` with cuBLAS products through torch and the work between them fused in Triton
+(docs/gpu_design.md, "The Triton kernels").
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 import triton
@@ -33,6 +11,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import contract, stf_reference
+from ..matmul_mode import products
 from ..contract import AUX_COLS
 from ..registry import PRECISIONS
 
@@ -415,21 +394,6 @@ def _blocks(device: torch.device) -> dict[str, int]:
     return {"rows": 4, "cols": 16, "d": 32}
 
 
-@contextlib.contextmanager
-def _products(tf32: bool, device: torch.device):
-    """torch's products in exact float32 (TF32 off, whatever the user's setting) or, for operands
-    that the kernels rounded to TF32-exact values, on TF32 tensor cores."""
-    if device.type != "cuda":
-        yield
-        return
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
-
-
 def _width(D: int, prec: int) -> int:
     return 3 * D if prec == _TF32X3 else D
 
@@ -471,7 +435,7 @@ def _accumulate(out: Tensor, W: Tensor, W_lo: Tensor, rop: Tensor, D: int, prec:
     whose product cannot add into float32, a product into `tile` (out's shape), then out = out alpha
     + tile in one pass (alpha (B,) from the update kernel, which left out unscaled; None: 1)."""
     hi = rop[:, :D]
-    with _products(prec != _IEEE, out.device):
+    with products(prec != _IEEE, out.device):
         if not accumulate:
             _mm(W, hi, out)
         elif prec == _BF16:
@@ -518,7 +482,7 @@ def stf_forward(x: Tensor, sigma: Tensor, ref: Tensor, centre: Tensor, chunk_siz
     for start, c in _chunks(n, chunk):
         rop, rn = _shift(ref[start : start + c], centre, prec, True, True, rop_buf[:c])
         S = S_buf[: B * c].view(B, c)
-        with _products(prec != _IEEE, x.device):
+        with products(prec != _IEEE, x.device):
             _mm(xop, rop.T, S)
         E = E_buf[: B * c].view(B, c)
         S_lo = S_lo_buf[: B * c].view(B, c)
@@ -568,7 +532,7 @@ def stf_backward(grad_mu, grad_lse, x, sigma, ref, centre, mu, aux, dist, chunk_
             rop, rn = _shift(ref[start : start + c], centre, prec, True, True, rop_buf[:c])
             SC = SC_buf[: 2 * B * c].view(2 * B, c)
             S, C = SC[:B], SC[B:]
-            with _products(prec != _IEEE, x.device):
+            with products(prec != _IEEE, x.device):
                 if given:
                     _mm(xgop[B:], rop.T, C)
                     S = dist[B * start : B * (start + c)].view(B, c)
@@ -588,7 +552,7 @@ def stf_backward(grad_mu, grad_lse, x, sigma, ref, centre, mu, aux, dist, chunk_
             if ref_grad:
                 # dL/dr_j = sum_i w_ij g_i + a_ij (x'_i - r'_j), exact float32 in every mode.
                 g = grad_ref[start : start + c]
-                with _products(False, x.device):
+                with products(False, x.device):
                     torch.mm(C.T, grad_mu, out=g)
                     g.addmm_(A.T, xs)
                 g.sub_(A.sum(0)[:, None] * (ref[start : start + c] - centre))

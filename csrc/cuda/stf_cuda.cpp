@@ -2,15 +2,13 @@
 // stf_backward (schemas in csrc/ops.cpp). Checks the contract (csrc/contract.h) before anything is
 // launched, sets the device guard, allocates the outputs and one workspace through the caching
 // allocator, and runs the launch sequences of stf_kernels.h with an executor that launches their
-// kernels (csrc/cuda/stf.cu) and does their matrix products with cuBLAS through ATen, on the current
-// stream. No CUDA header is included (csrc/cuda/glue.h says why).
+// kernels (csrc/cuda/stf.cu) and does their matrix products with cuBLAS (csrc/cuda/blas_cuda.cpp),
+// on the current stream. No CUDA header is included (csrc/cuda/glue.h says why).
 //
-// The products' math mode is set per product: exact float32 (TF32 off, whatever the user's global
-// setting) where the operands are not TF32-exact; TF32 tensor cores where the kernels rounded them
-// to TF32 values ("tf32x3", "tf32"); bf16 tensor cores (bfloat16 operands, float32 sums and
-// output, `aten::mm.dtype_out`) for "bf16", whose kernels store their operands as bfloat16. The
-// TF32 switch is ATen's global flag, restored after each product: a thread that runs float32
-// matmuls concurrently with a tensor-core stable target may see it flip.
+// Each product's arithmetic is chosen per call (csrc/cuda/blas_cuda.h), never through torch's global
+// TF32 switch: exact float32 where the operands are not TF32-exact; TF32 tensor cores where the
+// kernels rounded them to TF32 values ("tf32x3", "tf32"); bf16 tensor cores (bfloat16 operands,
+// float32 sums and output) for "bf16", whose kernels store their operands as bfloat16.
 #include <ATen/ATen.h>
 #include <c10/core/Event.h>
 #include <torch/library.h>
@@ -18,8 +16,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 
 #include "contract.h"
+#include "cuda/blas_cuda.h"
 #include "cuda/glue.h"
 #include "cuda/stf_cuda.h"
 
@@ -27,20 +27,6 @@ namespace cdm {
 namespace stf {
 namespace cuda {
 namespace {
-
-// ATen's cuBLAS math mode for one product: TF32 allowed or not.
-class MathMode {
- public:
-  explicit MathMode(bool tf32) : old_(at::globalContext().allowTF32CuBLAS()) {
-    at::globalContext().setAllowTF32CuBLAS(tf32);
-  }
-  ~MathMode() { at::globalContext().setAllowTF32CuBLAS(old_); }
-  MathMode(const MathMode&) = delete;
-  MathMode& operator=(const MathMode&) = delete;
-
- private:
-  bool old_;
-};
 
 // The chunk pipeline (stf_kernels.h, ChunkFeed: the next chunk's shift on a side stream beside this
 // chunk's products) is an experiment until the H200 has measured it (docs/gpu_design.md): on with
@@ -55,13 +41,11 @@ bool overlap_requested() {
 struct CudaExec {
   c10::Stream main;
   const char* op;
-  at::TensorOptions options;
   std::unique_ptr<c10::Stream> side;
   int current = MAIN;
   std::unique_ptr<c10::Event> events[EVENTS];
 
-  CudaExec(const at::Device& device, const char* name, const at::TensorOptions& opts)
-      : main(cdm::cuda::current_stream_of(device)), op(name), options(opts) {}
+  CudaExec(const at::Device& device, const char* name) : main(cdm::cuda::current_stream_of(device)), op(name) {}
   CudaExec(const CudaExec&) = delete;
   CudaExec& operator=(const CudaExec&) = delete;
 
@@ -104,32 +88,18 @@ struct CudaExec {
   template <typename T>
   void gemm(const Gemm<T>& g) {
     TORCH_CHECK(current == MAIN, op, ": internal error: a product queued on the side stream");
-    at::Tensor C = at::from_blob(g.C, {g.M, g.N}, {g.ldc, 1}, options);
     if (g.A16 != nullptr) {
-      // bfloat16 operands, float32 sums and output: cuBLAS's bf16 tensor-core product.
-      TORCH_CHECK(g.B16 != nullptr && !g.accumulate && C.scalar_type() == at::kFloat, op,
+      TORCH_CHECK(g.B16 != nullptr && !g.accumulate && (std::is_same_v<T, float>), op,
                   ": internal error: a bfloat16 product needs bfloat16 operands and a float32 output, no accumulate");
-      const at::TensorOptions half = options.dtype(at::kBFloat16);
-      at::mm_out(C, matrix(g.A16, g.M, g.K, g.lda, g.a_trans, half), matrix(g.B16, g.K, g.N, g.ldb, g.b_trans, half),
-                 at::kFloat);
+      cdm::cuda::gemm(main.device(), cdm::cuda::GemmMath::kBf16, g.M, g.N, g.K, g.A16, g.lda, g.a_trans, g.B16, g.ldb,
+                      g.b_trans, g.C, g.ldc, false, op);
       return;
     }
-    const at::Tensor A = matrix(g.A, g.M, g.K, g.lda, g.a_trans, options);
-    const at::Tensor B = matrix(g.B, g.K, g.N, g.ldb, g.b_trans, options);
-    const MathMode mode(g.tf32);
-    if (g.accumulate) {
-      C.addmm_(A, B);
-    } else {
-      at::mm_out(C, A, B);
-    }
-  }
-
-  // The (rows, cols) matrix at p with leading dimension ld, stored transposed with `trans`.
-  template <typename U>
-  static at::Tensor matrix(const U* p, int64_t rows, int64_t cols, int64_t ld, bool trans,
-                           const at::TensorOptions& opts) {
-    return at::from_blob(const_cast<U*>(p), {rows, cols}, trans ? at::IntArrayRef{1, ld} : at::IntArrayRef{ld, 1},
-                         opts);
+    const cdm::cuda::GemmMath math = std::is_same_v<T, double> ? cdm::cuda::GemmMath::kFloat64
+                                     : g.tf32                  ? cdm::cuda::GemmMath::kTf32
+                                                               : cdm::cuda::GemmMath::kFloat32;
+    cdm::cuda::gemm(main.device(), math, g.M, g.N, g.K, g.A, g.lda, g.a_trans, g.B, g.ldb, g.b_trans, g.C, g.ldc,
+                    g.accumulate, op);
   }
 };
 
@@ -160,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stf_forward_cuda(
     const Problem<scalar_t> p = problem<scalar_t>(x, sigma, ref, centre, chunk_size, prec);
     at::Tensor ws = at::empty({ForwardWorkspace<scalar_t>::bytes(p)}, x.options().dtype(at::kByte));
     Carver cv{reinterpret_cast<char*>(ws.data_ptr()), 0};
-    CudaExec ex(x.device(), op, x.options());
+    CudaExec ex(x.device(), op);
     forward_run(ex, p, ForwardWorkspace<scalar_t>::carve(cv, p), mu.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
                 aux.data_ptr<scalar_t>(), keep ? dist.data_ptr<scalar_t>() : nullptr);
   });
@@ -183,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stf_backward_cuda(
     const Problem<scalar_t> p = problem<scalar_t>(x, sigma, ref, centre, chunk_size, prec);
     at::Tensor ws = at::empty({BackwardWorkspace<scalar_t>::bytes(p, ref_grad)}, x.options().dtype(at::kByte));
     Carver cv{reinterpret_cast<char*>(ws.data_ptr()), 0};
-    CudaExec ex(x.device(), op, x.options());
+    CudaExec ex(x.device(), op);
     const BackwardInputs<scalar_t> in{grad_mu.data_ptr<scalar_t>(), grad_lse.data_ptr<scalar_t>(),
                                       mu.data_ptr<scalar_t>(), aux.data_ptr<scalar_t>(),
                                       dist.numel() != 0 ? dist.data_ptr<scalar_t>() : nullptr};
