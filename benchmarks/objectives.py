@@ -405,12 +405,10 @@ def _positive_int(flag: str):
     return parse
 
 
-def parse_args(argv=None) -> Config:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.objectives", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true",
-                    help=f"2 seeds, {QUICK['images']} images a run, fewer evaluation draws: under 10 minutes on 2 cores")
-    ap.add_argument("--out", default=sc.default_out("objectives"),
-                    help="folder of the outputs (default: %(default)s; the committed ones: benchmarks/results)")
+    sc.add_quick_and_out(ap, "objectives", f"2 seeds, {QUICK['images']} images a run, fewer evaluation draws: "
+                         "under 10 minutes on 2 cores")
     ap.add_argument("--threads", type=_positive_int("--threads"), default=None, help="torch's CPU threads")
     ap.add_argument("--losses", default=",".join(LOSSES), help="subset of edm,stf,cdm,stf+cdm (default: all)")
     ap.add_argument("--seeds", type=_positive_int("--seeds"), default=None, help="number of seeds (3; --quick 2)")
@@ -424,6 +422,11 @@ def parse_args(argv=None) -> Config:
                     help="images per sigma of the martingale violation (256; --quick 64)")
     ap.add_argument("--samples", type=_positive_int("--samples"), default=None, help="samples per model (1000; --quick 200)")
     ap.add_argument("--sample-steps", type=_positive_int("--sample-steps"), default=None, help="Heun steps (18)")
+    return ap
+
+
+def parse_args(argv=None) -> Config:
+    ap = build_parser()
     a = ap.parse_args(argv)
     losses = tuple(s for s in a.losses.split(",") if s)
     unknown = sorted(set(losses) - set(LOSSES))
