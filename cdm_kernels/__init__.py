@@ -56,3 +56,8 @@ from .data import ImageDataset, load_dataset
 from .edm import EDMPrecond, UNet, edm_sampler
 
 __all__ += ["EDMPrecond", "ImageDataset", "UNet", "edm_sampler", "load_dataset"]
+
+# The exact denoiser of a data set (the posterior mean over its images), called like EDMPrecond.
+from .empirical import EmpiricalDenoiser
+
+__all__ += ["EmpiricalDenoiser"]
