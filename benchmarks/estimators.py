@@ -354,14 +354,16 @@ def plot(out: str, stf: list[dict], cdm: list[dict]) -> None:
     plt.close(fig)
 
 
-def parse_args(argv=None) -> Config:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="reduced sizes (about a minute on 2 cores)")
+    sc.add_quick_and_out(ap, "estimators", "reduced sizes (about a minute on 2 cores)")
     ap.add_argument("--train-steps", type=int, help="steps of the small EDMLoss network (default 300, quick 40)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=sc.default_out("estimators"),
-                    help="folder of the outputs (default: %(default)s; the committed ones: benchmarks/results)")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def parse_args(argv=None) -> Config:
+    a = build_parser().parse_args(argv)
     kw = dict(QUICK) if a.quick else {}
     if a.train_steps is not None:
         if a.train_steps < 0:
