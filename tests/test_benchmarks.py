@@ -89,12 +89,14 @@ def quick_run(clone):
 
 
 def test_every_benchmark_runs_both_ways_and_leaves_the_clone_clean(clone, quick_run):
-    # bench_stf's and bench_rollout's quick runs have their own tests; every other script's --quick
-    # runs here as `python benchmarks/X.py`, and each one's --help the other way (`-m` for those).
+    # bench_stf's and bench_rollout's quick runs have their own tests, and objectives' --quick trains
+    # eight networks for minutes (tests/test_objectives.py runs it at tiny sizes); every other
+    # script's --quick runs here as `python benchmarks/X.py`, and each one's --help the other way
+    # (`-m` for those).
     scripts = _benchmark_scripts(clone)
     assert {"bench_stf", "bench_rollout", "stf_cpu_targets", "stf_precision_table"} <= set(scripts)
     for name in scripts:
-        if name not in ("bench_stf", "bench_rollout"):
+        if name not in ("bench_stf", "bench_rollout", "objectives"):
             _in_clone(clone, os.path.join("benchmarks", name + ".py"), "--quick", timeout=300)
         form = [os.path.join("benchmarks", name + ".py")] if name == "bench_stf" else ["-m", "benchmarks." + name]
         assert "--quick" in _in_clone(clone, *form, "--help"), name
