@@ -927,34 +927,21 @@ def write_outputs(res: dict, out: str, command: str) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _positive_int(name: str):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            v = 0
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be a positive int, got {text!r}")
-        return v
-
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_train_step", description=__doc__.split("\n\n")[0])
     sc.add_quick_and_out(ap, "bench_train_step", "tiny network, batch 4, rbatch 64/256: checks the script")
     ap.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available, else cpu")
-    ap.add_argument("--batch", type=_positive_int("--batch"), default=None, help="batch size (64)")
+    ap.add_argument("--batch", type=sc.positive_int("--batch"), default=None, help="batch size (64)")
     ap.add_argument("--rbatch", default=None, help="STF's two reference batches, small,large (4096,50000)")
     ap.add_argument("--losses", default=",".join(LOSS_ORDER), help="subset of edm,stf,cdm,stf+cdm (edm always runs)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps per row (GPU 3, CPU 0)")
-    ap.add_argument("--min-steps", type=_positive_int("--min-steps"), default=None, help="timed steps at least (GPU 5, CPU 1)")
-    ap.add_argument("--steps", type=_positive_int("--steps"), default=None, help="timed steps at most (GPU 30, CPU 3)")
+    ap.add_argument("--min-steps", type=sc.positive_int("--min-steps"), default=None, help="timed steps at least (GPU 5, CPU 1)")
+    ap.add_argument("--steps", type=sc.positive_int("--steps"), default=None, help="timed steps at most (GPU 30, CPU 3)")
     ap.add_argument("--target-s", type=float, default=None, help="timed steps continue while under this (GPU 10, CPU 120)")
-    ap.add_argument("--profile-steps", type=_positive_int("--profile-steps"), default=None, help="profiled steps (GPU 2, CPU 1)")
+    ap.add_argument("--profile-steps", type=sc.positive_int("--profile-steps"), default=None, help="profiled steps (GPU 2, CPU 1)")
     ap.add_argument("--mem-limit-gb", type=float, default=None, help="GiB; default 95%% of the GPU's free / 70%% of available RAM")
     ap.add_argument("--budget", type=float, default=None, help="seconds for the whole run; later rows are skipped")
-    ap.add_argument("--threads", type=_positive_int("--threads"), default=None,
+    ap.add_argument("--threads", type=sc.positive_int("--threads"), default=None,
                     help="torch's CPU threads (default: torch's; --quick 1)")
     ap.add_argument("--no-progress", action="store_true", help="no progress output")
     return ap

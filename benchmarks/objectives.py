@@ -393,35 +393,23 @@ def run(cfg: Config, command: str = "", log=print) -> dict:
             "classifier_accuracy": clf_accuracy, "seconds": total}
 
 
-def _positive_int(flag: str):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            v = 0
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{flag} must be a positive int, got {text!r}")
-        return v
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.objectives", description=__doc__.split("\n\n")[0])
     sc.add_quick_and_out(ap, "objectives", f"2 seeds, {QUICK['images']} images a run, fewer evaluation draws: "
                          "under 10 minutes on 2 cores")
-    ap.add_argument("--threads", type=_positive_int("--threads"), default=None, help="torch's CPU threads")
+    ap.add_argument("--threads", type=sc.positive_int("--threads"), default=None, help="torch's CPU threads")
     ap.add_argument("--losses", default=",".join(LOSSES), help="subset of edm,stf,cdm,stf+cdm (default: all)")
-    ap.add_argument("--seeds", type=_positive_int("--seeds"), default=None, help="number of seeds (3; --quick 2)")
-    ap.add_argument("--images", type=_positive_int("--images"), default=None, help="training images a run (38400; --quick 9600)")
-    ap.add_argument("--batch", type=_positive_int("--batch"), default=None, help="batch (64)")
-    ap.add_argument("--rbatch", type=_positive_int("--rbatch"), default=None, help="STF reference batch (1024)")
-    ap.add_argument("--channels", type=_positive_int("--channels"), default=None, help="U-Net channels (16)")
-    ap.add_argument("--sigmas", type=_positive_int("--sigmas"), default=None, help="noise levels over [0.002, 80] (13)")
-    ap.add_argument("--eval-images", type=_positive_int("--eval-images"), default=None, help="images per sigma (360)")
-    ap.add_argument("--mart-images", type=_positive_int("--mart-images"), default=None,
+    ap.add_argument("--seeds", type=sc.positive_int("--seeds"), default=None, help="number of seeds (3; --quick 2)")
+    ap.add_argument("--images", type=sc.positive_int("--images"), default=None, help="training images a run (38400; --quick 9600)")
+    ap.add_argument("--batch", type=sc.positive_int("--batch"), default=None, help="batch (64)")
+    ap.add_argument("--rbatch", type=sc.positive_int("--rbatch"), default=None, help="STF reference batch (1024)")
+    ap.add_argument("--channels", type=sc.positive_int("--channels"), default=None, help="U-Net channels (16)")
+    ap.add_argument("--sigmas", type=sc.positive_int("--sigmas"), default=None, help="noise levels over [0.002, 80] (13)")
+    ap.add_argument("--eval-images", type=sc.positive_int("--eval-images"), default=None, help="images per sigma (360)")
+    ap.add_argument("--mart-images", type=sc.positive_int("--mart-images"), default=None,
                     help="images per sigma of the martingale violation (256; --quick 64)")
-    ap.add_argument("--samples", type=_positive_int("--samples"), default=None, help="samples per model (1000; --quick 200)")
-    ap.add_argument("--sample-steps", type=_positive_int("--sample-steps"), default=None, help="Heun steps (18)")
+    ap.add_argument("--samples", type=sc.positive_int("--samples"), default=None, help="samples per model (1000; --quick 200)")
+    ap.add_argument("--sample-steps", type=sc.positive_int("--sample-steps"), default=None, help="Heun steps (18)")
     return ap
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import argparse
 import os
 import platform
 import statistics
@@ -51,6 +52,21 @@ def default_out(name: str) -> str:
     out/benchmarks/<name> in the checkout, which git ignores. benchmarks/results/ holds the committed
     results: it is written only when --out names it."""
     return os.path.join(REPO, "out", "benchmarks", name)
+
+
+def positive_int(flag: str):
+    """An argparse type for option `flag`: a positive int, else a usage error naming the flag."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            v = 0
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{flag} must be a positive int, got {text!r}")
+        return v
+
+    return parse
 
 
 def add_quick_and_out(ap, name: str, quick_help: str) -> None:
