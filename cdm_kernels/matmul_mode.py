@@ -32,15 +32,6 @@ def _legacy():
         return None
 
 
-def user_setting() -> tuple:
-    """What a user reads back: (cuda.matmul.fp32_precision, the generic fp32_precision, allow_tf32)
-    with None where an API is absent or its read raises."""
-    m = _matmul()
-    if not _has_new_api():
-        return None, None, m.allow_tf32
-    return m.fp32_precision, torch.backends.fp32_precision, _legacy()
-
-
 @contextlib.contextmanager
 def products(tf32: bool, device: torch.device):
     """torch's float32 products inside run in exact float32 (tf32=False) or on TF32 tensor cores
@@ -61,13 +52,15 @@ def products(tf32: bool, device: torch.device):
             finally:
                 m.allow_tf32 = old
             return
-        matmul, generic, legacy = m.fp32_precision, torch.backends.fp32_precision, _legacy()
+        matmul, legacy = m.fp32_precision, _legacy()
+        # A read gives the resolved value: "none" inherits from the levels above (cudnn's, the
+        # generic one). What "none" would read now tells an inherited value from one set here.
+        m.fp32_precision = "none"
+        inherited = m.fp32_precision == matmul
         m.fp32_precision = "tf32" if tf32 else "ieee"
         try:
             yield
         finally:
-            # "none" inherits the generic setting; the read gives the resolved value, so a value equal
-            # to the generic one is restored as "none" (which is what it was unless set to that value).
-            m.fp32_precision = "none" if matmul == generic else matmul
+            m.fp32_precision = "none" if inherited else matmul
             if legacy is not None and _legacy() != legacy:
                 m.allow_tf32 = legacy

@@ -23,6 +23,10 @@ SETTINGS = {
     "matmul fp32_precision=none": lambda: setattr(M, "fp32_precision", "none"),
     "generic fp32_precision=tf32": lambda: setattr(torch.backends, "fp32_precision", "tf32"),
     "generic fp32_precision=ieee": lambda: setattr(torch.backends, "fp32_precision", "ieee"),
+    "cudnn fp32_precision=tf32": lambda: setattr(torch.backends.cudnn, "fp32_precision", "tf32"),
+    "cudnn fp32_precision=ieee": lambda: setattr(torch.backends.cudnn, "fp32_precision", "ieee"),
+    "generic tf32, matmul ieee": lambda: (setattr(torch.backends, "fp32_precision", "tf32"),
+                                          setattr(M, "fp32_precision", "ieee")),
     "set_float32_matmul_precision(high)": lambda: torch.set_float32_matmul_precision("high"),
     "set_float32_matmul_precision(medium)": lambda: torch.set_float32_matmul_precision("medium"),
     "set_float32_matmul_precision(highest)": lambda: torch.set_float32_matmul_precision("highest"),
@@ -34,7 +38,8 @@ new_api = pytest.mark.skipif(not hasattr(torch.backends, "fp32_precision"), reas
 def _reads():
     """Everything a user can read back, with 'raises' where the read raises."""
     out = []
-    for read in (lambda: M.fp32_precision, lambda: torch.backends.fp32_precision, lambda: M.allow_tf32,
+    for read in (lambda: M.fp32_precision, lambda: torch.backends.fp32_precision,
+                 lambda: torch.backends.cudnn.fp32_precision, lambda: M.allow_tf32,
                  torch.get_float32_matmul_precision):
         try:
             out.append(read())
@@ -47,6 +52,7 @@ def _reads():
 def _torch_defaults():
     yield
     torch.backends.fp32_precision = "none"
+    torch.backends.cudnn.fp32_precision = "none"
     M.fp32_precision = "none"
     torch.set_float32_matmul_precision("highest")
     M.fp32_precision = "none"
@@ -74,6 +80,19 @@ def test_mode_inside_and_setting_restored(setting, tf32, fails):
             if fails:
                 raise KeyError("a product failed")
     assert _reads() == before
+
+
+@new_api
+@pytest.mark.parametrize("parent", ["generic", "cudnn"])
+def test_an_inherited_setting_still_follows_its_parent_after_a_region(parent):
+    # The user's matmul setting was "none" (inherit); after a region it must still inherit, so a
+    # later change of the level above shows through.
+    level = torch.backends if parent == "generic" else torch.backends.cudnn
+    level.fp32_precision = "tf32"
+    with products(False, CUDA):
+        pass
+    level.fp32_precision = "ieee"
+    assert M.fp32_precision == "ieee"
 
 
 @new_api
