@@ -9,7 +9,12 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 1024
+BLOCK = 1024  # elements a program, at most: the level check's and the rollout kernels'
+
+
+def _block(n: int) -> int:
+    """The block of a launch over n elements: BLOCK, or the power of two at or above n (at least 16)."""
+    return min(BLOCK, triton.next_power_of_2(max(n, 16)))
 
 
 @triton.jit
@@ -48,10 +53,8 @@ def check_levels(a: torch.Tensor, b: torch.Tensor | None, status: torch.Tensor, 
     B = a.numel()
     if B:
         # Triton launches on the current device's current stream: make a's device the current one.
-        blk = min(BLOCK, triton.next_power_of_2(max(B, 16)))
+        blk = _block(B)
         with torch.cuda.device(a.device) if a.device.type == "cuda" else contextlib.nullcontext():
             _check_levels_kernel[(triton.cdiv(B, blk),)](a, a if b is None else b, out, status, B, SOURCE=source,
                                                         HAS_B=b is not None, BLOCK=blk)
     return out
-
-

@@ -10,9 +10,8 @@ import triton
 import triton.language as tl
 
 from ..level_status import status_of
-from .levels import _record_bad_levels
+from .levels import BLOCK, _block, _record_bad_levels
 
-BLOCK = 1024
 KIND_SDE, KIND_EULER, KIND_HEUN, KIND_CHURN = 0, 1, 2, 3
 _KINDS = {"sde": KIND_SDE, "euler": KIND_EULER, "heun": KIND_HEUN, "churn": KIND_CHURN}
 
@@ -29,8 +28,9 @@ def _rollout_step_kernel(
     x_ptr, d_ptr, xe_ptr, de_ptr, z_ptr, tc_ptr, tn_ptr, out_ptr, status_ptr, M, seed, offset, s_noise,
     KIND: tl.constexpr, HAS_NOISE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0) // tl.cdiv(M, BLOCK)  # one grid axis: B cdiv(M, BLOCK) programs, row by row
-    cols = (tl.program_id(0) % tl.cdiv(M, BLOCK)) * BLOCK + tl.arange(0, BLOCK)
+    blocks = tl.cdiv(M, BLOCK)  # one grid axis: B cdiv(M, BLOCK) programs, row by row
+    row, block = tl.program_id(0) // blocks, tl.program_id(0) % blocks
+    cols = block * BLOCK + tl.arange(0, BLOCK)
     mask = cols < M
     idx = row.to(tl.int64) * M + cols
     t = tl.load(tc_ptr + row)
@@ -43,7 +43,7 @@ def _rollout_step_kernel(
         ok = ok & (tn > 0) & (tn <= t)
     else:
         ok = ok & (tn >= 0) & (tn <= t)
-    if (tl.program_id(0) % tl.cdiv(M, BLOCK) == 0) & (~ok):  # the first invalid sample's record, source 1 (rollout_step)
+    if (block == 0) & (~ok):  # the first invalid sample's record, source 1 (rollout_step)
         _record_bad_levels(status_ptr, 1, row.to(tl.int64), t, tn)
     t = tl.where(ok, t, float("nan"))
     h = tn - t
@@ -80,8 +80,9 @@ def _martingale_kernel(
     g_ptr, d0_ptr, da_ptr, db_ptr, y_ptr, w_ptr, out_ptr, ga_ptr, gb_ptr, M, lambda_m,
     PER_ROW: tl.constexpr, BACKWARD: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0) // tl.cdiv(M, BLOCK)
-    cols = (tl.program_id(0) % tl.cdiv(M, BLOCK)) * BLOCK + tl.arange(0, BLOCK)
+    blocks = tl.cdiv(M, BLOCK)
+    row, block = tl.program_id(0) // blocks, tl.program_id(0) % blocks
+    cols = block * BLOCK + tl.arange(0, BLOCK)
     mask = cols < M
     idx = row.to(tl.int64) * M + cols
     D0 = tl.load(d0_ptr + idx, mask=mask)
@@ -112,10 +113,6 @@ def philox_randn(anchor: torch.Tensor, shape, seed: int, offset: int) -> torch.T
     if n:
         _philox_randn_kernel[(triton.cdiv(n, BLOCK),)](out, n, seed, offset, BLOCK=BLOCK)
     return out
-
-
-def _block(M: int) -> int:
-    return min(BLOCK, triton.next_power_of_2(max(M, 16)))
 
 
 def rollout_step(x, denoised, t_cur, t_next, x_euler, denoised_euler, noise, seed, offset, kind, s_noise):
